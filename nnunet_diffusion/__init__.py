@@ -1,0 +1,1 @@
+"""nnunet-diffusion: diffusion-model segmentation trainers for nnU-Net v2."""

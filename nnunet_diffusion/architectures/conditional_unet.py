@@ -1,0 +1,77 @@
+"""An image-conditioned, timestep-conditioned U-Net denoiser (Diff-UNet style), for 2D and 3D.
+
+Two encoders with the same layout (the nnU-Net plans' PlainConvEncoder): an *image encoder* that runs once
+per patch, and a *noise encoder* that sees the noisy mask x_t at every reverse step. The image features and a
+projection of the timestep embedding are added to the noise encoder's output at every resolution stage, and a
+UNetDecoder maps the result back to one channel per class. ``conv_op`` (nn.Conv2d or nn.Conv3d) decides the
+dimensionality; nothing else is dimension specific.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Type
+
+import torch
+from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from torch import nn
+
+from nnunet_diffusion.diffusion.timesteps import timestep_embedding
+
+
+class TimestepMLP(nn.Module):
+    """(B,) timesteps -> (B, dim): sinusoidal embedding followed by a two-layer MLP."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.dim))
+
+
+class ImageConditionedDenoiser(nn.Module):
+    """Denoiser f(x_t, t, image) -> (B, num_classes, *S): eps or class logits, as its user decides.
+
+    Args mirror dynamic_network_architectures' PlainConvUNet (so plans' arch_kwargs pass straight through),
+    plus ``image_channels`` (input modalities), ``num_classes`` (channels of x_t and of the output) and
+    ``time_embed_dim``.
+    """
+
+    def __init__(self, image_channels: int, num_classes: int, n_stages: int, features_per_stage: Sequence[int],
+                 conv_op: Type[nn.Module], kernel_sizes, strides, n_conv_per_stage, n_conv_per_stage_decoder,
+                 conv_bias: bool = True, norm_op=None, norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None,
+                 nonlin=None, nonlin_kwargs=None, time_embed_dim: int = 128):
+        super().__init__()
+        encoder_kwargs = dict(n_stages=n_stages, features_per_stage=features_per_stage, conv_op=conv_op,
+                              kernel_sizes=kernel_sizes, strides=strides, n_conv_per_stage=n_conv_per_stage,
+                              conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs,
+                              dropout_op=dropout_op, dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin,
+                              nonlin_kwargs=nonlin_kwargs, return_skips=True)
+        self.num_classes = num_classes
+        self.spatial_dims = convert_conv_op_to_dim(conv_op)
+        self.image_encoder = PlainConvEncoder(image_channels, **encoder_kwargs)
+        self.noise_encoder = PlainConvEncoder(num_classes, **encoder_kwargs)
+        self.time_mlp = TimestepMLP(time_embed_dim)
+        self.time_projections = nn.ModuleList(nn.Linear(time_embed_dim, f) for f in self.noise_encoder.output_channels)
+        self.decoder = UNetDecoder(self.noise_encoder, num_classes, n_conv_per_stage_decoder, deep_supervision=False)
+
+    def encode_image(self, image: torch.Tensor) -> List[torch.Tensor]:
+        """(B, image_channels, *S) -> per-stage features [(B, F_s, *S_s)]. Run once per patch."""
+        return self.image_encoder(image)
+
+    def encode_noisy(self, x_t: torch.Tensor, t: torch.Tensor,
+                     image_features: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Noise-encoder skips with image features and the time embedding added at every stage."""
+        emb = self.time_mlp(t)
+        skips = []
+        x = x_t
+        for stage, projection, cond in zip(self.noise_encoder.stages, self.time_projections, image_features):
+            x = stage(x) + cond + projection(emb).reshape(*emb.shape[:1], -1, *([1] * self.spatial_dims))
+            skips.append(x)
+        return skips
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, image_features: List[torch.Tensor]) -> torch.Tensor:
+        """x_t (B, num_classes, *S), t (B,) long, image_features from encode_image -> (B, num_classes, *S)."""
+        return self.decoder(self.encode_noisy(x_t, t, image_features))

@@ -1,0 +1,128 @@
+"""The module nnU-Net's predictor sees: ``forward(image_patch)`` runs the whole reverse diffusion.
+
+nnU-Net's sliding-window predictor calls ``network(patch)`` once per window (and once per mirrored copy unless
+``--disable_tta``) and expects logits. :class:`DiffusionSegmenter` wraps a denoiser and a noise schedule: its
+forward encodes the image once, runs the shared reverse loop (``diffusion.samplers.run_reverse_process``) for
+``num_samples`` samples batched together, averages their class probabilities and returns log-probabilities,
+so nnU-Net's softmax/argmax recovers exactly the averaged distribution.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from nnunet_diffusion.diffusion.gaussian import q_sample, x0_from_eps
+from nnunet_diffusion.diffusion.masks import probabilities_from_x0, x0_from_logits
+from nnunet_diffusion.diffusion.objectives import recycled_noisy_mask
+from nnunet_diffusion.diffusion.samplers import SamplerSettings, run_reverse_process, sampling_schedule
+from nnunet_diffusion.diffusion.schedules import NoiseSchedule
+from nnunet_diffusion.diffusion.timesteps import sample_timesteps
+
+
+class TrainingPass(NamedTuple):
+    """What one training draw produced. output: raw denoiser output (B, C, *S) (eps or class logits);
+    regression_target: the noise for 'eps' models, None for 'x0' models (compare logits with the labels);
+    x0_hat: the one-step mask estimate in [-1, 1] (B, C, *S), for cheap per-epoch pseudo-Dice."""
+    output: torch.Tensor
+    regression_target: Optional[torch.Tensor]
+    x0_hat: torch.Tensor
+
+
+class DiffusionSegmenter(nn.Module):
+    """Denoiser + schedule + sampler settings.
+
+    Args:
+        denoiser: module with ``encode_image(image) -> features`` and ``forward(x_in, t, features) -> out``.
+        schedule: the training schedule (T steps); sampling respaces it to ``sampler.steps``.
+        prediction: 'eps' (the denoiser returns noise) or 'x0' (it returns class logits and the mask estimate
+            is softmax(logits) * 2 - 1, as in the recycling paper).
+        sampler: default sampler settings (validated against T).
+        clip_noisy_input: feed (clip(x_t, -1, 1) + 1) / 2 instead of x_t (the recycling reference does this).
+        recycling: train 'x0' models on recycled noisy masks (``diffusion.objectives.recycled_noisy_mask``).
+    """
+
+    def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, prediction: str, sampler: SamplerSettings,
+                 clip_noisy_input: bool = False, recycling: bool = False):
+        super().__init__()
+        if prediction not in ("eps", "x0"):
+            raise ValueError(f"prediction must be 'eps' or 'x0', got {prediction!r}")
+        self.denoiser = denoiser
+        self.schedule = schedule
+        self.prediction = prediction
+        self.clip_noisy_input = clip_noisy_input
+        self.recycling = recycling
+        self.set_sampler(sampler)
+
+    @property
+    def num_classes(self) -> int:
+        return self.denoiser.num_classes
+
+    def set_sampler(self, sampler: SamplerSettings) -> None:
+        self.sampler = sampler.validated(self.schedule.num_steps)
+        self.sampling_schedule = sampling_schedule(self.schedule, self.sampler)
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """Training-schedule indices (B,) -> the timestep values the denoiser is conditioned on (for a respaced
+        training schedule, e.g. recycling's 5 steps out of 1001, these are the original indices 0..1000)."""
+        return self.schedule.timesteps[t.cpu()].to(t.device)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, image_features) -> torch.Tensor:
+        """Raw denoiser output (eps, or class logits for 'x0') for x_t (B, C, *S) at timesteps t (B,)."""
+        x_in = (x_t.clamp(-1, 1) + 1) / 2 if self.clip_noisy_input else x_t
+        return self.denoiser(x_in, t, image_features)
+
+    def estimate(self, x_t: torch.Tensor, t: torch.Tensor, image_features) -> torch.Tensor:
+        """What the sampler needs: eps for 'eps' models, the mask estimate in [-1, 1] for 'x0' models."""
+        out = self.denoise(x_t, t, image_features)
+        return x0_from_logits(out) if self.prediction == "x0" else out
+
+    def sample_x0(self, image: torch.Tensor, start_index: Optional[int] = None,
+                  on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+        """Run the reverse process for ``num_samples`` samples per image.
+
+        image: (B, C_img, *S). Returns the final mask estimate (B, num_samples, num_classes, *S) in [-1, 1].
+        """
+        n = self.sampler.num_samples
+        features = [f.repeat_interleave(n, dim=0) for f in self.denoiser.encode_image(image)]
+        generator = torch.Generator().manual_seed(self.sampler.seed)
+        shape = (image.shape[0] * n, self.num_classes, *image.shape[2:])
+        x_start = torch.randn(shape, generator=generator, dtype=image.dtype).to(image.device)
+        x0 = run_reverse_process(lambda x, t: self.estimate(x, t, features), x_start, self.sampling_schedule,
+                                 self.sampler.kind, self.prediction, generator, start_index, on_step)
+        return x0.reshape(image.shape[0], n, *x0.shape[1:])
+
+    def training_pass(self, image: torch.Tensor, x0: torch.Tensor) -> TrainingPass:
+        """One training draw: random t, noisy mask, denoiser output.
+
+        image (B, C_img, *S); x0 (B, num_classes, *S) the ground truth in [-1, 1].
+        'eps' models: t uniform in 0..T-1, target = the noise (the caller regresses onto it).
+        'x0' models: t uniform in 0..T-2 and, with ``recycling``, x_t is the recycled noisy mask; the caller
+        compares the logits with the labels.
+        """
+        num_steps = self.schedule.num_steps
+        features = self.denoiser.encode_image(image)
+        if self.prediction == "eps":
+            t = sample_timesteps(image.shape[0], num_steps, image.device)
+            noise = torch.randn_like(x0)
+            x_t = q_sample(self.schedule, x0, t, noise)
+            eps_hat = self.denoise(x_t, self.model_timesteps(t), features)
+            x0_hat = x0_from_eps(self.schedule, x_t, t, eps_hat.float()).clamp(-1, 1)
+            return TrainingPass(eps_hat, noise, x0_hat)
+        t = sample_timesteps(image.shape[0], num_steps - 1, image.device)
+        if self.recycling:
+            x_t = recycled_noisy_mask(lambda x, s: self.estimate(x, self.model_timesteps(s), features),
+                                      x0, self.schedule, t)
+        else:
+            x_t = q_sample(self.schedule, x0, t, torch.randn_like(x0))
+        logits = self.denoise(x_t, self.model_timesteps(t), features)
+        return TrainingPass(logits, None, x0_from_logits(logits))
+
+    def forward(self, image: torch.Tensor, x0: Optional[torch.Tensor] = None):
+        """Inference (x0 None): (B, C_img, *S) -> (B, num_classes, *S) log of the sample-averaged class
+        probabilities. Training (x0 given): a :class:`TrainingPass` (through forward so DDP sees it)."""
+        if x0 is not None:
+            return self.training_pass(image, x0)
+        probabilities = probabilities_from_x0(self.sample_x0(image), class_dim=2).mean(dim=1)
+        return torch.log(probabilities.clamp_min(1e-8))

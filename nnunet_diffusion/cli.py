@@ -1,0 +1,56 @@
+"""`nnunet-diffusion` command: set-up helpers and our own tools beside the stock nnUNetv2_* commands."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+TRAINER_PATH = Path(__file__).resolve().parent / "nnunet_ext"
+ENV_LINE = 'export nnUNet_extTrainer="$(nnunet-diffusion trainer-path)"'
+
+
+def trainer_path() -> str:
+    """The folder to put in env var nnUNet_extTrainer so that nnU-Net finds our trainers."""
+    return str(TRAINER_PATH)
+
+
+def setup_problems(environ=os.environ) -> list[str]:
+    """What is missing for the stock nnU-Net commands to use our trainers, each with its fix."""
+    problems = []
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        if not environ.get(name):
+            problems.append(f"{name} is not set: export {name}=/path/to/{name} (see nnU-Net's set-up docs).")
+    ext = [p for p in environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p.strip()]
+    if not any(Path(p).resolve() == TRAINER_PATH for p in ext if Path(p).exists()):
+        problems.append(f"nnUNet_extTrainer does not contain {TRAINER_PATH}, so nnUNetv2_train/nnUNetv2_predict "
+                        f"cannot find the diffusion trainers. Fix: {ENV_LINE}")
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="nnunet-diffusion", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("trainer-path", help="print the folder for env var nnUNet_extTrainer")
+    sub.add_parser("check", help="check the environment variables nnU-Net needs; exit 1 with the fix if not")
+    sub.add_parser("build-example", help="build the real-MRI example dataset (see build-example --help)",
+                   add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "trainer-path":
+        print(trainer_path())
+        return 0
+    if args.command == "check":
+        problems = setup_problems()
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if not problems:
+            print("nnunet-diffusion set-up OK: nnU-Net will find the diffusion trainers.")
+        return 1 if problems else 0
+    if args.command == "build-example":
+        from nnunet_diffusion.planning.example_dataset import main as build_main
+        return build_main(rest) or 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Reverse-process samplers (DDPM, DDIM) and the one reverse loop every caller shares.
+
+The loop runs on a *sampling* schedule: the training schedule respaced to K steps (``respace``). The network is
+conditioned on the original timestep indices (``schedule.timesteps``), the step maths uses the respaced
+alpha_bar, exactly as in improved-DDPM / diffusers respacing.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+import torch
+
+from nnunet_diffusion.diffusion.gaussian import eps_from_x0, posterior_mean_variance, x0_from_eps, gather_coefficient
+from nnunet_diffusion.diffusion.schedules import NoiseSchedule, check_respacing, respace
+
+PREDICTIONS = ("eps", "x0")
+
+
+def ddpm_step(schedule: NoiseSchedule, x_t: torch.Tensor, k: int, x0_hat: torch.Tensor,
+              noise: torch.Tensor) -> torch.Tensor:
+    """Ancestral step x_{k-1} ~ q(x_{k-1} | x_k, x0_hat) with the posterior variance; no noise at k = 0."""
+    t = torch.full((x_t.shape[0],), k, dtype=torch.long)
+    mean, variance = posterior_mean_variance(schedule, x0_hat, x_t, t)
+    return mean if k == 0 else mean + variance.sqrt() * noise
+
+
+def ddim_step(schedule: NoiseSchedule, x_t: torch.Tensor, k: int, x0_hat: torch.Tensor,
+              eps_hat: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM step (eta = 0): x_{k-1} = sqrt(abar_{k-1}) x0_hat + sqrt(1 - abar_{k-1}) eps_hat."""
+    t = torch.full((x_t.shape[0],), k, dtype=torch.long)
+    abar_prev = gather_coefficient(schedule.alphas_cumprod_prev, t, x_t)
+    return abar_prev.sqrt() * x0_hat + (1 - abar_prev).sqrt() * eps_hat
+
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How the reverse process runs at prediction time. Stored with the trained model (plans.json).
+
+    kind: 'ddpm' (ancestral, posterior variance) or 'ddim' (deterministic, eta = 0).
+    steps: K, the number of reverse steps: the training schedule of T steps is respaced to K
+        ((T-1) % (K-1) == 0, or K = 1 for a single x0 prediction from pure noise).
+    num_samples: reverse runs per patch, batched together; their class probabilities are averaged.
+    seed: seeds the start noise and DDPM noise of every patch: same seed, same prediction.
+    """
+
+    kind: str = "ddim"
+    steps: int = 10
+    num_samples: int = 1
+    seed: int = 0
+
+    ENV_PREFIX = "NNUNET_DIFFUSION_"
+
+    def validated(self, train_steps: int) -> "SamplerSettings":
+        if self.kind not in SAMPLERS:
+            raise ValueError(f"Unknown sampler '{self.kind}'. Choose one of {list(SAMPLERS)} "
+                             f"(environment variable {self.ENV_PREFIX}SAMPLER).")
+        check_respacing(train_steps, self.steps)
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples} ({self.ENV_PREFIX}SAMPLES).")
+        return self
+
+    def with_env_overrides(self, environ=os.environ) -> "SamplerSettings":
+        """Apply NNUNET_DIFFUSION_{SAMPLER,STEPS,SAMPLES,SEED} from the environment, if set."""
+        fields = {"SAMPLER": ("kind", str), "STEPS": ("steps", int), "SAMPLES": ("num_samples", int),
+                  "SEED": ("seed", int)}
+        changes = {}
+        for suffix, (field, cast) in fields.items():
+            raw = environ.get(self.ENV_PREFIX + suffix)
+            if raw is None or raw.strip() == "":
+                continue
+            try:
+                changes[field] = cast(raw.strip().lower() if cast is str else raw)
+            except ValueError:
+                raise ValueError(f"{self.ENV_PREFIX}{suffix}={raw!r} is not a valid {cast.__name__}.") from None
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "steps": self.steps, "num_samples": self.num_samples, "seed": self.seed}
+
+
+def run_reverse_process(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_start: torch.Tensor,
+                        schedule: NoiseSchedule, kind: str, prediction: str, generator: torch.Generator,
+                        start_index: Optional[int] = None,
+                        on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+    """The reverse loop, from step ``start_index`` (default K-1) down to 0.
+
+    Args:
+        model_fn: (x_k (B, C, *S), t (B,) long original timestep indices) -> eps or x0 estimate (B, C, *S).
+        x_start: (B, C, *S) the state at ``start_index`` (usually pure noise).
+        schedule: the sampling schedule (already respaced).
+        kind: 'ddpm' or 'ddim'. prediction: what model_fn returns, 'eps' or 'x0'.
+        generator: CPU generator for the DDPM noise (drawn on the CPU so CPU and CUDA agree).
+        on_step: called as on_step(k, x0_hat) after every model evaluation (analysis, e.g. collapse curves).
+    Returns:
+        (B, C, *S) the x0 estimate of the last step, clipped to [-1, 1].
+    """
+    if kind not in SAMPLERS or prediction not in PREDICTIONS:
+        raise ValueError(f"kind must be one of {SAMPLERS} and prediction one of {PREDICTIONS}")
+    start_index = schedule.num_steps - 1 if start_index is None else start_index
+    x = x_start
+    batch = x.shape[0]
+    for k in range(start_index, -1, -1):
+        t_k = torch.full((batch,), k, dtype=torch.long)
+        out = model_fn(x, schedule.timesteps[t_k].to(x.device))
+        x0_hat = out if prediction == "x0" else x0_from_eps(schedule, x, t_k, out)
+        # masks live in [-1, 1]; clipping the estimate (and re-deriving eps from it) keeps steps in range
+        x0_hat = x0_hat.clamp(-1, 1)
+        if on_step is not None:
+            on_step(k, x0_hat)
+        if k == 0:
+            return x0_hat
+        if kind == "ddpm":
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            x = ddpm_step(schedule, x, k, x0_hat, noise)
+        else:
+            x = ddim_step(schedule, x, k, x0_hat, eps_from_x0(schedule, x, t_k, x0_hat))
+    return x0_hat
+
+
+def sampling_schedule(train_schedule: NoiseSchedule, settings: SamplerSettings) -> NoiseSchedule:
+    return respace(train_schedule, settings.steps)

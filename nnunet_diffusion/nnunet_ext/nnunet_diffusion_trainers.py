@@ -1,0 +1,15 @@
+"""Entry point for nnU-Net's trainer search (env var nnUNet_extTrainer points at this folder).
+
+nnU-Net imports every module of that folder as a flat top-level module, so this file holds only absolute
+re-exports of trainers that live in the real package. Add new trainers here.
+"""
+try:
+    from nnunet_diffusion.trainers.budget import nnUNetTrainerBudget  # noqa: F401
+    from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion  # noqa: F401
+    from nnunet_diffusion.trainers.recycling import nnUNetTrainerDiffSegRecycling  # noqa: F401
+    from nnunet_diffusion.trainers.variants import *  # noqa: F401,F403
+except ImportError as error:  # the env var outlived the environment the package was installed in
+    raise ImportError(
+        f"nnUNet_extTrainer points at nnunet-diffusion's trainer folder, but the package cannot be imported in "
+        f"this Python environment ({error}). Activate the environment where nnunet-diffusion is installed, or "
+        f"unset nnUNet_extTrainer.") from error

@@ -1,0 +1,178 @@
+"""nnU-Net glue shared by every diffusion trainer: build the segmenter from the plans, train and validate it.
+
+A method is a subclass that sets a few class attributes (schedule, parametrisation, sampler defaults) or
+overrides ``build_denoiser`` / ``diffusion_loss``. Everything else (planning, data loading, augmentation,
+5-fold CV, checkpoints, sliding-window prediction, evaluation) is stock nnU-Net.
+"""
+from __future__ import annotations
+
+import copy
+import pydoc
+
+import torch
+from torch import autocast, nn
+
+from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from nnunet_diffusion.architectures.conditional_unet import ImageConditionedDenoiser
+from nnunet_diffusion.architectures.segmenter import DiffusionSegmenter, TrainingPass
+from nnunet_diffusion.diffusion.masks import labels_to_x0
+from nnunet_diffusion.diffusion.samplers import SamplerSettings
+from nnunet_diffusion.diffusion.schedules import make_schedule, respace
+from nnunet_diffusion.trainers.budget import TrainingBudgetMixin
+
+# key under plans['configurations'][<configuration>] that stores the diffusion settings with the trained model
+PLANS_KEY = "diffusion"
+
+
+class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
+    """Base class of all diffusion trainers. Not meant to be trained directly."""
+
+    noise_schedule: str = "linear"
+    num_train_timesteps: int = 1000
+    beta_schedule_steps: int | None = None  # if set: betas over this many steps, respaced to num_train_timesteps
+    prediction: str = "eps"          # 'eps' or 'x0' (x0: the denoiser returns class logits)
+    recycling: bool = False
+    clip_noisy_input: bool = False
+    default_sampler = SamplerSettings(kind="ddim", steps=10, num_samples=1, seed=0)
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        plans = copy.deepcopy(plans)
+        if configuration in plans.get("configurations", {}):
+            # stored with the model: on_train_start copies these plans into the results folder
+            plans["configurations"][configuration][PLANS_KEY] = self.diffusion_settings()
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self._check_labels()
+        # fail now, not after preprocessing and hours of training, if the sampler settings are invalid
+        self.sampler_settings(self.configuration_manager)
+        self.enable_deep_supervision = False
+
+    # ---- settings stored with the model ---------------------------------------------------------------------
+
+    @classmethod
+    def diffusion_settings(cls) -> dict:
+        return {"noise_schedule": cls.noise_schedule, "num_train_timesteps": cls.num_train_timesteps,
+                "beta_schedule_steps": cls.beta_schedule_steps or cls.num_train_timesteps,
+                "prediction": cls.prediction, "recycling": cls.recycling, "clip_noisy_input": cls.clip_noisy_input,
+                "sampler": cls.default_sampler.to_dict()}
+
+    @classmethod
+    def stored_settings(cls, configuration_manager: ConfigurationManager) -> dict:
+        """Settings the model was trained with (plans.json), falling back to the class defaults."""
+        return {**cls.diffusion_settings(), **configuration_manager.configuration.get(PLANS_KEY, {})}
+
+    @classmethod
+    def sampler_settings(cls, configuration_manager: ConfigurationManager) -> SamplerSettings:
+        """Stored sampler settings with NNUNET_DIFFUSION_* environment overrides applied, validated."""
+        stored = cls.stored_settings(configuration_manager)
+        sampler = SamplerSettings(**stored["sampler"]).with_env_overrides()
+        return sampler.validated(stored["num_train_timesteps"])
+
+    def _check_labels(self) -> None:
+        if self.label_manager.has_regions:
+            raise ValueError(
+                f"{self.__class__.__name__} diffuses one-hot label maps and cannot train region-based datasets "
+                f"(dataset.json 'labels' with tuples of label values). Use one integer per class, or the stock "
+                f"nnUNetTrainer for region-based training.")
+        if self.label_manager.has_ignore_label:
+            raise ValueError(
+                f"{self.__class__.__name__} cannot train datasets with an 'ignore' label (sparse annotations): "
+                f"a diffused mask needs a class for every voxel. Remove 'ignore' from dataset.json 'labels' "
+                f"(and relabel those voxels) or use the stock nnUNetTrainer.")
+
+    # ---- network --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def build_denoiser(cls, configuration_manager: ConfigurationManager, num_input_channels: int,
+                       num_classes: int) -> nn.Module:
+        """The denoiser, laid out like the plans' U-Net (stages, features, kernels, strides, norm)."""
+        kwargs = dict(configuration_manager.network_arch_init_kwargs)
+        for key in configuration_manager.network_arch_init_kwargs_req_import:
+            if kwargs.get(key) is not None:
+                kwargs[key] = pydoc.locate(kwargs[key])
+        if "n_blocks_per_stage" in kwargs:  # ResEnc plans: use as many plain convs as the plan has blocks
+            kwargs["n_conv_per_stage"] = kwargs.pop("n_blocks_per_stage")
+        kwargs.pop("deep_supervision", None)
+        return ImageConditionedDenoiser(num_input_channels, num_classes, **kwargs)
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        """Called by nnU-Net for training and by its predictor: returns a segmenter whose eval forward samples.
+
+        A classmethod (nnU-Net calls it on the class) so that subclasses change the network by attributes.
+        """
+        stored = cls.stored_settings(configuration_manager)
+        denoiser = cls.build_denoiser(configuration_manager, num_input_channels, num_output_channels)
+        schedule = respace(make_schedule(stored["noise_schedule"], stored["beta_schedule_steps"]),
+                           stored["num_train_timesteps"])
+        return DiffusionSegmenter(denoiser, schedule, stored["prediction"], cls.sampler_settings(configuration_manager),
+                                  clip_noisy_input=stored["clip_noisy_input"], recycling=stored["recycling"])
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        pass  # the denoiser has a single output; deep supervision is always off
+
+    def _do_i_compile(self):
+        return False  # the reverse loop and training pass are not plain forwards; compile gains nothing here
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        result = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        # nnU-Net's predictor mirrors by calling the network once per flip: with a sampler inside, each call
+        # is a whole reverse run. Keep the stock behaviour (and its --disable_tta switch) and say what it costs.
+        n_flips = 2 ** len(result[3])
+        self.print_to_log_file(f"Test-time mirroring runs the sampler {n_flips}x per window; "
+                               f"nnUNetv2_predict --disable_tta runs it once.")
+        return result
+
+    # ---- training and per-epoch validation --------------------------------------------------------------------
+
+    def _autocast(self):
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
+    def diffusion_loss(self, result: TrainingPass, target: torch.Tensor) -> torch.Tensor:
+        """eps models: MSE to the noise (Ho et al. 2020); x0 models: nnU-Net's Dice + CE on the logits."""
+        if result.regression_target is not None:
+            return torch.mean((result.output.float() - result.regression_target.float()) ** 2)
+        return self.loss(result.output, target)
+
+    def _training_pass(self, batch: dict):
+        image = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        x0 = labels_to_x0(target, self.label_manager.num_segmentation_heads)
+        with self._autocast():
+            result = self.network(image, x0)
+            loss = self.diffusion_loss(result, target)
+        return loss, result, target
+
+    def train_step(self, batch: dict) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, _, _ = self._training_pass(batch)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        """Cheap per-epoch validation: the training loss and the pseudo-Dice of the one-step mask estimate at a
+        random t (no reverse run; the final validation after training uses the real sampler)."""
+        with torch.no_grad():
+            loss, result, target = self._training_pass(batch)
+        segmentation = result.x0_hat.argmax(1, keepdim=True)
+        onehot = torch.zeros_like(result.x0_hat).scatter_(1, segmentation, 1)
+        axes = [0] + list(range(2, onehot.ndim))
+        tp, fp, fn, _ = get_tp_fp_fn_tn(onehot, target, axes=axes)
+        # [1:] drops the background class, as the stock trainer does
+        return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp.detach().cpu().numpy()[1:],
+                "fp_hard": fp.detach().cpu().numpy()[1:], "fn_hard": fn.detach().cpu().numpy()[1:]}

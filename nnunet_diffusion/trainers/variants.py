@@ -1,0 +1,22 @@
+"""Small variants: each changes one thing of a trainer (nnU-Net's variants/ convention)."""
+from nnunet_diffusion.diffusion.samplers import SamplerSettings
+from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
+from nnunet_diffusion.trainers.recycling import nnUNetTrainerDiffSegRecycling
+
+__all__ = ["nnUNetTrainerDiffusion_DDPM1000", "nnUNetTrainerDiffusion_cosine",
+           "nnUNetTrainerDiffSegRecycling_noRecycling"]
+
+
+class nnUNetTrainerDiffusion_DDPM1000(nnUNetTrainerDiffusion):
+    """Samples with the full 1000-step ancestral DDPM chain by default (100x the cost of the 10-step DDIM)."""
+    default_sampler = SamplerSettings(kind="ddpm", steps=1000)
+
+
+class nnUNetTrainerDiffusion_cosine(nnUNetTrainerDiffusion):
+    """Cosine noise schedule (Nichol & Dhariwal 2021) instead of linear betas."""
+    noise_schedule = "cosine"
+
+
+class nnUNetTrainerDiffSegRecycling_noRecycling(nnUNetTrainerDiffSegRecycling):
+    """Ablation: the x0 model trained on the noised ground truth instead of its own recycled prediction."""
+    recycling = False

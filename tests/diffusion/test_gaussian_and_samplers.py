@@ -1,0 +1,150 @@
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.models.embeddings import get_timestep_embedding
+
+from nnunet_diffusion.diffusion.gaussian import eps_from_x0, posterior_mean_variance, q_sample, x0_from_eps
+from nnunet_diffusion.diffusion.masks import labels_to_x0, probabilities_from_x0, x0_from_logits
+from nnunet_diffusion.diffusion.samplers import (SamplerSettings, ddim_step, ddpm_step, run_reverse_process,
+                                                  sampling_schedule)
+from nnunet_diffusion.diffusion.schedules import linear_schedule, respace
+from nnunet_diffusion.diffusion.timesteps import timestep_embedding
+
+T = 1000
+
+
+def _ddpm_ref():
+    return DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample=True, clip_sample_range=1.0,
+                         variance_type="fixed_small")
+
+
+def test_q_sample_matches_diffusers_add_noise():
+    s, ref = linear_schedule(T), _ddpm_ref()
+    x0, noise = torch.rand(4, 3, 5, 5) * 2 - 1, torch.randn(4, 3, 5, 5)
+    t = torch.tensor([0, 10, 500, 999])
+    torch.testing.assert_close(q_sample(s, x0, t, noise), ref.add_noise(x0, noise, t), rtol=1e-5, atol=1e-5)
+
+
+def test_x0_eps_round_trip():
+    s = linear_schedule(T)
+    x0, eps = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    t = torch.tensor([1, 400, 998])
+    x_t = q_sample(s, x0, t, eps)
+    torch.testing.assert_close(x0_from_eps(s, x_t, t, eps), x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(eps_from_x0(s, x_t, t, x0), eps, rtol=1e-4, atol=1e-4)
+
+
+def test_posterior_hand_computed():
+    # T=2, betas 0.1, 0.5: abar = 0.9, 0.45. At t=1: mean = sqrt(.9)*.5/.55 x0 + sqrt(.5)*.1/.55 x_t
+    s = type(linear_schedule(2))(torch.tensor([0.9, 0.45], dtype=torch.float64), torch.arange(2))
+    x0, x_t = torch.full((1, 1), 0.7), torch.full((1, 1), -0.3)
+    mean, var = posterior_mean_variance(s, x0, x_t, torch.tensor([1]))
+    expected = 0.9 ** 0.5 * 0.5 / 0.55 * 0.7 + 0.5 ** 0.5 * 0.1 / 0.55 * -0.3
+    assert mean.item() == pytest.approx(expected, rel=1e-6)
+    assert var.item() == pytest.approx(0.5 * 0.1 / 0.55, rel=1e-6)
+
+
+def test_ddpm_step_matches_diffusers_eps_prediction():
+    s, ref = linear_schedule(T), _ddpm_ref()
+    x_t, eps_hat = torch.randn(2, 3, 6), torch.randn(2, 3, 6)
+    for t in (999, 500, 1):
+        ours_x0 = x0_from_eps(s, x_t, torch.tensor([t, t]), eps_hat).clamp(-1, 1)
+        g = torch.Generator().manual_seed(3)
+        expected = ref.step(eps_hat, t, x_t, generator=g).prev_sample
+        noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(3))
+        # diffusers keeps its coefficients in float32, ours are float64: agree to ~1e-4 relative
+        torch.testing.assert_close(ddpm_step(s, x_t, t, ours_x0, noise), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_ddpm_step_matches_diffusers_x0_prediction_on_respaced_chain():
+    # diffusers with custom timesteps uses abar[prev_t] and beta = 1 - abar_t/abar_prev: the respaced chain
+    base = linear_schedule(T)
+    sp = respace(base, 10)
+    ref = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", prediction_type="sample",
+                        clip_sample=True, clip_sample_range=1.0)
+    ref.set_timesteps(timesteps=sp.timesteps.flip(0).tolist())
+    x_t, x0_hat = torch.randn(2, 3, 6), torch.rand(2, 3, 6) * 2 - 1
+    for k in (9, 4, 1, 0):
+        g = torch.Generator().manual_seed(5)
+        expected = ref.step(x0_hat, int(sp.timesteps[k]), x_t, generator=g).prev_sample
+        noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(ddpm_step(sp, x_t, k, x0_hat, noise), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_step_matches_diffusers():
+    # diffusers 'leading' spacing with 10 steps: t=900 -> 800; give our step the same two alpha_bars
+    base = linear_schedule(T)
+    ref = DDIMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample=True, set_alpha_to_one=True)
+    ref.set_timesteps(10)
+    pair = type(base)(base.alphas_cumprod[[800, 900]].clone(), torch.tensor([800, 900]))
+    x_t, eps_hat = torch.randn(2, 3, 6), torch.randn(2, 3, 6)
+    x0_hat = x0_from_eps(pair, x_t, torch.tensor([1, 1]), eps_hat).clamp(-1, 1)
+    ours = ddim_step(pair, x_t, 1, x0_hat, eps_from_x0(pair, x_t, torch.tensor([1, 1]), x0_hat))
+    expected = ref.step(eps_hat, 900, x_t, eta=0.0, use_clipped_model_output=True).prev_sample
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_full_ddpm_chain_matches_diffusers_loop():
+    base = linear_schedule(T)
+    settings = SamplerSettings(kind="ddpm", steps=10)
+    sp = sampling_schedule(base, settings)
+    ref = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample=True, clip_sample_range=1.0)
+    ref.set_timesteps(timesteps=sp.timesteps.flip(0).tolist())
+    model = lambda x, t: torch.tanh(x) * 0.5 + 0.01 * t.float().reshape(-1, 1, 1) / T  # any deterministic eps
+    x_start = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0))
+    ours = run_reverse_process(model, x_start, sp, "ddpm", "eps", torch.Generator().manual_seed(1))
+    g, x = torch.Generator().manual_seed(1), x_start
+    for t in ref.timesteps:
+        out = ref.step(model(x, torch.full((2,), int(t))), int(t), x, generator=g)
+        x = out.prev_sample
+    torch.testing.assert_close(ours, x.clamp(-1, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_chain_with_perfect_x0_model_returns_x0():
+    base = linear_schedule(T)
+    target = torch.rand(1, 2, 4) * 2 - 1
+    sp = sampling_schedule(base, SamplerSettings(kind="ddim", steps=4))
+    seen = []
+    out = run_reverse_process(lambda x, t: target, torch.randn(1, 2, 4), sp, "ddim", "x0",
+                              torch.Generator().manual_seed(0), on_step=lambda k, x0: seen.append(k))
+    torch.testing.assert_close(out, target)
+    assert seen == [3, 2, 1, 0]
+
+
+def test_reverse_process_start_index():
+    sp = sampling_schedule(linear_schedule(T), SamplerSettings(steps=10))
+    seen = []
+    run_reverse_process(lambda x, t: torch.zeros_like(x), torch.randn(1, 1, 2), sp, "ddim", "eps",
+                        torch.Generator(), start_index=4, on_step=lambda k, x0: seen.append(k))
+    assert seen == [4, 3, 2, 1, 0]
+
+
+def test_timestep_embedding_matches_diffusers():
+    t = torch.tensor([0, 1, 17, 999])
+    ref = get_timestep_embedding(t, 64, flip_sin_to_cos=True, downscale_freq_shift=0)
+    torch.testing.assert_close(timestep_embedding(t, 64), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_settings_validation_and_env():
+    with pytest.raises(ValueError, match="Unknown sampler 'euler'"):
+        SamplerSettings(kind="euler").validated(T)
+    with pytest.raises(ValueError, match="Cannot respace a 1000-step schedule to 7 steps"):
+        SamplerSettings(steps=7).validated(T)
+    env = {"NNUNET_DIFFUSION_SAMPLER": "DDPM", "NNUNET_DIFFUSION_STEPS": "4", "NNUNET_DIFFUSION_SAMPLES": "3",
+           "NNUNET_DIFFUSION_SEED": "7"}
+    assert SamplerSettings().with_env_overrides(env) == SamplerSettings("ddpm", 4, 3, 7)
+    with pytest.raises(ValueError, match="NNUNET_DIFFUSION_STEPS='ten' is not a valid int"):
+        SamplerSettings().with_env_overrides({"NNUNET_DIFFUSION_STEPS": "ten"})
+
+
+def test_masks_round_trip_and_probabilities():
+    labels = torch.tensor([[[0, 2, 1]]])
+    x0 = labels_to_x0(labels, 3)
+    assert x0[0, :, 1].tolist() == [-1, -1, 1]
+    p = probabilities_from_x0(x0)
+    assert p.argmax(1).tolist() == labels[:, 0].tolist()
+    logits = torch.randn(2, 4, 5)
+    torch.testing.assert_close(probabilities_from_x0(x0_from_logits(logits)), torch.softmax(logits, 1),
+                               rtol=1e-4, atol=1e-5)
+    uniform = probabilities_from_x0(-torch.ones(1, 4, 1))
+    torch.testing.assert_close(uniform, torch.full((1, 4, 1), 0.25))
