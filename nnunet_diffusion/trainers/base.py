@@ -41,14 +41,14 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        # fail now, before any folder is made (and not hours later), on data or settings we cannot handle
+        self._check_labels(PlansManager(plans).get_label_manager(dataset_json))
+        self.sampler_from(self.diffusion_settings())
         plans = copy.deepcopy(plans)
         if configuration in plans.get("configurations", {}):
             # stored with the model: on_train_start copies these plans into the results folder
             plans["configurations"][configuration][PLANS_KEY] = self.diffusion_settings()
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self._check_labels()
-        # fail now, not after preprocessing and hours of training, if the sampler settings are invalid
-        self.sampler_settings(self.configuration_manager)
         self.enable_deep_supervision = False
 
     # ---- settings stored with the model ---------------------------------------------------------------------
@@ -65,20 +65,19 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
         """Settings the model was trained with (plans.json), falling back to the class defaults."""
         return {**cls.diffusion_settings(), **configuration_manager.configuration.get(PLANS_KEY, {})}
 
-    @classmethod
-    def sampler_settings(cls, configuration_manager: ConfigurationManager) -> SamplerSettings:
+    @staticmethod
+    def sampler_from(settings: dict) -> SamplerSettings:
         """Stored sampler settings with NNUNET_DIFFUSION_* environment overrides applied, validated."""
-        stored = cls.stored_settings(configuration_manager)
-        sampler = SamplerSettings(**stored["sampler"]).with_env_overrides()
-        return sampler.validated(stored["num_train_timesteps"])
+        sampler = SamplerSettings(**settings["sampler"]).with_env_overrides()
+        return sampler.validated(settings["num_train_timesteps"])
 
-    def _check_labels(self) -> None:
-        if self.label_manager.has_regions:
+    def _check_labels(self, label_manager) -> None:
+        if label_manager.has_regions:
             raise ValueError(
                 f"{self.__class__.__name__} diffuses one-hot label maps and cannot train region-based datasets "
                 f"(dataset.json 'labels' with tuples of label values). Use one integer per class, or the stock "
                 f"nnUNetTrainer for region-based training.")
-        if self.label_manager.has_ignore_label:
+        if label_manager.has_ignore_label:
             raise ValueError(
                 f"{self.__class__.__name__} cannot train datasets with an 'ignore' label (sparse annotations): "
                 f"a diffused mask needs a class for every voxel. Remove 'ignore' from dataset.json 'labels' "
@@ -111,7 +110,7 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
         denoiser = cls.build_denoiser(configuration_manager, num_input_channels, num_output_channels)
         schedule = respace(make_schedule(stored["noise_schedule"], stored["beta_schedule_steps"]),
                            stored["num_train_timesteps"])
-        return DiffusionSegmenter(denoiser, schedule, stored["prediction"], cls.sampler_settings(configuration_manager),
+        return DiffusionSegmenter(denoiser, schedule, stored["prediction"], cls.sampler_from(stored),
                                   clip_noisy_input=stored["clip_noisy_input"], recycling=stored["recycling"])
 
     def set_deep_supervision_enabled(self, enabled: bool):

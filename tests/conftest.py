@@ -1,0 +1,38 @@
+"""Shared test helpers: tiny nnU-Net configurations built like nnU-Net's planner writes them."""
+import os
+
+import pytest
+
+os.environ.setdefault("nnUNet_def_n_proc", "1")
+
+
+def make_configuration(dim: int = 3, features=(4, 8), patch=None, extra=None) -> dict:
+    """A plans 'configuration' dict for a 2-stage PlainConvUNet (nnU-Net 2.8 format)."""
+    conv = "torch.nn.modules.conv.Conv3d" if dim == 3 else "torch.nn.modules.conv.Conv2d"
+    norm = f"torch.nn.modules.instancenorm.InstanceNorm{dim}d"
+    n = len(features)
+    config = {
+        "patch_size": patch or [8] * dim,
+        "architecture": {
+            "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {
+                "n_stages": n, "features_per_stage": list(features), "conv_op": conv,
+                "kernel_sizes": [[3] * dim] * n, "strides": [[1] * dim] + [[2] * dim] * (n - 1),
+                "n_conv_per_stage": [1] * n, "n_conv_per_stage_decoder": [1] * (n - 1), "conv_bias": True,
+                "norm_op": norm, "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
+                "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+            },
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+        },
+    }
+    config.update(extra or {})
+    return config
+
+
+@pytest.fixture
+def configuration_manager():
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    def _make(dim=3, **kwargs):
+        return ConfigurationManager(make_configuration(dim, **kwargs))
+    return _make

@@ -1,0 +1,119 @@
+"""End to end through the stock nnU-Net CLI on a small version of the real example dataset (CPU).
+
+Plan and preprocess once, then for each trainer: nnUNetv2_train (1 epoch of 2 iterations, final validation with
+the real sampler), nnUNetv2_predict on held-out images, nnUNetv2_evaluate_folder.
+"""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_diffusion.cli import trainer_path
+from nnunet_diffusion.planning.example_dataset import build_example_dataset
+
+DATASET_ID = 990
+SHORT_RUN = {"NNUNET_DIFFUSION_EPOCHS": "1", "NNUNET_DIFFUSION_ITERATIONS": "2",
+             "NNUNET_DIFFUSION_VAL_ITERATIONS": "1", "NNUNET_DIFFUSION_STEPS": "2",
+             "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "0"}
+
+
+def run(cmd, env, check=True):
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def nnunet(tmp_path_factory):
+    """A planned and preprocessed tiny dataset, and the environment the stock commands need."""
+    root = tmp_path_factory.mktemp("nnunet")
+    env = dict(os.environ)
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (root / name).mkdir()
+        env[name] = str(root / name)
+    env["nnUNet_extTrainer"] = trainer_path()
+    env["nnUNet_def_n_proc"] = "1"
+    env.pop("nnUNet_n_proc_DA", None)  # planning crashes with 0 workers
+    folder = Path(build_example_dataset(env["nnUNet_raw"], DATASET_ID, "Tiny", num_training=6, num_test=2,
+                                        spacing_mm=8.0, seed=0))
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "3d_fullres", "-np", "1", "1",
+         "-npfp", "1", "--verify_dataset_integrity"], env)
+    return {"env": {**env, **SHORT_RUN}, "raw": folder, "root": root}
+
+
+def model_folder(nnunet, trainer, configuration):
+    return Path(nnunet["env"]["nnUNet_results"]) / nnunet["raw"].name / f"{trainer}__nnUNetPlans__{configuration}"
+
+
+def train_predict_evaluate(nnunet, trainer, configuration="3d_fullres"):
+    env = nnunet["env"]
+    run(["nnUNetv2_train", str(DATASET_ID), configuration, "0", "-tr", trainer, "-device", "cpu"], env)
+    fold = model_folder(nnunet, trainer, configuration) / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file()
+    assert json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"] >= 0
+    out = nnunet["root"] / f"pred_{trainer}_{configuration}"
+    run(["nnUNetv2_predict", "-i", str(nnunet["raw"] / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
+         "-c", configuration, "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0",
+         "--disable_tta"], env)
+    labels = json.loads((nnunet["raw"] / "dataset.json").read_text())["labels"]
+    images = sorted((nnunet["raw"] / "imagesTs").glob("*.nii.gz"))
+    for image_file in images:
+        prediction_file = out / image_file.name.replace("_0000.nii.gz", ".nii.gz")
+        image, prediction = sitk.ReadImage(str(image_file)), sitk.ReadImage(str(prediction_file))
+        assert prediction.GetSize() == image.GetSize()
+        np.testing.assert_allclose(prediction.GetSpacing(), image.GetSpacing(), rtol=1e-5)
+        np.testing.assert_allclose(prediction.GetOrigin(), image.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(prediction.GetDirection(), image.GetDirection(), atol=1e-6)
+        assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= set(labels.values())
+    model = model_folder(nnunet, trainer, configuration)
+    run(["nnUNetv2_evaluate_folder", str(nnunet["raw"] / "labelsTs"), str(out), "-djfile",
+         str(model / "dataset.json"), "-pfile", str(model / "plans.json")], env)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["mean"]) == {str(v) for v in labels.values() if v != 0}
+    return model
+
+
+def test_diffusion_trainer_3d_and_resume(nnunet):
+    model = train_predict_evaluate(nnunet, "nnUNetTrainerDiffusion")
+    # sampler settings are stored with the model
+    stored = json.loads((model / "plans.json").read_text())["configurations"]["3d_fullres"]["diffusion"]
+    assert stored["sampler"] == {"kind": "ddim", "steps": 10, "num_samples": 1, "seed": 0}
+    # --c resumes from the checkpoint: one more epoch on top of the first
+    env = {**nnunet["env"], "NNUNET_DIFFUSION_EPOCHS": "2"}
+    run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerDiffusion", "-device", "cpu",
+         "--c"], env)
+    checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["current_epoch"] == 2
+    assert len(checkpoint["logging"]["train_losses"]) == 2
+
+
+def test_recycling_trainer_3d(nnunet):
+    train_predict_evaluate(nnunet, "nnUNetTrainerDiffSegRecycling")
+
+
+def test_recycling_trainer_2d(nnunet):
+    train_predict_evaluate(nnunet, "nnUNetTrainerDiffSegRecycling", "2d")
+
+
+def test_invalid_sampler_setting_fails_at_trainer_start(nnunet):
+    env = {**nnunet["env"], "NNUNET_DIFFUSION_STEPS": "7"}
+    result = run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "1", "-tr", "nnUNetTrainerDiffusion",
+                  "-device", "cpu"], env, check=False)
+    assert result.returncode != 0
+    assert "Cannot respace a 1000-step schedule to 7 steps" in result.stderr
+    assert not (model_folder(nnunet, "nnUNetTrainerDiffusion", "3d_fullres") / "fold_1").exists()
+
+
+def test_missing_ext_trainer_variable_names_the_fix(nnunet):
+    env = {k: v for k, v in nnunet["env"].items() if k != "nnUNet_extTrainer"}
+    result = run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerDiffusion",
+                  "-device", "cpu"], env, check=False)
+    assert result.returncode != 0
+    assert "nnUNet_extTrainer" in result.stdout + result.stderr
