@@ -74,6 +74,11 @@ def _class_lookup(region_names: dict[int, str]) -> np.ndarray:
     return lut
 
 
+def _bounding_box(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...]:
+    """SimpleITK (x, y, z) slices of the bounding box of a numpy (z, y, x) mask, grown by `pad` voxels."""
+    return tuple(slice(max(int(a.min()) - pad, 0), int(a.max()) + 1 + pad) for a in np.nonzero(mask)[::-1])
+
+
 @functools.lru_cache(maxsize=1)
 def load_template() -> tuple[sitk.Image, sitk.Image]:
     """Template T1 (float32, scaled to [0, 1]) and merged class labels (uint8) on the template's 1 mm grid,
@@ -91,10 +96,7 @@ def load_template() -> tuple[sitk.Image, sitk.Image]:
     lab = sitk.GetImageFromArray(labels)
     lab.CopyInformation(t1)
     # Crop to the brain (image > 0 or labelled) to make all later resampling cheaper.
-    zyx = np.nonzero((sitk.GetArrayViewFromImage(t1) > 0) | (labels > 0))
-    lo = [int(a.min()) for a in zyx][::-1]
-    hi = [int(a.max()) + 1 for a in zyx][::-1]
-    crop = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+    crop = _bounding_box((sitk.GetArrayViewFromImage(t1) > 0) | (labels > 0))
     return t1[crop], lab[crop]
 
 
@@ -115,7 +117,8 @@ def _random_transform(ref: sitk.Image, center: tuple, rng: np.random.Generator) 
     B-spline deformation (4^3 mesh over the grid, control-point displacements with 4 mm std)."""
     affine = sitk.AffineTransform(3)
     affine.SetCenter(center)
-    matrix = Rotation.from_euler("xyz", rng.uniform(-8, 8, 3), degrees=True).as_matrix() @ np.diag(rng.uniform(0.9, 1.1, 3))
+    rotation = Rotation.from_euler("xyz", rng.uniform(-8, 8, 3), degrees=True).as_matrix()
+    matrix = rotation @ np.diag(rng.uniform(0.9, 1.1, 3))
     affine.SetMatrix(matrix.ravel().tolist())
     affine.SetTranslation(rng.uniform(-6, 6, 3).tolist())
     # Evaluating a B-spline at every voxel is the slowest step. It is smooth over ~60 mm, so it is sampled
@@ -159,11 +162,8 @@ def make_case(spacing_mm: float, rng: np.random.Generator, margin_mm: float = 6.
     transform = _random_transform(ref, center, rng)
     img = sitk.Resample(_smoothed_template(spacing_mm), ref, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     seg = sitk.Resample(lab, ref, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    brain = np.nonzero((sitk.GetArrayViewFromImage(img) > 0.02) | (sitk.GetArrayViewFromImage(seg) > 0))
-    pad = max(1, round(margin_mm / spacing_mm))
-    lo = [max(int(a.min()) - pad, 0) for a in brain][::-1]  # numpy (z, y, x) -> SimpleITK (x, y, z)
-    hi = [int(a.max()) + 1 + pad for a in brain][::-1]
-    crop = tuple(slice(a, b) for a, b in zip(lo, hi))
+    brain = (sitk.GetArrayViewFromImage(img) > 0.02) | (sitk.GetArrayViewFromImage(seg) > 0)
+    crop = _bounding_box(brain, pad=max(1, round(margin_mm / spacing_mm)))
     img, seg = img[crop], seg[crop]
     out = sitk.GetImageFromArray(_augment_intensity(sitk.GetArrayFromImage(img), rng))
     out.CopyInformation(img)

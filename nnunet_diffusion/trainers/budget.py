@@ -9,10 +9,17 @@ These variables shorten it without new trainer classes; unset, nothing changes:
     NNUNET_DIFFUSION_TIME_BUDGET     wall-clock seconds of training; the run stops after the iteration that
                                      exceeds it, then validates, saves checkpoint_final and runs the final
                                      validation as usual
+    NNUNET_DIFFUSION_FINAL_VALIDATION=0  skip the final validation of the fold (with a sampler inside and
+                                     mirroring on, it can cost more than a short training run)
+
+Every run writes fold_X/training_time.json: iterations and wall-clock seconds of the training iterations
+(data loading included, per-epoch validation excluded).
 """
 from __future__ import annotations
 
+import json
 import os
+from os.path import join
 from time import perf_counter
 
 import torch
@@ -23,6 +30,7 @@ ENV_INT_SETTINGS = {"NNUNET_DIFFUSION_EPOCHS": "num_epochs",
                     "NNUNET_DIFFUSION_ITERATIONS": "num_iterations_per_epoch",
                     "NNUNET_DIFFUSION_VAL_ITERATIONS": "num_val_iterations_per_epoch"}
 ENV_TIME_BUDGET = "NNUNET_DIFFUSION_TIME_BUDGET"
+ENV_FINAL_VALIDATION = "NNUNET_DIFFUSION_FINAL_VALIDATION"
 
 
 def _read_env(name: str, cast):
@@ -41,8 +49,10 @@ def _read_env(name: str, cast):
 class TrainingBudgetMixin:
     """Mix into an nnUNetTrainer (before it in the bases) to honour the NNUNET_DIFFUSION_* run lengths."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    # the explicit signature matters: nnUNetTrainer stores its init args by inspecting it (for checkpoints)
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
         for env_name, attribute in ENV_INT_SETTINGS.items():
             value = _read_env(env_name, int)
             if value is not None:
@@ -55,17 +65,20 @@ class TrainingBudgetMixin:
         return self.time_budget_s is not None and perf_counter() - started > self.time_budget_s
 
     def run_training(self):
-        """nnU-Net's loop (nnUNetTrainer.run_training) with a wall-clock stop; same hooks, same order."""
-        if self.time_budget_s is None:
-            return super().run_training()
+        """nnU-Net's loop (nnUNetTrainer.run_training), same hooks in the same order, plus a wall-clock stop
+        and the timing of the training iterations."""
         self.on_train_start()
         started = perf_counter()
+        iterations, iteration_seconds = 0, 0.0
         for _ in range(self.current_epoch, self.num_epochs):
             self.on_epoch_start()
             self.on_train_epoch_start()
             train_outputs = []
             for _ in range(self.num_iterations_per_epoch):
+                tic = perf_counter()
                 train_outputs.append(self.train_step(next(self.dataloader_train)))
+                iteration_seconds += perf_counter() - tic
+                iterations += 1
                 if self._out_of_time(started):
                     break
             self.on_train_epoch_end(train_outputs)
@@ -79,6 +92,17 @@ class TrainingBudgetMixin:
                 self.print_to_log_file(f"Time budget of {self.time_budget_s:.0f} s reached: stopping.")
                 break
         self.on_train_end()
+        if self.local_rank == 0:
+            with open(join(self.output_folder, "training_time.json"), "w") as f:
+                json.dump({"iterations": iterations, "iteration_seconds": iteration_seconds,
+                           "seconds_per_iteration": iteration_seconds / max(iterations, 1),
+                           "device": str(self.device)}, f, indent=1)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if os.environ.get(ENV_FINAL_VALIDATION, "1").strip() == "0":
+            self.print_to_log_file(f"{ENV_FINAL_VALIDATION}=0: skipping the final validation.")
+            return
+        return super().perform_actual_validation(save_probabilities)
 
 
 class nnUNetTrainerBudget(TrainingBudgetMixin, nnUNetTrainer):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nnunet_diffusion.planning import example_dataset
 from nnunet_diffusion.planning.example_dataset import CLASSES, build_example_dataset, load_template, main
 
 SPACING = 8.0  # coarse, yet every class (hippocampus + amygdala: ~35 voxels) is present in every case
@@ -123,7 +124,7 @@ def test_content_is_the_real_template(dataset):
         assert volume["parietal_occipital_cortex"] > volume["temporal_cortex"] > volume["deep_grey_matter"]
 
 
-def test_overwrite_protection(tmp_path):
+def test_overwrite_protection(tmp_path, monkeypatch):
     raw = str(tmp_path)
     path = build_example_dataset(raw, 7, "Tiny", 1, 1, SPACING, seed=0)
     before = _hashable_tree(path)
@@ -132,6 +133,15 @@ def test_overwrite_protection(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):  # same id under another name counts too
         build_example_dataset(raw, 7, "OtherName", 1, 1, SPACING, seed=1)
     assert _hashable_tree(path) == before and sorted(os.listdir(raw)) == ["Dataset007_Tiny"]
+
+    # A build that fails half-way (even with overwrite=True) leaves the old dataset and no temporary folder.
+    def broken_case(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+    monkeypatch.setattr(example_dataset, "make_case", broken_case)
+    with pytest.raises(RuntimeError, match="simulated"):
+        build_example_dataset(raw, 7, "Tiny", 1, 1, SPACING, seed=1, overwrite=True)
+    assert _hashable_tree(path) == before and sorted(os.listdir(raw)) == ["Dataset007_Tiny"]
+    monkeypatch.undo()
 
     new = build_example_dataset(raw, 7, "Renamed", 1, 1, SPACING, seed=1, overwrite=True)
     assert sorted(os.listdir(raw)) == ["Dataset007_Renamed"]  # old one gone, no temp folders left
