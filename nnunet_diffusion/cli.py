@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -28,11 +29,24 @@ def setup_problems(environ=os.environ) -> list[str]:
     return problems
 
 
+def format_dice(summary_json: str, dataset_json: str) -> str:
+    """Per-class and mean foreground Dice from nnU-Net's evaluation summary, with class names."""
+    summary = json.loads(Path(summary_json).read_text())
+    names = {str(v): k for k, v in json.loads(Path(dataset_json).read_text())["labels"].items()}
+    lines = [f"{names.get(k, k):>28s}  Dice {v['Dice']:.3f}" for k, v in sorted(summary["mean"].items(),
+                                                                                  key=lambda kv: int(kv[0]))]
+    lines.append(f"{'mean (foreground)':>28s}  Dice {summary['foreground_mean']['Dice']:.3f}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nnunet-diffusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("trainer-path", help="print the folder for env var nnUNet_extTrainer")
     sub.add_parser("check", help="check the environment variables nnU-Net needs; exit 1 with the fix if not")
+    dice = sub.add_parser("dice", help="print per-class Dice from nnUNetv2_evaluate_folder's summary.json")
+    dice.add_argument("summary")
+    dice.add_argument("dataset_json")
     sub.add_parser("build-example", help="build the real-MRI example dataset (see build-example --help)",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -46,9 +60,13 @@ def main(argv=None) -> int:
         if not problems:
             print("nnunet-diffusion set-up OK: nnU-Net will find the diffusion trainers.")
         return 1 if problems else 0
+    if args.command == "dice":
+        print(format_dice(args.summary, args.dataset_json))
+        return 0
     if args.command == "build-example":
         from nnunet_diffusion.planning.example_dataset import main as build_main
-        return build_main(rest) or 0
+        build_main(rest)
+        return 0
     return 2
 
 

@@ -61,6 +61,10 @@ class ImageConditionedDenoiser(nn.Module):
         """(B, image_channels, *S) -> per-stage features [(B, F_s, *S_s)]. Run once per patch."""
         return self.image_encoder(image)
 
+    def repeat_condition(self, features: List[torch.Tensor], n: int) -> List[torch.Tensor]:
+        """Repeat each patch's condition n times along the batch (samples of one patch run as one batch)."""
+        return [f.repeat_interleave(n, dim=0) for f in features]
+
     def encode_noisy(self, x_t: torch.Tensor, t: torch.Tensor,
                      image_features: List[torch.Tensor]) -> List[torch.Tensor]:
         """Noise-encoder skips with image features and the time embedding added at every stage."""

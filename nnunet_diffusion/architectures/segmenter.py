@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
-from nnunet_diffusion.diffusion.gaussian import q_sample, x0_from_eps
+from nnunet_diffusion.diffusion.gaussian import eps_from_x0, q_sample, x0_from_eps
 from nnunet_diffusion.diffusion.masks import probabilities_from_x0, x0_from_logits
 from nnunet_diffusion.diffusion.objectives import recycled_noisy_mask
 from nnunet_diffusion.diffusion.samplers import SamplerSettings, run_reverse_process, sampling_schedule
@@ -24,10 +24,12 @@ from nnunet_diffusion.diffusion.timesteps import sample_timesteps
 class TrainingPass(NamedTuple):
     """What one training draw produced. output: raw denoiser output (B, C, *S) (eps or class logits);
     regression_target: the noise for 'eps' models, None for 'x0' models (compare logits with the labels);
-    x0_hat: the one-step mask estimate in [-1, 1] (B, C, *S), for cheap per-epoch pseudo-Dice."""
+    x0_hat: the one-step mask estimate in [-1, 1] (B, C, *S), for cheap per-epoch pseudo-Dice;
+    prior_logits: an auxiliary segmentation of the image branch (APDS) trained with the labels, if any."""
     output: torch.Tensor
     regression_target: Optional[torch.Tensor]
     x0_hat: torch.Tensor
+    prior_logits: Optional[torch.Tensor] = None
 
 
 class DiffusionSegmenter(nn.Module):
@@ -68,28 +70,31 @@ class DiffusionSegmenter(nn.Module):
         training schedule, e.g. recycling's 5 steps out of 1001, these are the original indices 0..1000)."""
         return self.schedule.timesteps[t.cpu()].to(t.device)
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, image_features) -> torch.Tensor:
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
         """Raw denoiser output (eps, or class logits for 'x0') for x_t (B, C, *S) at timesteps t (B,)."""
         x_in = (x_t.clamp(-1, 1) + 1) / 2 if self.clip_noisy_input else x_t
-        return self.denoiser(x_in, t, image_features)
+        return self.denoiser(x_in, t, condition)
 
-    def estimate(self, x_t: torch.Tensor, t: torch.Tensor, image_features) -> torch.Tensor:
+    def estimate(self, x_t: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
         """What the sampler needs: eps for 'eps' models, the mask estimate in [-1, 1] for 'x0' models."""
-        out = self.denoise(x_t, t, image_features)
+        out = self.denoise(x_t, t, condition)
         return x0_from_logits(out) if self.prediction == "x0" else out
 
     def sample_x0(self, image: torch.Tensor, start_index: Optional[int] = None,
-                  on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+                  on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
+                  x_start: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run the reverse process for ``num_samples`` samples per image.
 
-        image: (B, C_img, *S). Returns the final mask estimate (B, num_samples, num_classes, *S) in [-1, 1].
+        image: (B, C_img, *S). x_start: (B * num_samples, C, *S) state at ``start_index`` (default: seeded
+        pure noise). Returns the final mask estimate (B, num_samples, num_classes, *S) in [-1, 1].
         """
         n = self.sampler.num_samples
-        features = [f.repeat_interleave(n, dim=0) for f in self.denoiser.encode_image(image)]
+        condition = self.denoiser.repeat_condition(self.denoiser.encode_image(image), n)
         generator = torch.Generator().manual_seed(self.sampler.seed)
         shape = (image.shape[0] * n, self.num_classes, *image.shape[2:])
-        x_start = torch.randn(shape, generator=generator, dtype=image.dtype).to(image.device)
-        x0 = run_reverse_process(lambda x, t: self.estimate(x, t, features), x_start, self.sampling_schedule,
+        noise = torch.randn(shape, generator=generator, dtype=image.dtype).to(image.device)
+        x_start = noise if x_start is None else x_start
+        x0 = run_reverse_process(lambda x, t: self.estimate(x, t, condition), x_start, self.sampling_schedule,
                                  self.sampler.kind, self.prediction, generator, start_index, on_step)
         return x0.reshape(image.shape[0], n, *x0.shape[1:])
 
@@ -126,3 +131,43 @@ class DiffusionSegmenter(nn.Module):
             return self.training_pass(image, x0)
         probabilities = probabilities_from_x0(self.sample_x0(image), class_dim=2).mean(dim=1)
         return torch.log(probabilities.clamp_min(1e-8))
+
+
+class RecurrentDiffusionSegmenter(DiffusionSegmenter):
+    """A segmenter whose denoiser carries state across reverse steps (Cross-Timestep's tLSTM).
+
+    Sampling needs nothing new: the state lives in the per-patch condition that ``sample_x0`` creates. Training
+    cannot draw one independent t per sample, as the state at step k depends on the steps before it, so it
+    unrolls a short chain: start at a random step k0 of the sampling schedule from the noised ground truth,
+    run ``unroll_steps`` steps of the real reverse loop with the state carried, and regress every step's eps
+    onto the noise that separates that step's x_k from the ground truth; gradients flow through the chain
+    (backpropagation through time). Only 'eps' models.
+    """
+
+    def __init__(self, *args, unroll_steps: int = 2, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.prediction != "eps":
+            raise ValueError("RecurrentDiffusionSegmenter trains eps-prediction models only")
+        if unroll_steps < 1:
+            raise ValueError(f"unroll_steps must be >= 1, got {unroll_steps}")
+        self.unroll_steps = unroll_steps
+
+    def training_pass(self, image: torch.Tensor, x0: torch.Tensor) -> TrainingPass:
+        schedule = self.sampling_schedule
+        length = min(self.unroll_steps, schedule.num_steps)
+        start = int(torch.randint(length - 1, schedule.num_steps, ()))
+        condition = self.denoiser.encode_image(image)
+        x_start = q_sample(schedule, x0, torch.full((x0.shape[0],), start), torch.randn_like(x0))
+        visited = []
+
+        def model_fn(x, t):
+            out = self.estimate(x, t, condition)
+            visited.append((x, out))
+            return out
+        generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))  # fresh DDPM noise per draw
+        x0_hat = run_reverse_process(model_fn, x_start, schedule, self.sampler.kind, "eps", generator,
+                                     start_index=start, end_index=start - length + 1)
+        targets = [eps_from_x0(schedule, x, torch.full((x.shape[0],), k), x0)
+                   for (x, _), k in zip(visited, range(start, start - length, -1))]
+        return TrainingPass(torch.cat([out for _, out in visited]), torch.cat(targets).detach(), x0_hat,
+                            getattr(condition, "prior_logits", None))

@@ -86,8 +86,9 @@ class SamplerSettings:
 def run_reverse_process(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_start: torch.Tensor,
                         schedule: NoiseSchedule, kind: str, prediction: str, generator: torch.Generator,
                         start_index: Optional[int] = None,
-                        on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
-    """The reverse loop, from step ``start_index`` (default K-1) down to 0.
+                        on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
+                        end_index: int = 0) -> torch.Tensor:
+    """The reverse loop, from step ``start_index`` (default K-1) down to ``end_index`` (default 0).
 
     Args:
         model_fn: (x_k (B, C, *S), t (B,) long original timestep indices) -> eps or x0 estimate (B, C, *S).
@@ -96,8 +97,9 @@ def run_reverse_process(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.T
         kind: 'ddpm' or 'ddim'. prediction: what model_fn returns, 'eps' or 'x0'.
         generator: CPU generator for the DDPM noise (drawn on the CPU so CPU and CUDA agree).
         on_step: called as on_step(k, x0_hat) after every model evaluation (analysis, e.g. collapse curves).
+        end_index: stop after the model evaluation at this step (training on short unrolled chains).
     Returns:
-        (B, C, *S) the x0 estimate of the last step, clipped to [-1, 1].
+        (B, C, *S) the x0 estimate of the last step evaluated, clipped to [-1, 1].
     """
     if kind not in SAMPLERS or prediction not in PREDICTIONS:
         raise ValueError(f"kind must be one of {SAMPLERS} and prediction one of {PREDICTIONS}")
@@ -112,7 +114,7 @@ def run_reverse_process(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.T
         x0_hat = x0_hat.clamp(-1, 1)
         if on_step is not None:
             on_step(k, x0_hat)
-        if k == 0:
+        if k == end_index:
             return x0_hat
         if kind == "ddpm":
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)

@@ -85,10 +85,9 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
 
     # ---- network --------------------------------------------------------------------------------------------
 
-    @classmethod
-    def build_denoiser(cls, configuration_manager: ConfigurationManager, num_input_channels: int,
-                       num_classes: int) -> nn.Module:
-        """The denoiser, laid out like the plans' U-Net (stages, features, kernels, strides, norm)."""
+    @staticmethod
+    def plans_unet_kwargs(configuration_manager: ConfigurationManager) -> dict:
+        """The plans' U-Net arguments (stages, features, kernels, strides, norm) with classes imported."""
         kwargs = dict(configuration_manager.network_arch_init_kwargs)
         for key in configuration_manager.network_arch_init_kwargs_req_import:
             if kwargs.get(key) is not None:
@@ -96,7 +95,17 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
         if "n_blocks_per_stage" in kwargs:  # ResEnc plans: use as many plain convs as the plan has blocks
             kwargs["n_conv_per_stage"] = kwargs.pop("n_blocks_per_stage")
         kwargs.pop("deep_supervision", None)
-        return ImageConditionedDenoiser(num_input_channels, num_classes, **kwargs)
+        return kwargs
+
+    @classmethod
+    def build_denoiser(cls, configuration_manager: ConfigurationManager, num_input_channels: int,
+                       num_classes: int) -> nn.Module:
+        return ImageConditionedDenoiser(num_input_channels, num_classes, **cls.plans_unet_kwargs(configuration_manager))
+
+    @classmethod
+    def build_segmenter(cls, denoiser: nn.Module, schedule, sampler: SamplerSettings, stored: dict) -> nn.Module:
+        return DiffusionSegmenter(denoiser, schedule, stored["prediction"], sampler,
+                                  clip_noisy_input=stored["clip_noisy_input"], recycling=stored["recycling"])
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -110,8 +119,7 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
         denoiser = cls.build_denoiser(configuration_manager, num_input_channels, num_output_channels)
         schedule = respace(make_schedule(stored["noise_schedule"], stored["beta_schedule_steps"]),
                            stored["num_train_timesteps"])
-        return DiffusionSegmenter(denoiser, schedule, stored["prediction"], cls.sampler_from(stored),
-                                  clip_noisy_input=stored["clip_noisy_input"], recycling=stored["recycling"])
+        return cls.build_segmenter(denoiser, schedule, cls.sampler_from(stored), stored)
 
     def set_deep_supervision_enabled(self, enabled: bool):
         pass  # the denoiser has a single output; deep supervision is always off
@@ -134,10 +142,15 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
 
     def diffusion_loss(self, result: TrainingPass, target: torch.Tensor) -> torch.Tensor:
-        """eps models: MSE to the noise (Ho et al. 2020); x0 models: nnU-Net's Dice + CE on the logits."""
+        """eps models: MSE to the noise (Ho et al. 2020); x0 models: nnU-Net's Dice + CE on the logits.
+        An auxiliary prior segmentation (APDS) adds nnU-Net's Dice + CE on its logits."""
         if result.regression_target is not None:
-            return torch.mean((result.output.float() - result.regression_target.float()) ** 2)
-        return self.loss(result.output, target)
+            loss = torch.mean((result.output.float() - result.regression_target.float()) ** 2)
+        else:
+            loss = self.loss(result.output, target)
+        if result.prior_logits is not None:
+            loss = loss + self.loss(result.prior_logits, target)
+        return loss
 
     def _training_pass(self, batch: dict):
         image = batch["data"].to(self.device, non_blocking=True)

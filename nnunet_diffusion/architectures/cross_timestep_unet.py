@@ -1,0 +1,114 @@
+"""Cross-Timestep denoiser: the image-conditioned U-Net plus APDS, SC-tLSTM and FFT-tLSTM (eq. 20).
+
+eps = D_{SC,APDS}(E_{SC,FFT}(x_t, t), X_c, t):
+- FFT-tLSTM filters the noisy mask x_t with the image's spectrum before the noise encoder;
+- an SC-tLSTM block follows every noise-encoder stage and every decoder stage;
+- APDS: a prior decoder on the image encoder gives 'APDS Out' and per-stage prior features, fused into every
+  decoder stage with the weight w_t of eq. 23.
+The image branch (encoder, prior decoder, condition spectrum) runs once per patch (``encode_image``); the
+recurrent state of every tLSTM lives in the returned :class:`CrossTimestepCondition`, so it is reset per patch
+and every batch element (sample, mirrored copy) keeps its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from torch import nn
+
+from nnunet_diffusion.architectures.apds import PriorDecoder, PriorFusion, apds_prior_weight
+from nnunet_diffusion.architectures.conditional_unet import ImageConditionedDenoiser
+from nnunet_diffusion.architectures.fft_tlstm import FFTTLSTM
+from nnunet_diffusion.architectures.sc_tlstm import SCTLSTM
+
+
+@dataclass
+class CrossTimestepCondition:
+    """Per-patch condition: image features, APDS prior, condition spectrum and the recurrent state (S_t)."""
+    features: List[torch.Tensor]
+    prior_logits: Optional[torch.Tensor] = None
+    prior_features: Optional[List[torch.Tensor]] = None
+    spectrum: Optional[torch.Tensor] = None
+    state: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CrossTimestepOptions:
+    """Which Cross-Timestep parts are on (the paper's ablations are combinations of these)."""
+    apds: bool = True
+    apds_alpha: float = 0.8      # the paper gives no value; 0.8 keeps a fifth of the main branch at t = T
+    sc: bool = True
+    fft: bool = True
+    spatial_cell: str = "conv_tlstm"
+    channel_cell: str = "linear_tgru"
+    time_cell: bool = True
+    carry_spatial: bool = True   # False: the cell's state is reset every step (no memory across timesteps)
+    carry_channel: bool = True
+
+
+class CrossTimestepDenoiser(ImageConditionedDenoiser):
+    """forward(x_t (B, C, *S), t (B,), condition) -> eps (B, C, *S); updates condition.state in place."""
+
+    def __init__(self, image_channels: int, num_classes: int, num_timesteps: int,
+                 options: CrossTimestepOptions = CrossTimestepOptions(), **unet_kwargs):
+        super().__init__(image_channels, num_classes, **unet_kwargs)
+        self.options = options
+        self.num_timesteps = num_timesteps
+        conv_op, time_dim = unet_kwargs["conv_op"], self.time_mlp.dim
+        channels = self.noise_encoder.output_channels
+        decoder_channels = [channels[-(s + 2)] for s in range(len(channels) - 1)]
+        sc_kwargs = dict(spatial_cell=options.spatial_cell, channel_cell=options.channel_cell,
+                         time_cell=options.time_cell, carry_spatial=options.carry_spatial,
+                         carry_channel=options.carry_channel)
+        if options.sc:
+            self.sc_encoder = nn.ModuleList(SCTLSTM(c, conv_op, time_dim, **sc_kwargs) for c in channels)
+            self.sc_decoder = nn.ModuleList(SCTLSTM(c, conv_op, time_dim, **sc_kwargs) for c in decoder_channels)
+        if options.fft:
+            self.fft = FFTTLSTM(num_classes, image_channels, conv_op, time_dim if options.time_cell else None,
+                                carry_state=options.carry_spatial)
+        if options.apds:
+            self.prior_decoder = PriorDecoder(UNetDecoder(self.image_encoder, num_classes,
+                                                          unet_kwargs["n_conv_per_stage_decoder"],
+                                                          deep_supervision=False))
+            norm = dict(norm_op=unet_kwargs.get("norm_op"), norm_op_kwargs=unet_kwargs.get("norm_op_kwargs"),
+                        nonlin=unet_kwargs.get("nonlin"), nonlin_kwargs=unet_kwargs.get("nonlin_kwargs"))
+            self.fusions = nn.ModuleList(PriorFusion(c, conv_op, **norm) for c in decoder_channels)
+
+    def encode_image(self, image: torch.Tensor) -> CrossTimestepCondition:
+        features = self.image_encoder(image)
+        condition = CrossTimestepCondition(features)
+        if self.options.apds:
+            condition.prior_logits, condition.prior_features = self.prior_decoder(features)
+        if self.options.fft:
+            condition.spectrum = self.fft.condition_spectrum(image)
+        return condition
+
+    def repeat_condition(self, condition: CrossTimestepCondition, n: int) -> CrossTimestepCondition:
+        def rep(x):
+            return None if x is None else x.repeat_interleave(n, dim=0)
+        return CrossTimestepCondition(
+            [rep(f) for f in condition.features], rep(condition.prior_logits),
+            None if condition.prior_features is None else [rep(f) for f in condition.prior_features],
+            rep(condition.spectrum))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: CrossTimestepCondition) -> torch.Tensor:
+        emb, state = self.time_mlp(t), condition.state
+        x = self.fft(x_t, condition.spectrum, emb, state) if self.options.fft else x_t
+        skips = []
+        for s, (stage, projection) in enumerate(zip(self.noise_encoder.stages, self.time_projections)):
+            x = stage(x) + condition.features[s] + projection(emb).reshape(*emb.shape[:1], -1,
+                                                                            *([1] * self.spatial_dims))
+            if self.options.sc:
+                x = self.sc_encoder[s](x, emb, state)
+            skips.append(x)
+        weight = apds_prior_weight(t, self.num_timesteps, self.options.apds_alpha) if self.options.apds else None
+        decoder = self.decoder
+        for s, stage in enumerate(decoder.stages):
+            x = stage(torch.cat((decoder.transpconvs[s](x), skips[-(s + 2)]), 1))
+            if self.options.apds:
+                x = self.fusions[s](x, condition.prior_features[s], weight)
+            if self.options.sc:
+                x = self.sc_decoder[s](x, emb, state)
+        return decoder.seg_layers[-1](x)

@@ -1,0 +1,53 @@
+"""FFT-tLSTM (Cross-Timestep sec. 3.5, eqs. 15-17): a recurrent filter in the frequency domain.
+
+F_t = FFT(x_t), F_c = FFT(P(X_c)) (P: 1x1 conv from the image's channels to the mask's, computed once per
+patch); the sum is filtered (1x1 conv over [real | imag]), passed through a Conv-tLSTM whose state is carried
+across timesteps, gated by the condition's spectrum and transformed back: X_out = iFFT(F~) + x_t.
+Choices where the paper is silent: real FFTs (rfftn/irfftn) so the output is real by construction; the gate is
+|F_c| normalised per channel to [0, 1] (an unnormalised F_c product would rescale the mask by the image's
+energy).
+"""
+from __future__ import annotations
+
+from typing import Optional, Type
+
+import torch
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from torch import nn
+
+from nnunet_diffusion.architectures.tlstm import ConvTLSTMCell
+
+
+class FFTTLSTM(nn.Module):
+    """x_t (B, C, *S), condition spectrum from ``condition_spectrum`` -> (B, C, *S) real."""
+
+    def __init__(self, channels: int, image_channels: int, conv_op: Type[nn.Module],
+                 time_embed_dim: Optional[int], hidden_channels: int = 8, carry_state: bool = True):
+        super().__init__()
+        self.dims = convert_conv_op_to_dim(conv_op)
+        self.project_condition = conv_op(image_channels, channels, 1)
+        self.filter = conv_op(2 * channels, 2 * channels, 1)
+        self.cell = ConvTLSTMCell(2 * channels, hidden_channels, conv_op, 3, time_embed_dim)
+        self.out = conv_op(hidden_channels, 2 * channels, 1)
+        self.carry_state = carry_state
+
+    def _axes(self, x: torch.Tensor):
+        return tuple(range(x.ndim - self.dims, x.ndim))
+
+    def condition_spectrum(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, C_img, *S) -> complex (B, C, *S') with S' the rfft grid. Once per patch."""
+        return torch.fft.rfftn(self.project_condition(image).float(), dim=self._axes(image))
+
+    def forward(self, x_t: torch.Tensor, spectrum_c: torch.Tensor, emb: Optional[torch.Tensor],
+                state: dict) -> torch.Tensor:
+        axes = self._axes(x_t)
+        combined = torch.fft.rfftn(x_t.float(), dim=axes) + spectrum_c
+        filtered = self.filter(torch.cat([combined.real, combined.imag], dim=1))
+        h, new_state = self.cell(filtered, state.get(self) if self.carry_state else None, emb)
+        state[self] = new_state
+        real, imag = self.out(h).chunk(2, dim=1)
+        magnitude = spectrum_c.abs()
+        gate = magnitude / magnitude.flatten(2).amax(dim=2).clamp_min(1e-8).reshape(
+            *magnitude.shape[:2], *([1] * self.dims))
+        spectrum = torch.complex(real.float(), imag.float()) * gate
+        return torch.fft.irfftn(spectrum, s=x_t.shape[2:], dim=axes).to(x_t.dtype) + x_t

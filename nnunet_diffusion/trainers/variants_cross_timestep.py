@@ -1,0 +1,61 @@
+"""Cross-Timestep ablations (the paper's Tables 1 and 3, and APDS off for the collapse curve).
+
+Each variant changes ``options`` only. Where the paper names a unit, it is swapped in; 'no memory' keeps the
+same blocks but resets their state at every step.
+"""
+from dataclasses import replace
+
+from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep
+
+_FULL = nnUNetTrainerCrossTimestep.options
+
+__all__ = ["nnUNetTrainerCrossTimestep_noTLSTM", "nnUNetTrainerCrossTimestep_plainLSTM",
+           "nnUNetTrainerCrossTimestep_ConvTLSTMOnly", "nnUNetTrainerCrossTimestep_LinearTGRUOnly",
+           "nnUNetTrainerCrossTimestep_noTimeCell", "nnUNetTrainerCrossTimestep_APDSOnly",
+           "nnUNetTrainerCrossTimestep_APDS_SC", "nnUNetTrainerCrossTimestep_APDS_FFT",
+           "nnUNetTrainerCrossTimestep_noAPDS"]
+
+
+class nnUNetTrainerCrossTimestep_noTLSTM(nnUNetTrainerCrossTimestep):
+    """No memory across timesteps: SC and FFT blocks with their state reset every step."""
+    options = replace(_FULL, carry_spatial=False, carry_channel=False)
+
+
+class nnUNetTrainerCrossTimestep_plainLSTM(nnUNetTrainerCrossTimestep):
+    """Table 1, 'LSTM': plain LSTMs (per-voxel and linear), no time modulation."""
+    options = replace(_FULL, spatial_cell="lstm", channel_cell="lstm", time_cell=False)
+
+
+class nnUNetTrainerCrossTimestep_ConvTLSTMOnly(nnUNetTrainerCrossTimestep):
+    """Table 1, 'Conv-LSTM': memory in the Conv-tLSTM (spatial, FFT) only; channel branch without memory."""
+    options = replace(_FULL, carry_channel=False)
+
+
+class nnUNetTrainerCrossTimestep_LinearTGRUOnly(nnUNetTrainerCrossTimestep):
+    """Table 1, 'Linear-GRU': memory in the Linear-tGRU (channel branch) only."""
+    options = replace(_FULL, carry_spatial=False)
+
+
+class nnUNetTrainerCrossTimestep_noTimeCell(nnUNetTrainerCrossTimestep):
+    """Table 1, Conv-LSTM + Linear-GRU without the 't-cell' (no time modulation of h_{t-1})."""
+    options = replace(_FULL, time_cell=False)
+
+
+class nnUNetTrainerCrossTimestep_APDSOnly(nnUNetTrainerCrossTimestep):
+    """Table 3, APDS only: neither SC-tLSTM nor FFT-tLSTM."""
+    options = replace(_FULL, sc=False, fft=False)
+
+
+class nnUNetTrainerCrossTimestep_APDS_SC(nnUNetTrainerCrossTimestep):
+    """Table 3, APDS + SC-tLSTM."""
+    options = replace(_FULL, fft=False)
+
+
+class nnUNetTrainerCrossTimestep_APDS_FFT(nnUNetTrainerCrossTimestep):
+    """Table 3, APDS + FFT-tLSTM."""
+    options = replace(_FULL, sc=False)
+
+
+class nnUNetTrainerCrossTimestep_noAPDS(nnUNetTrainerCrossTimestep):
+    """APDS off (tLSTM on): the 'Diff + tLSTM' curve of the collapse analysis (Fig. 3)."""
+    options = replace(_FULL, apds=False)
