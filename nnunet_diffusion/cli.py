@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     dice = sub.add_parser("dice", help="print per-class Dice from nnUNetv2_evaluate_folder's summary.json")
     dice.add_argument("summary")
     dice.add_argument("dataset_json")
+    sub.add_parser("collapse-analysis", help="Dice vs start timestep and along a reverse run (see --help)",
+                   add_help=False)
     sub.add_parser("build-example", help="build the real-MRI example dataset (see build-example --help)",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -63,6 +65,9 @@ def main(argv=None) -> int:
     if args.command == "dice":
         print(format_dice(args.summary, args.dataset_json))
         return 0
+    if args.command == "collapse-analysis":
+        from nnunet_diffusion.analysis.collapse import main as collapse_main
+        return collapse_main(rest)
     if args.command == "build-example":
         from nnunet_diffusion.planning.example_dataset import main as build_main
         build_main(rest)

@@ -3,6 +3,7 @@
 Plan and preprocess once, then for each trainer: nnUNetv2_train (1 epoch of 2 iterations, final validation with
 the real sampler), nnUNetv2_predict on held-out images, nnUNetv2_evaluate_folder.
 """
+import csv
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import torch
 
 from nnunet_diffusion.cli import trainer_path
 from nnunet_diffusion.planning.example_dataset import build_example_dataset
+from nnunet_diffusion.trainers import variants_cross_timestep
 
 DATASET_ID = 990
 SHORT_RUN = {"NNUNET_DIFFUSION_EPOCHS": "1", "NNUNET_DIFFUSION_ITERATIONS": "2",
@@ -100,6 +102,45 @@ def test_recycling_trainer_3d(nnunet):
 
 def test_recycling_trainer_2d(nnunet):
     train_predict_evaluate(nnunet, "nnUNetTrainerDiffSegRecycling", "2d")
+
+
+def test_cross_timestep_trainer_3d_and_collapse_analysis(nnunet):
+    train_predict_evaluate(nnunet, "nnUNetTrainerCrossTimestep")
+    out = nnunet["root"] / "collapse"
+    run(["nnunet-diffusion", "collapse-analysis", "-d", str(DATASET_ID), "-tr", "nnUNetTrainerCrossTimestep",
+         "-o", str(out), "--cases", "1", "--steps", "4"], nnunet["env"])
+    with open(out / "collapse.csv") as f:
+        rows = list(csv.DictReader(f))
+    sweep = [r for r in rows if r["analysis"] == "start_sweep"]
+    assert [int(r["timestep"]) for r in sweep] == [333, 666, 999]
+    trajectory = [r for r in rows if r["analysis"] == "trajectory"]
+    assert {r["output"] for r in trajectory} == {"main", "apds_prior"}
+    assert [int(r["timestep"]) for r in trajectory if r["output"] == "main"] == [999, 666, 333, 0]
+    assert all(0 <= float(r["mean_dice"]) <= 1 for r in rows if r["mean_dice"] != "nan")
+    assert (out / "collapse.png").stat().st_size > 10_000
+    result = run(["nnunet-diffusion", "collapse-analysis", "-d", str(DATASET_ID), "-tr", "nnUNetTrainerCrossTimestep",
+                  "-o", str(out)], nnunet["env"], check=False)
+    assert result.returncode != 0 and "never overwritten" in result.stderr
+
+
+def test_cross_timestep_trainer_2d(nnunet):
+    train_predict_evaluate(nnunet, "nnUNetTrainerCrossTimestep", "2d")
+
+
+@pytest.mark.parametrize("variant", variants_cross_timestep.__all__)
+def test_cross_timestep_variant_trains_and_predicts_through_the_cli(nnunet, variant):
+    """Each ablation: one training iteration through nnUNetv2_train, one case through nnUNetv2_predict."""
+    env = {**nnunet["env"], "NNUNET_DIFFUSION_ITERATIONS": "1", "NNUNET_DIFFUSION_FINAL_VALIDATION": "0"}
+    run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", variant, "-device", "cpu"], env)
+    one_case = nnunet["root"] / "one_case"
+    if not one_case.exists():
+        one_case.mkdir()
+        first = sorted((nnunet["raw"] / "imagesTs").glob("*.nii.gz"))[0]
+        (one_case / first.name).write_bytes(first.read_bytes())
+    out = nnunet["root"] / f"pred_{variant}"
+    run(["nnUNetv2_predict", "-i", str(one_case), "-o", str(out), "-d", str(DATASET_ID), "-c", "3d_fullres",
+         "-tr", variant, "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta"], env)
+    assert len(list(out.glob("*.nii.gz"))) == 1
 
 
 def test_invalid_sampler_setting_fails_at_trainer_start(nnunet):
