@@ -59,6 +59,7 @@ def train_predict_evaluate(nnunet, trainer, configuration="3d_fullres"):
     run(["nnUNetv2_train", str(DATASET_ID), configuration, "0", "-tr", trainer, "-device", "cpu"], env)
     fold = model_folder(nnunet, trainer, configuration) / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file()
+    assert json.loads((fold / "training_time.json").read_text())["iterations"] == 2  # 1 epoch x 2 iterations
     assert json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"] >= 0
     out = nnunet["root"] / f"pred_{trainer}_{configuration}"
     run(["nnUNetv2_predict", "-i", str(nnunet["raw"] / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),

@@ -52,12 +52,14 @@ class TrainingBudgetMixin:
     # the explicit signature matters: nnUNetTrainer stores its init args by inspecting it (for checkpoints)
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        # read (and validate) before nnUNetTrainer makes the output folder
+        lengths = {attribute: _read_env(name, int) for name, attribute in ENV_INT_SETTINGS.items()}
+        time_budget_s = _read_env(ENV_TIME_BUDGET, float)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        for env_name, attribute in ENV_INT_SETTINGS.items():
-            value = _read_env(env_name, int)
+        for attribute, value in lengths.items():
             if value is not None:
                 setattr(self, attribute, value)
-        self.time_budget_s = _read_env(ENV_TIME_BUDGET, float)
+        self.time_budget_s = time_budget_s
         if self.time_budget_s is not None:
             self.save_every = 1  # a budgeted run may end at any epoch: keep checkpoint_latest current
 

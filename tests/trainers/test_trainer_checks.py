@@ -1,0 +1,56 @@
+"""Trainer-start checks: refused datasets and settings fail before any folder is made."""
+import pytest
+from conftest import make_configuration
+
+from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep
+from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
+from nnunet_diffusion.trainers.recycling import nnUNetTrainerDiffSegRecycling
+
+PLANS = {"label_manager": "LabelManager", "dataset_name": "Dataset999_X", "plans_name": "nnUNetPlans",
+         "configurations": {"3d_fullres": make_configuration(3)}}
+
+
+def make(trainer_cls, labels, tmp_path, monkeypatch, **dataset):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    return trainer_cls(dict(PLANS, continue_training=False), "3d_fullres", 0, {"labels": labels, **dataset},
+                       device=__import__("torch").device("cpu"))
+
+
+@pytest.mark.parametrize("trainer_cls", [nnUNetTrainerDiffusion, nnUNetTrainerDiffSegRecycling,
+                                         nnUNetTrainerCrossTimestep])
+def test_region_based_dataset_is_refused_with_the_fix(trainer_cls, tmp_path, monkeypatch):
+    labels = {"background": 0, "whole": [1, 2], "core": 2}
+    with pytest.raises(ValueError, match="cannot train region-based datasets.*stock nnUNetTrainer"):
+        make(trainer_cls, labels, tmp_path, monkeypatch, regions_class_order=[1, 2])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ignore_label_is_refused_with_the_fix(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="'ignore' label.*Remove 'ignore'"):
+        make(nnUNetTrainerDiffusion, {"background": 0, "organ": 1, "ignore": 2}, tmp_path, monkeypatch)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_sampler_is_refused_at_trainer_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("NNUNET_DIFFUSION_SAMPLER", "euler")
+    with pytest.raises(ValueError, match="Unknown sampler 'euler'. Choose one of \\['ddpm', 'ddim'\\]"):
+        make(nnUNetTrainerDiffusion, {"background": 0, "organ": 1}, tmp_path, monkeypatch)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name,value,message", [("NNUNET_DIFFUSION_EPOCHS", "ten", "must be a number"),
+                                                 ("NNUNET_DIFFUSION_TIME_BUDGET", "-5", "must be > 0")])
+def test_bad_run_length_variables_are_refused(name, value, message, tmp_path, monkeypatch):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name}='{value}' {message}"):
+        make(nnUNetTrainerDiffusion, {"background": 0, "organ": 1}, tmp_path, monkeypatch)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_length_variables_set_the_schedule(tmp_path, monkeypatch):
+    for name, value in [("NNUNET_DIFFUSION_EPOCHS", "3"), ("NNUNET_DIFFUSION_ITERATIONS", "7"),
+                        ("NNUNET_DIFFUSION_VAL_ITERATIONS", "2"), ("NNUNET_DIFFUSION_TIME_BUDGET", "90")]:
+        monkeypatch.setenv(name, value)
+    trainer = make(nnUNetTrainerDiffusion, {"background": 0, "organ": 1}, tmp_path, monkeypatch)
+    assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch,
+            trainer.time_budget_s, trainer.save_every) == (3, 7, 2, 90.0, 1)
