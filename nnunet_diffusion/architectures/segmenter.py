@@ -36,7 +36,8 @@ class DiffusionSegmenter(nn.Module):
     """Denoiser + schedule + sampler settings.
 
     Args:
-        denoiser: module with ``encode_image(image) -> features`` and ``forward(x_in, t, features) -> out``.
+        denoiser: module with ``encode_image(image) -> condition`` (once per patch),
+            ``repeat_condition(condition, n)`` and ``forward(x_in, t, condition) -> out``.
         schedule: the training schedule (T steps); sampling respaces it to ``sampler.steps``.
         prediction: 'eps' (the denoiser returns noise) or 'x0' (it returns class logits and the mask estimate
             is softmax(logits) * 2 - 1, as in the recycling paper).

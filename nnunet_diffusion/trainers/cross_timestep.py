@@ -1,6 +1,8 @@
 """nnUNetTrainerCrossTimestep: APDS + SC-tLSTM + FFT-tLSTM (Cross-Timestep), eps-prediction, T = 1000."""
 from __future__ import annotations
 
+import os
+
 from torch import nn
 
 from nnunet_diffusion.architectures.cross_timestep_unet import CrossTimestepDenoiser, CrossTimestepOptions
@@ -26,7 +28,11 @@ class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
 
     @classmethod
     def diffusion_settings(cls) -> dict:
-        return {**super().diffusion_settings(), "unroll_steps": cls.unroll_steps}
+        """Adds the training chain length: ``unroll_steps``, or NNUNET_DIFFUSION_UNROLL_STEPS when set."""
+        raw = os.environ.get("NNUNET_DIFFUSION_UNROLL_STEPS", "").strip()
+        if raw and (not raw.isdigit() or int(raw) < 1):
+            raise ValueError(f"NNUNET_DIFFUSION_UNROLL_STEPS={raw!r} must be a whole number >= 1.")
+        return {**super().diffusion_settings(), "unroll_steps": int(raw) if raw else cls.unroll_steps}
 
     @classmethod
     def build_denoiser(cls, configuration_manager, num_input_channels: int, num_classes: int) -> nn.Module:

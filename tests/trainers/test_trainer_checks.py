@@ -54,3 +54,14 @@ def test_run_length_variables_set_the_schedule(tmp_path, monkeypatch):
     trainer = make(nnUNetTrainerDiffusion, {"background": 0, "organ": 1}, tmp_path, monkeypatch)
     assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch,
             trainer.time_budget_s, trainer.save_every) == (3, 7, 2, 90.0, 1)
+
+
+def test_unroll_steps_setting_reaches_the_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("NNUNET_DIFFUSION_UNROLL_STEPS", "3")
+    trainer = make(nnUNetTrainerCrossTimestep, {"background": 0, "organ": 1}, tmp_path, monkeypatch)
+    assert trainer.configuration_manager.configuration["diffusion"]["unroll_steps"] == 3
+    network = nnUNetTrainerCrossTimestep.build_network_architecture(None, trainer.configuration_manager, 1, 2)
+    assert network.unroll_steps == 3
+    monkeypatch.setenv("NNUNET_DIFFUSION_UNROLL_STEPS", "0")
+    with pytest.raises(ValueError, match="NNUNET_DIFFUSION_UNROLL_STEPS='0' must be a whole number >= 1"):
+        make(nnUNetTrainerCrossTimestep, {"background": 0, "organ": 1}, tmp_path / "x", monkeypatch)
