@@ -65,14 +65,19 @@ class ImageConditionedDenoiser(nn.Module):
         """Repeat each patch's condition n times along the batch (samples of one patch run as one batch)."""
         return [f.repeat_interleave(n, dim=0) for f in features]
 
+    def conditioned_stage(self, s: int, x: torch.Tensor, emb: torch.Tensor,
+                          image_features: List[torch.Tensor]) -> torch.Tensor:
+        """Noise-encoder stage s, plus that stage's image features and timestep projection."""
+        time = self.time_projections[s](emb).reshape(*emb.shape[:1], -1, *([1] * self.spatial_dims))
+        return self.noise_encoder.stages[s](x) + image_features[s] + time
+
     def encode_noisy(self, x_t: torch.Tensor, t: torch.Tensor,
                      image_features: List[torch.Tensor]) -> List[torch.Tensor]:
         """Noise-encoder skips with image features and the time embedding added at every stage."""
         emb = self.time_mlp(t)
-        skips = []
-        x = x_t
-        for stage, projection, cond in zip(self.noise_encoder.stages, self.time_projections, image_features):
-            x = stage(x) + cond + projection(emb).reshape(*emb.shape[:1], -1, *([1] * self.spatial_dims))
+        skips, x = [], x_t
+        for s in range(len(self.noise_encoder.stages)):
+            x = self.conditioned_stage(s, x, emb, image_features)
             skips.append(x)
         return skips
 

@@ -97,9 +97,8 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
         emb, state = self.time_mlp(t), condition.state
         x = self.fft(x_t, condition.spectrum, emb, state) if self.options.fft else x_t
         skips = []
-        for s, (stage, projection) in enumerate(zip(self.noise_encoder.stages, self.time_projections)):
-            x = stage(x) + condition.features[s] + projection(emb).reshape(*emb.shape[:1], -1,
-                                                                            *([1] * self.spatial_dims))
+        for s in range(len(self.noise_encoder.stages)):
+            x = self.conditioned_stage(s, x, emb, condition.features)
             if self.options.sc:
                 x = self.sc_encoder[s](x, emb, state)
             skips.append(x)

@@ -8,7 +8,7 @@ F_out = M_s * (M_c * F) (eqs. 13-14). The recurrent state lives in a dict owned 
 """
 from __future__ import annotations
 
-from typing import Optional, Type
+from typing import Type
 
 import torch
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
