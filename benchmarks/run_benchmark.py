@@ -1,12 +1,14 @@
 """Equal-time benchmark of our trainers against the stock nnUNetTrainer, through the stock nnU-Net CLI.
 
-One run, one machine: build the real example dataset, plan and preprocess 3d_fullres, then for every trainer
-train fold 0 for the same wall-clock budget (NNUNET_DIFFUSION_TIME_BUDGET), predict the held-out cases
+One run, one machine: build the real example dataset, plan and preprocess 3d_fullres, derive the narrower CPU
+plans (``nnunet-diffusion small-plans``, the main job's), then for every trainer train fold 0 for the same
+wall-clock budget (NNUNET_DIFFUSION_TIME_BUDGET, learning rate annealed over it), predict the held-out cases
 (imagesTs, no mirroring) and evaluate them against labelsTs. Writes a markdown table with per-class and mean
 Dice, seconds per training iteration, seconds per predicted case and peak memory (max RSS of the training and
-prediction processes, or peak CUDA memory on a GPU), each also as a ratio to the stock trainer.
+prediction processes), each also as a ratio to the stock trainer, and a PNG of every trainer's per-epoch
+pseudo-Dice against wall-clock training time (from the checkpoint's log).
 
-    python benchmarks/run_benchmark.py --budget 600 --out benchmarks/results_cpu.md
+    python benchmarks/run_benchmark.py --budget 420 --out benchmarks/results_cpu.md
 
 The stock trainer runs as nnUNetTrainerBudget: nnUNetTrainer unchanged but for the budget variables.
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from nnunet_diffusion.cli import trainer_path
 from nnunet_diffusion.planning.example_dataset import build_example_dataset
+from nnunet_diffusion.planning.small_plans import write_small_plans
 
 STOCK = "nnUNetTrainerBudget"
 DEFAULT_TRAINERS = [STOCK, "nnUNetTrainerDiffusion", "nnUNetTrainerDiffSegRecycling"]
@@ -43,19 +46,50 @@ def run_measured(cmd: list[str], env: dict) -> tuple[float, float]:
     return seconds, peak_kb / 1024
 
 
+def pseudo_dice_curve(checkpoint: Path) -> dict:
+    """Per-epoch (training seconds, pseudo-Dice, its moving average) from a checkpoint's nnU-Net log."""
+    import torch
+    log = torch.load(checkpoint, map_location="cpu", weights_only=False)["logging"]
+    seconds = log.get("budget_elapsed_s") or [e - log["epoch_start_timestamps"][0] for e in log["epoch_end_timestamps"]]
+    n = min(len(seconds), len(log["mean_fg_dice"]))
+    return {"seconds": [float(x) for x in seconds[:n]], "pseudo_dice": [float(x) for x in log["mean_fg_dice"][:n]],
+            "ema_pseudo_dice": [float(x) for x in log["ema_fg_dice"][:n]]}
+
+
+def plot_curves(rows: list[dict], png: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        curve = r["curve"]
+        line, = ax.plot(curve["seconds"], curve["ema_pseudo_dice"], label=f"{r['trainer']} (held-out "
+                        f"{r['mean_dice']:.2f})", linewidth=2)
+        ax.plot(curve["seconds"], curve["pseudo_dice"], color=line.get_color(), alpha=0.3, linewidth=1)
+    ax.set_xlabel("training wall-clock seconds")
+    ax.set_ylabel("pseudo-Dice (validation patches; thick: moving average)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def benchmark_trainer(trainer: str, args, env: dict, raw: Path) -> dict:
     train_env = {**env, "NNUNET_DIFFUSION_TIME_BUDGET": str(args.budget), "NNUNET_DIFFUSION_EPOCHS": "1000",
                  "NNUNET_DIFFUSION_ITERATIONS": str(args.iterations_per_epoch),
                  "NNUNET_DIFFUSION_VAL_ITERATIONS": str(args.val_iterations), "NNUNET_DIFFUSION_FINAL_VALIDATION": "0"}
     _, train_peak = run_measured(["nnUNetv2_train", str(args.dataset_id), "3d_fullres", "0", "-tr", trainer,
-                                  "-device", args.device], train_env)
-    model = Path(env["nnUNet_results"]) / raw.name / f"{trainer}__nnUNetPlans__3d_fullres"
+                                  "-p", args.plans, "-device", args.device], train_env)
+    model = Path(env["nnUNet_results"]) / raw.name / f"{trainer}__{args.plans}__3d_fullres"
     timing = json.loads((model / "fold_0" / "training_time.json").read_text())
     out = Path(args.work) / "predictions" / trainer
     cases = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))
     predict_seconds, predict_peak = run_measured(
         ["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(args.dataset_id), "-c",
-         "3d_fullres", "-tr", trainer, "-f", "0", "-device", args.device, "-npp", "0", "-nps", "0",
+         "3d_fullres", "-tr", trainer, "-p", args.plans, "-f", "0", "-device", args.device, "-npp", "0", "-nps", "0",
          "--disable_tta"], env)
     run_measured(["nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(out), "-djfile", str(model / "dataset.json"),
                   "-pfile", str(model / "plans.json")], env)
@@ -63,7 +97,8 @@ def benchmark_trainer(trainer: str, args, env: dict, raw: Path) -> dict:
     return {"trainer": trainer, "iterations": timing["iterations"], "s_per_it": timing["seconds_per_iteration"],
             "s_per_case": predict_seconds / len(cases), "train_peak_mib": train_peak,
             "predict_peak_mib": predict_peak, "dice": {k: v["Dice"] for k, v in summary["mean"].items()},
-            "mean_dice": summary["foreground_mean"]["Dice"]}
+            "mean_dice": summary["foreground_mean"]["Dice"],
+            "curve": pseudo_dice_curve(model / "fold_0" / "checkpoint_final.pth")}
 
 
 def ratio(value: float, stock: float) -> str:
@@ -75,7 +110,8 @@ def write_table(rows: list[dict], labels: dict, args, command: str, elapsed: flo
     stock = next(r for r in rows if r["trainer"] == STOCK)
     lines = [f"# Benchmark: equal wall-clock training budget on the example data ({args.device})", "",
              f"Command: `{command}`", "",
-             f"Budget: {args.budget} s of training per trainer (fold 0, 3d_fullres, {args.iterations_per_epoch} "
+             f"Budget: {args.budget} s of training per trainer (fold 0, 3d_fullres, plans {args.plans}, "
+             f"{args.iterations_per_epoch} "
              f"iterations per epoch, {args.val_iterations} validation iterations per epoch, final validation "
              f"skipped), then prediction of the {args.num_test} held-out cases without mirroring and evaluation "
              f"against their labels. Dataset: {args.num_train} training cases at {args.spacing} mm. "
@@ -92,7 +128,8 @@ def write_table(rows: list[dict], labels: dict, args, command: str, elapsed: flo
             f" | {r['train_peak_mib']:.0f} ({ratio(r['train_peak_mib'], stock['train_peak_mib'])})"
             f" | {r['predict_peak_mib']:.0f} ({ratio(r['predict_peak_mib'], stock['predict_peak_mib'])}) |")
     lines += ["", f"{STOCK} is the stock nnUNetTrainer with the NNUNET_DIFFUSION_* run-length variables. "
-              "Diffusion trainers predict with their stored default sampler.", ""]
+              "Diffusion trainers predict with their stored default sampler.", "",
+              f"Pseudo-Dice against training time: `{Path(args.out).with_suffix('.png').name}`.", ""]
     return "\n".join(lines)
 
 
@@ -104,11 +141,13 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results_cpu.md")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dataset-id", type=int, default=502)
-    parser.add_argument("--spacing", type=float, default=3.0)
+    parser.add_argument("--spacing", type=float, default=4.0)
+    parser.add_argument("--plans", default="nnUNetPlans_CPU", help="plans identifier; nnUNetPlans_CPU is derived "
+                        "(base 16 features, max 128) if missing")
     parser.add_argument("--num-train", type=int, default=24)
     parser.add_argument("--num-test", type=int, default=6)
-    parser.add_argument("--iterations-per-epoch", type=int, default=50)
-    parser.add_argument("--val-iterations", type=int, default=5)
+    parser.add_argument("--iterations-per-epoch", type=int, default=25)
+    parser.add_argument("--val-iterations", type=int, default=3)
     args = parser.parse_args(argv)
     if STOCK not in args.trainers:
         parser.error(f"--trainers must include {STOCK}: every figure is a ratio to it")
@@ -128,6 +167,8 @@ def main(argv=None):
     if not list(Path(env["nnUNet_preprocessed"]).glob(f"{raw.name}/nnUNetPlans.json")):
         run_measured(["nnUNetv2_plan_and_preprocess", "-d", str(args.dataset_id), "-c", "3d_fullres", "-np", "2",
                       "--verify_dataset_integrity"], {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"})
+    if args.plans == "nnUNetPlans_CPU" and not (Path(env["nnUNet_preprocessed"]) / raw.name / "nnUNetPlans_CPU.json").exists():
+        write_small_plans(str(Path(env["nnUNet_preprocessed"]) / raw.name))
     env["nnUNet_n_proc_DA"] = "0"
     rows = []
     for trainer in args.trainers:
@@ -138,6 +179,7 @@ def main(argv=None):
     table = write_table(rows, labels, args, command, time.perf_counter() - started)
     Path(args.out).write_text(table)
     Path(args.out).with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    plot_curves(rows, Path(args.out).with_suffix(".png"), f"{command}\n({args.device}, {args.budget:.0f} s per trainer)")
     print(table)
 
 

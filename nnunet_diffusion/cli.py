@@ -51,6 +51,10 @@ def main(argv=None) -> int:
                    add_help=False)
     sub.add_parser("build-example", help="build the real-MRI example dataset (see build-example --help)",
                    add_help=False)
+    sub.add_parser("slices-figure", help="PNG of image, ground truth and prediction slices (see --help)",
+                   add_help=False)
+    sub.add_parser("small-plans", help="write a narrower copy of a dataset's plans, for CPUs (see --help)",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "trainer-path":
         print(trainer_path())
@@ -71,6 +75,14 @@ def main(argv=None) -> int:
     if args.command == "build-example":
         from nnunet_diffusion.planning.example_dataset import main as build_main
         build_main(rest)
+        return 0
+    if args.command == "slices-figure":
+        from nnunet_diffusion.analysis.slices_figure import main as slices_main
+        slices_main(rest)
+        return 0
+    if args.command == "small-plans":
+        from nnunet_diffusion.planning.small_plans import main as small_plans_main
+        small_plans_main(rest)
         return 0
     return 2
 

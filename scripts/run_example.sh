@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The main job (README): real example data -> plan -> train briefly on CPU -> predict held-out -> evaluate.
-#   TRAINER (default nnUNetTrainerDiffSegRecycling), TRAIN_SECONDS (default 600), WORK (default work_dirs/example)
+# The main job (README): real example data -> plan -> train -> predict held-out -> evaluate -> Dice + PNG.
+#   TRAINER (default nnUNetTrainerDiffSegRecycling), TRAIN_SECONDS (default 300), WORK (default work_dirs/example),
+#   DEVICE (default: cuda when torch sees a GPU, else cpu)
 set -euo pipefail
 . "$(dirname "$0")/setup_env.sh"
 cd "$repo_root"
 trainer="${TRAINER:-nnUNetTrainerDiffSegRecycling}"
+seconds="${TRAIN_SECONDS:-300}"
+plans=nnUNetPlans_CPU
 work="$(realpath -m "${WORK:-work_dirs/example}")"
+device="${DEVICE:-$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}"
 export nnUNet_raw="$work/nnUNet_raw" nnUNet_preprocessed="$work/nnUNet_preprocessed"
 export nnUNet_results="$work/results_$(date +%Y%m%d_%H%M%S)"  # a new folder per run: nothing earlier is overwritten
 mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
@@ -13,25 +17,37 @@ nnunet-diffusion check
 
 dataset=$(ls -d "$nnUNet_raw"/Dataset501_* 2>/dev/null | head -n 1 || true)
 if [ -z "$dataset" ]; then
-  echo "[example] building Dataset501 from the ICBM152 template and the AAL atlas (3 mm, 24 + 6 cases)"
-  dataset=$(nnunet-diffusion build-example -d 501 --spacing 3 --num-train 24 --num-test 6 | tail -n 1)
+  echo "[example] building Dataset501 from the ICBM152 template and the AAL atlas (4 mm, 24 + 6 cases)"
+  dataset=$(nnunet-diffusion build-example -d 501 --spacing 4 --num-train 24 --num-test 6 | tail -n 1)
 fi
 name=$(basename "$dataset")
 if [ ! -f "$nnUNet_preprocessed/$name/nnUNetPlans.json" ]; then
-  echo "[example] planning and preprocessing"
-  nnUNetv2_plan_and_preprocess -d 501 -c 3d_fullres -np 2 --verify_dataset_integrity
+  echo "[example] planning and preprocessing (nnUNetv2_plan_and_preprocess)"
+  nnUNetv2_plan_and_preprocess -d 501 -c 3d_fullres -np 2 --verify_dataset_integrity | grep -v "^Preprocessing" || true
+fi
+if [ ! -f "$nnUNet_preprocessed/$name/$plans.json" ]; then
+  # nnU-Net plans for a GPU (32-320 features); on 2 CPU cores that network sees too few iterations in minutes
+  echo "[example] writing $plans: nnU-Net's plans with 16-128 features (nnunet-diffusion small-plans)"
+  nnunet-diffusion small-plans -d 501 --target "$plans" --base-features 16 --max-features 128
 fi
 
-echo "[example] training $trainer on fold 0 for ${TRAIN_SECONDS:-600} s on the CPU"
-NNUNET_DIFFUSION_TIME_BUDGET="${TRAIN_SECONDS:-600}" NNUNET_DIFFUSION_ITERATIONS=25 NNUNET_DIFFUSION_VAL_ITERATIONS=5 \
-NNUNET_DIFFUSION_FINAL_VALIDATION=0 nnUNet_n_proc_DA=0 \
-  nnUNetv2_train 501 3d_fullres 0 -tr "$trainer" -device cpu
+echo "[example] training $trainer on fold 0 for $seconds s on $device (a line per epoch of 25 iterations)"
+NNUNET_DIFFUSION_TIME_BUDGET="$seconds" NNUNET_DIFFUSION_ITERATIONS=25 NNUNET_DIFFUSION_VAL_ITERATIONS=3 \
+NNUNET_DIFFUSION_FINAL_VALIDATION=0 nnUNet_n_proc_DA=0 PYTHONUNBUFFERED=1 \
+  nnUNetv2_train 501 3d_fullres 0 -tr "$trainer" -p "$plans" -device "$device" \
+  | grep --line-buffered -E "Epoch [0-9]+$|Pseudo dice|Epoch time|budget|Training done" || true
+model="$nnUNet_results/$name/${trainer}__${plans}__3d_fullres"
+[ -f "$model/fold_0/checkpoint_final.pth" ] || { echo "[example] training failed: see $model/fold_0/training_log_*.txt" >&2; exit 1; }
 
-echo "[example] predicting the held-out images"
-nnUNet_n_proc_DA=0 nnUNetv2_predict -i "$dataset/imagesTs" -o "$work/predictions_$trainer" -d 501 -c 3d_fullres \
-  -tr "$trainer" -f 0 -device cpu -npp 0 -nps 0 --disable_tta
+echo "[example] predicting the held-out images (nnUNetv2_predict)"
+predictions="$work/predictions_${trainer}_$(basename "$nnUNet_results")"
+nnUNet_n_proc_DA=0 nnUNetv2_predict -i "$dataset/imagesTs" -o "$predictions" -d 501 -c 3d_fullres -p "$plans" \
+  -tr "$trainer" -f 0 -device "$device" -npp 0 -nps 0 --disable_tta --disable_progress_bar >/dev/null
 
-model="$nnUNet_results/$name/${trainer}__nnUNetPlans__3d_fullres"
-nnUNetv2_evaluate_folder "$dataset/labelsTs" "$work/predictions_$trainer" -djfile "$model/dataset.json" \
+nnUNetv2_evaluate_folder "$dataset/labelsTs" "$predictions" -djfile "$model/dataset.json" \
   -pfile "$model/plans.json" >/dev/null
-nnunet-diffusion dice "$work/predictions_$trainer/summary.json" "$dataset/dataset.json"
+echo "[example] Dice of $trainer on the $(ls "$dataset/labelsTs" | wc -l) held-out images:"
+nnunet-diffusion dice "$predictions/summary.json" "$dataset/dataset.json"
+figure=$(nnunet-diffusion slices-figure -i "$dataset/imagesTs" -g "$dataset/labelsTs" -p "$predictions" \
+  -o "$predictions/slices.png")
+echo "[example] slices of image, ground truth and prediction: $figure"

@@ -23,8 +23,10 @@ def test_central_patch_crops_and_pads():
 
 def test_analyse_case_rows(configuration_manager):
     torch.manual_seed(0)
-    net = nnUNetTrainerCrossTimestep.build_network_architecture(None, configuration_manager(3), 1, 3).eval()
-    net.set_sampler(SamplerSettings("ddim", 4))
+    diffusion = {**nnUNetTrainerCrossTimestep.diffusion_settings(), "training_chain": {"kind": "ddim", "steps": 4},
+                 "sampler": SamplerSettings("ddim", 4).to_dict()}
+    net = nnUNetTrainerCrossTimestep.build_network_architecture(
+        None, configuration_manager(3, extra={"diffusion": diffusion}), 1, 3).eval()
     rows = analyse_case(net, torch.randn(1, 1, 8, 8, 8), torch.randint(0, 3, (1, 1, 8, 8, 8)), seed=0)
     assert [r["timestep"] for r in rows if r["analysis"] == "start_sweep"] == [333, 666, 999]
     main = [r for r in rows if r["analysis"] == "trajectory" and r["output"] == "main"]

@@ -21,6 +21,7 @@ from nnunet_diffusion.trainers import variants_cross_timestep
 DATASET_ID = 990
 SHORT_RUN = {"NNUNET_DIFFUSION_EPOCHS": "1", "NNUNET_DIFFUSION_ITERATIONS": "2",
              "NNUNET_DIFFUSION_VAL_ITERATIONS": "1", "NNUNET_DIFFUSION_STEPS": "2",
+             "NNUNET_DIFFUSION_CHAIN_STEPS": "2",  # Cross-Timestep trains (and must then sample) on a 2-step chain
              "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "0"}
 
 

@@ -7,6 +7,8 @@ import torch
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 from torch import nn
 
+from nnunet_diffusion.architectures.conditional_unet import keep_last_seg_layer
+
 
 def apds_prior_weight(t: torch.Tensor, num_timesteps: int, alpha: float) -> torch.Tensor:
     """w_t = alpha * exp(-5 (1 - t/T)) * (1 - exp(-10 t/T))  (eq. 23). t: (B,) -> (B,) float."""
@@ -17,16 +19,18 @@ def apds_prior_weight(t: torch.Tensor, num_timesteps: int, alpha: float) -> torc
 class PriorDecoder(nn.Module):
     """Decodes a segmentation from the image encoder's features alone ('APDS Out').
 
-    Mirrors the main decoder's layout (a dynamic_network_architectures UNetDecoder built on the image encoder)
-    and also returns the feature map of every decoder stage, which the main decoder fuses with its own.
+    Mirrors the main decoder's layout (a dynamic_network_architectures UNetDecoder built on the image encoder,
+    without deep supervision) and also returns the feature map of every decoder stage, which the main decoder
+    fuses with its own. Only the last segmentation head is used: the others are removed (``keep_last_seg_layer``).
     """
 
     def __init__(self, decoder: nn.Module):
         super().__init__()
-        self.decoder = decoder
+        self.decoder = keep_last_seg_layer(decoder)
 
     def forward(self, skips: List[torch.Tensor]):
-        """skips: image-encoder features, bottleneck last -> (logits (B, C, *S), [stage features])."""
+        """skips: image-encoder features [(B, F_s, *S_s)], bottleneck last -> (logits (B, C, *S),
+        [decoder stage features (B, F_s, *S_s)], lowest resolution first)."""
         features, x = [], skips[-1]
         for s, stage in enumerate(self.decoder.stages):
             x = stage(torch.cat((self.decoder.transpconvs[s](x), skips[-(s + 2)]), 1))
@@ -34,15 +38,54 @@ class PriorDecoder(nn.Module):
         return self.decoder.seg_layers[-1](x), features
 
 
-class PriorFusion(nn.Module):
-    """F_fused = (1 - w_t) * RA(F, F_prior) + w_t * F_prior (eq. 2). RA: one conv block on [F | F_prior]."""
+RA_KINDS = ("reverse_attention", "conv")
 
-    def __init__(self, channels: int, conv_op: Type[nn.Module], norm_op, norm_op_kwargs, nonlin, nonlin_kwargs):
+
+class PriorFusion(nn.Module):
+    """F_fused = (1 - w_t) * RA(F, F_prior) + w_t * F_prior (eq. 2).
+
+    ra='reverse_attention' (default; the paper's RA block): RA = F * (1 - sigmoid(F_prior)), the main features
+    where the prior is not already confident. It has no parameters: the fusion has no weights at all.
+    ra='conv': one conv block on [F | F_prior] (this package's earlier RA; variant nnUNetTrainerCrossTimestep_convRA).
+    """
+
+    def __init__(self, channels: int, conv_op: Type[nn.Module], norm_op, norm_op_kwargs, nonlin, nonlin_kwargs,
+                 ra: str = "reverse_attention"):
         super().__init__()
-        self.refine = StackedConvBlocks(1, conv_op, 2 * channels, channels, 3, 1, True, norm_op, norm_op_kwargs,
-                                        None, None, nonlin, nonlin_kwargs)
+        if ra not in RA_KINDS:
+            raise ValueError(f"Unknown RA block {ra!r}. Choose one of {list(RA_KINDS)}.")
+        self.ra = ra
+        if ra == "conv":
+            self.refine = StackedConvBlocks(1, conv_op, 2 * channels, channels, 3, 1, True, norm_op, norm_op_kwargs,
+                                            None, None, nonlin, nonlin_kwargs)
+
+    def refined(self, x: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        if self.ra == "conv":
+            return self.refine(torch.cat([x, prior], dim=1))
+        return x * (1 - torch.sigmoid(prior))
 
     def forward(self, x: torch.Tensor, prior: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x, prior: (B, C, *S) main and prior decoder features; weight: (B,) w_t."""
         w = weight.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        return (1 - w) * self.refine(torch.cat([x, prior], dim=1)) + w * prior
+        return (1 - w) * self.refined(x, prior) + w * prior
+
+    def load_mismatch_hint(self, state_dict: dict, prefix: str):
+        """What a failed ``load_state_dict`` should say if the checkpoint has the other RA block, else None
+        (DiffusionSegmenter.load_state_dict asks every submodule)."""
+        has_conv = any(key.startswith(prefix + "refine.") for key in state_dict)
+        if self.ra == "reverse_attention" and has_conv:
+            return ("This checkpoint has weights for a conv RA block ('fusions.<stage>.refine.*'): it was trained "
+                    "with the earlier Cross-Timestep fusion, which is now the variant "
+                    "nnUNetTrainerCrossTimestep_convRA; nnUNetTrainerCrossTimestep now uses the paper's "
+                    "parameter-free reverse attention F * (1 - sigmoid(F_prior)). To predict with (or continue) this "
+                    "model, point its checkpoint at the variant: c = torch.load(path, weights_only=False); "
+                    "c['trainer_name'] = 'nnUNetTrainerCrossTimestep_convRA'; torch.save(c, path), and rename the "
+                    "model folder to nnUNetTrainerCrossTimestep_convRA__<plans>__<configuration> for -tr lookups. "
+                    "An ablation variant trained before the change needs a subclass with "
+                    "options = replace(<variant>.options, ra='conv').")
+        if self.ra == "conv" and not has_conv:
+            return ("This checkpoint has no weights for the conv RA block ('fusions.<stage>.refine.*') that this "
+                    "model (options.ra='conv', e.g. nnUNetTrainerCrossTimestep_convRA) needs: it was trained with "
+                    "the parameter-free reverse attention (nnUNetTrainerCrossTimestep and its other variants).")
+        return None
 

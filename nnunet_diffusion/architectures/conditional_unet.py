@@ -3,8 +3,9 @@
 Two encoders with the same layout (the nnU-Net plans' PlainConvEncoder): an *image encoder* that runs once
 per patch, and a *noise encoder* that sees the noisy mask x_t at every reverse step. The image features and a
 projection of the timestep embedding are added to the noise encoder's output at every resolution stage, and a
-UNetDecoder maps the result back to one channel per class. ``conv_op`` (nn.Conv2d or nn.Conv3d) decides the
-dimensionality; nothing else is dimension specific.
+UNetDecoder (its unused deep-supervision heads removed, ``keep_last_seg_layer``) maps the result back to one
+channel per class. ``conv_op`` (nn.Conv2d or nn.Conv3d) decides the dimensionality; nothing else is dimension
+specific.
 """
 from __future__ import annotations
 
@@ -17,6 +18,31 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 from torch import nn
 
 from nnunet_diffusion.diffusion.timesteps import timestep_embedding
+
+
+def keep_last_seg_layer(decoder: UNetDecoder) -> UNetDecoder:
+    """Replace every segmentation head of a UNetDecoder without deep supervision but the last by nn.Identity.
+
+    UNetDecoder builds a 1x1 conv head (features -> classes) per decoder stage even without deep supervision and
+    uses only ``seg_layers[-1]``; the others never get a gradient, which breaks nnU-Net's multi-GPU training
+    (DDP with find_unused_parameters=False). ``seg_layers[-1]`` and UNetDecoder.forward work unchanged.
+    Checkpoints saved before this change hold ``<prefix>seg_layers.<i>.*`` for the dropped heads: a
+    load_state_dict pre-hook discards those keys, so such checkpoints still load strictly.
+    """
+    if decoder.deep_supervision:
+        raise ValueError("keep_last_seg_layer is for decoders without deep supervision (all heads are used with it)")
+    for s in range(len(decoder.seg_layers) - 1):
+        decoder.seg_layers[s] = nn.Identity()
+    decoder.register_load_state_dict_pre_hook(_drop_dropped_seg_layer_keys)
+    return decoder
+
+
+def _drop_dropped_seg_layer_keys(decoder, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: remove the keys of heads that ``keep_last_seg_layer`` replaced (old checkpoints)."""
+    dropped = tuple(f"{prefix}seg_layers.{s}." for s, layer in enumerate(decoder.seg_layers)
+                    if isinstance(layer, nn.Identity))
+    for key in [k for k in state_dict if k.startswith(dropped)]:
+        del state_dict[key]
 
 
 class TimestepMLP(nn.Module):
@@ -55,7 +81,8 @@ class ImageConditionedDenoiser(nn.Module):
         self.noise_encoder = PlainConvEncoder(num_classes, **encoder_kwargs)
         self.time_mlp = TimestepMLP(time_embed_dim)
         self.time_projections = nn.ModuleList(nn.Linear(time_embed_dim, f) for f in self.noise_encoder.output_channels)
-        self.decoder = UNetDecoder(self.noise_encoder, num_classes, n_conv_per_stage_decoder, deep_supervision=False)
+        self.decoder = keep_last_seg_layer(
+            UNetDecoder(self.noise_encoder, num_classes, n_conv_per_stage_decoder, deep_supervision=False))
 
     def encode_image(self, image: torch.Tensor) -> List[torch.Tensor]:
         """(B, image_channels, *S) -> per-stage features [(B, F_s, *S_s)]. Run once per patch."""

@@ -4,7 +4,8 @@ eps = D_{SC,APDS}(E_{SC,FFT}(x_t, t), X_c, t):
 - FFT-tLSTM filters the noisy mask x_t with the image's spectrum before the noise encoder;
 - an SC-tLSTM block follows every noise-encoder stage and every decoder stage;
 - APDS: a prior decoder on the image encoder gives 'APDS Out' and per-stage prior features, fused into every
-  decoder stage with the weight w_t of eq. 23.
+  decoder stage as (1 - w_t) RA + w_t F_prior (eq. 2; RA: reverse attention F * (1 - sigmoid(F_prior))) with the
+  weight w_t of eq. 23.
 The image branch (encoder, prior decoder, condition spectrum) runs once per patch (``encode_image``); the
 recurrent state of every tLSTM lives in the returned :class:`CrossTimestepCondition`, so it is reset per patch
 and every batch element (sample, mirrored copy) keeps its own.
@@ -39,6 +40,7 @@ class CrossTimestepOptions:
     """Which Cross-Timestep parts are on (the paper's ablations are combinations of these)."""
     apds: bool = True
     apds_alpha: float = 0.8      # the paper gives no value; 0.8 keeps a fifth of the main branch at t = T
+    ra: str = "reverse_attention"  # APDS RA block: the paper's F * (1 - sigmoid(F_prior)), or 'conv' (a conv block)
     sc: bool = True
     fft: bool = True
     spatial_cell: str = "conv_tlstm"
@@ -74,7 +76,7 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
                                                           deep_supervision=False))
             norm = dict(norm_op=unet_kwargs.get("norm_op"), norm_op_kwargs=unet_kwargs.get("norm_op_kwargs"),
                         nonlin=unet_kwargs.get("nonlin"), nonlin_kwargs=unet_kwargs.get("nonlin_kwargs"))
-            self.fusions = nn.ModuleList(PriorFusion(c, conv_op, **norm) for c in decoder_channels)
+            self.fusions = nn.ModuleList(PriorFusion(c, conv_op, **norm, ra=options.ra) for c in decoder_channels)
 
     def encode_image(self, image: torch.Tensor) -> CrossTimestepCondition:
         features = self.image_encoder(image)

@@ -6,6 +6,12 @@ across timesteps, gated by the condition's spectrum and transformed back: X_out 
 Choices where the paper is silent: real FFTs (rfftn/irfftn) so the output is real by construction; the gate is
 |F_c| normalised per channel to [0, 1] (an unnormalised F_c product would rescale the mask by the image's
 energy).
+
+Precision: the transforms are orthonormal (norm="ortho"; Parseval: the coefficients have the RMS of the voxels,
+only the DC of a near-constant channel reaches sqrt(N)). The unnormalised rfftn's DC grows like the voxel count N
+(1e5 to 1e6 per patch): it saturated the LSTM gates and overflowed float16 (max 65504) in the 1x1 filter conv
+under autocast, giving inf and then NaN everywhere. The whole block runs in float32 with autocast off (spectra
+are complex64 anyway, and its few channels make it cheap); the result is cast back to the input's dtype.
 """
 from __future__ import annotations
 
@@ -35,19 +41,24 @@ class FFTTLSTM(nn.Module):
         return tuple(range(x.ndim - self.dims, x.ndim))
 
     def condition_spectrum(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, C_img, *S) -> complex (B, C, *S') with S' the rfft grid. Once per patch."""
-        return torch.fft.rfftn(self.project_condition(image).float(), dim=self._axes(image))
+        """(B, C_img, *S) -> complex64 (B, C, *S') orthonormal spectrum, S' the rfft grid. Once per patch."""
+        with torch.autocast(image.device.type, enabled=False):
+            return torch.fft.rfftn(self.project_condition(image.float()), dim=self._axes(image), norm="ortho")
 
     def forward(self, x_t: torch.Tensor, spectrum_c: torch.Tensor, emb: Optional[torch.Tensor],
                 state: dict) -> torch.Tensor:
+        """x_t (B, C, *S), spectrum_c complex (B, C, *S'), emb (B, E) or None -> (B, C, *S) in x_t's dtype.
+        Updates ``state[self]`` (the cell's (h, c), float32, on the rfft grid)."""
         axes = self._axes(x_t)
-        combined = torch.fft.rfftn(x_t.float(), dim=axes) + spectrum_c
-        filtered = self.filter(torch.cat([combined.real, combined.imag], dim=1))
-        h, new_state = self.cell(filtered, state.get(self) if self.carry_state else None, emb)
-        state[self] = new_state
-        real, imag = self.out(h).chunk(2, dim=1)
-        magnitude = spectrum_c.abs()
-        gate = magnitude / magnitude.flatten(2).amax(dim=2).clamp_min(1e-8).reshape(
-            *magnitude.shape[:2], *([1] * self.dims))
-        spectrum = torch.complex(real.float(), imag.float()) * gate
-        return torch.fft.irfftn(spectrum, s=x_t.shape[2:], dim=axes).to(x_t.dtype) + x_t
+        with torch.autocast(x_t.device.type, enabled=False):
+            combined = torch.fft.rfftn(x_t.float(), dim=axes, norm="ortho") + spectrum_c
+            filtered = self.filter(torch.cat([combined.real, combined.imag], dim=1))
+            h, new_state = self.cell(filtered, state.get(self) if self.carry_state else None,
+                                     None if emb is None else emb.float())
+            state[self] = new_state
+            real, imag = self.out(h).chunk(2, dim=1)
+            magnitude = spectrum_c.abs()
+            gate = magnitude / magnitude.flatten(2).amax(dim=2).clamp_min(1e-8).reshape(
+                *magnitude.shape[:2], *([1] * self.dims))
+            filtered_x = torch.fft.irfftn(torch.complex(real, imag) * gate, s=x_t.shape[2:], dim=axes, norm="ortho")
+        return filtered_x.to(x_t.dtype) + x_t

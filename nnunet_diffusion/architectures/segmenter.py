@@ -16,8 +16,10 @@ from torch import nn
 from nnunet_diffusion.diffusion.gaussian import eps_from_x0, q_sample, x0_from_eps
 from nnunet_diffusion.diffusion.masks import probabilities_from_x0, x0_from_logits
 from nnunet_diffusion.diffusion.objectives import recycled_noisy_mask
-from nnunet_diffusion.diffusion.samplers import SamplerSettings, run_reverse_process, sampling_schedule
-from nnunet_diffusion.diffusion.schedules import NoiseSchedule
+from nnunet_diffusion.diffusion.samplers import (SamplerSettings, TrainingCoverage, check_sampler_coverage,
+                                                  run_reverse_process, sampling_schedule, trained_index_count,
+                                                  training_coverage)
+from nnunet_diffusion.diffusion.schedules import NoiseSchedule, respace
 from nnunet_diffusion.diffusion.timesteps import sample_timesteps
 
 
@@ -41,13 +43,14 @@ class DiffusionSegmenter(nn.Module):
         schedule: the training schedule (T steps); sampling respaces it to ``sampler.steps``.
         prediction: 'eps' (the denoiser returns noise) or 'x0' (it returns class logits and the mask estimate
             is softmax(logits) * 2 - 1, as in the recycling paper).
-        sampler: default sampler settings (validated against T).
+        sampler: default sampler settings (validated against T and against what training covered, see
+            ``set_sampler``). None: set later with ``set_sampler`` (subclasses whose check needs more state).
         clip_noisy_input: feed (clip(x_t, -1, 1) + 1) / 2 instead of x_t (the recycling reference does this).
         recycling: train 'x0' models on recycled noisy masks (``diffusion.objectives.recycled_noisy_mask``).
     """
 
-    def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, prediction: str, sampler: SamplerSettings,
-                 clip_noisy_input: bool = False, recycling: bool = False):
+    def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, prediction: str,
+                 sampler: Optional[SamplerSettings], clip_noisy_input: bool = False, recycling: bool = False):
         super().__init__()
         if prediction not in ("eps", "x0"):
             raise ValueError(f"prediction must be 'eps' or 'x0', got {prediction!r}")
@@ -56,14 +59,24 @@ class DiffusionSegmenter(nn.Module):
         self.prediction = prediction
         self.clip_noisy_input = clip_noisy_input
         self.recycling = recycling
-        self.set_sampler(sampler)
+        if sampler is not None:
+            self.set_sampler(sampler)
 
     @property
     def num_classes(self) -> int:
         return self.denoiser.num_classes
 
-    def set_sampler(self, sampler: SamplerSettings) -> None:
-        self.sampler = sampler.validated(self.schedule.num_steps)
+    def training_coverage(self) -> TrainingCoverage:
+        """Which timesteps training covered (``diffusion.samplers.training_coverage``, the one place that knows)."""
+        return training_coverage(self.schedule, recycling=self.prediction == "x0" and self.recycling)
+
+    def set_sampler(self, sampler: SamplerSettings, allow_untrained: bool = False) -> None:
+        """Validate and use ``sampler``. A sampler that visits timesteps the model was never trained on is refused
+        with the valid step counts in the message; ``allow_untrained=True`` skips that (analysis only)."""
+        sampler = sampler.validated(self.schedule.num_steps)
+        if not allow_untrained:
+            check_sampler_coverage(self.schedule, sampler, self.training_coverage())
+        self.sampler = sampler
         self.sampling_schedule = sampling_schedule(self.schedule, self.sampler)
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
@@ -104,7 +117,8 @@ class DiffusionSegmenter(nn.Module):
 
         image (B, C_img, *S); x0 (B, num_classes, *S) the ground truth in [-1, 1].
         'eps' models: t uniform in 0..T-1, target = the noise (the caller regresses onto it).
-        'x0' models: t uniform in 0..T-2 and, with ``recycling``, x_t is the recycled noisy mask; the caller
+        'x0' models: with ``recycling``, t uniform in 0..T-2 and x_t the recycled noisy mask (T-1 is the recycling
+        pass); without, t uniform in 0..T-1 (the sampler starts at T-1, so it must be trained). The caller
         compares the logits with the labels.
         """
         num_steps = self.schedule.num_steps
@@ -116,7 +130,7 @@ class DiffusionSegmenter(nn.Module):
             eps_hat = self.denoise(x_t, self.model_timesteps(t), features)
             x0_hat = x0_from_eps(self.schedule, x_t, t, eps_hat.float()).clamp(-1, 1)
             return TrainingPass(eps_hat, noise, x0_hat)
-        t = sample_timesteps(image.shape[0], num_steps - 1, image.device)
+        t = sample_timesteps(image.shape[0], trained_index_count(num_steps, self.recycling), image.device)
         if self.recycling:
             x_t = recycled_noisy_mask(lambda x, s: self.estimate(x, self.model_timesteps(s), features),
                                       x0, self.schedule, t)
@@ -124,6 +138,18 @@ class DiffusionSegmenter(nn.Module):
             x_t = q_sample(self.schedule, x0, t, torch.randn_like(x0))
         logits = self.denoise(x_t, self.model_timesteps(t), features)
         return TrainingPass(logits, None, x0_from_logits(logits))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module's, plus what a submodule can say about a checkpoint that does not fit (``load_mismatch_hint``,
+        e.g. APDS fusion weights of an older RA block) in front of torch's list of keys."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as error:
+            hints = [hint for name, module in self.named_modules() if hasattr(module, "load_mismatch_hint")
+                     for hint in [module.load_mismatch_hint(state_dict, name + "." if name else "")] if hint]
+            if not hints:
+                raise
+            raise RuntimeError("\n".join(dict.fromkeys(hints)) + f"\n\n{error}") from error
 
     def forward(self, image: torch.Tensor, x0: Optional[torch.Tensor] = None):
         """Inference (x0 None): (B, C_img, *S) -> (B, num_classes, *S) log of the sample-averaged class
@@ -134,41 +160,75 @@ class DiffusionSegmenter(nn.Module):
         return torch.log(probabilities.clamp_min(1e-8))
 
 
+CHAIN_GRADIENTS = ("state", "full")
+
+
 class RecurrentDiffusionSegmenter(DiffusionSegmenter):
     """A segmenter whose denoiser carries state across reverse steps (Cross-Timestep's tLSTM).
 
     Sampling needs nothing new: the state lives in the per-patch condition that ``sample_x0`` creates. Training
     cannot draw one independent t per sample, as the state at step k depends on the steps before it, so it
-    unrolls a short chain: start at a random step k0 of the sampling schedule from the noised ground truth,
-    run ``unroll_steps`` steps of the real reverse loop with the state carried, and regress every step's eps
-    onto the noise that separates that step's x_k from the ground truth; gradients flow through the chain
-    (backpropagation through time). Only 'eps' models.
+    unrolls a short chain of ``training_chain`` (the training schedule respaced to ``training_chain.steps``, steps
+    of kind ``training_chain.kind``; a stored training setting, independent of the prediction sampler): start at
+    a random step k0 from the noised ground truth, run ``unroll_steps`` steps of the real reverse loop with the
+    state carried, and regress every step's eps onto the noise that separates that step's x_k from the ground
+    truth. Only 'eps' models. Prediction must visit exactly the chain's timesteps (``training_coverage``).
+
+    chain_gradient: 'state' (default): each step's model input x_k is detached, gradient flows between steps
+        only through the recurrent state. Why: each step's loss is then a clean eps regression onto
+        eps_from_x0(x_k, x0) with x_k a constant, as in plain DDPM training, while the state still learns from
+        later steps. 'full': backpropagation through x_k as well, targets included (the exact gradient of the
+        summed per-step losses along the realised chain); variant nnUNetTrainerCrossTimestep_fullChainGradient.
     """
 
-    def __init__(self, *args, unroll_steps: int = 2, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, prediction: str,
+                 sampler: Optional[SamplerSettings], unroll_steps: int = 2,
+                 training_chain: Optional[SamplerSettings] = None, chain_gradient: str = "state", **kwargs):
+        super().__init__(denoiser, schedule, prediction, None, **kwargs)
         if self.prediction != "eps":
             raise ValueError("RecurrentDiffusionSegmenter trains eps-prediction models only")
         if unroll_steps < 1:
             raise ValueError(f"unroll_steps must be >= 1, got {unroll_steps}")
+        if chain_gradient not in CHAIN_GRADIENTS:
+            raise ValueError(f"chain_gradient must be one of {CHAIN_GRADIENTS}, got {chain_gradient!r}")
+        if training_chain is None:
+            if sampler is None:
+                raise ValueError("RecurrentDiffusionSegmenter needs a training_chain (or a sampler to copy it from)")
+            training_chain = sampler
         self.unroll_steps = unroll_steps
+        self.chain_gradient = chain_gradient
+        self.training_chain = SamplerSettings(training_chain.kind, training_chain.steps).validated(schedule.num_steps)
+        self.chain_schedule = respace(schedule, self.training_chain.steps)
+        if sampler is not None:
+            self.set_sampler(sampler)
+
+    def training_coverage(self) -> TrainingCoverage:
+        return training_coverage(self.schedule, chain_steps=self.training_chain.steps)
 
     def training_pass(self, image: torch.Tensor, x0: torch.Tensor) -> TrainingPass:
-        schedule = self.sampling_schedule
+        schedule = self.chain_schedule
         length = min(self.unroll_steps, schedule.num_steps)
         start = int(torch.randint(length - 1, schedule.num_steps, ()))
         condition = self.denoiser.encode_image(image)
         x_start = q_sample(schedule, x0, torch.full((x0.shape[0],), start), torch.randn_like(x0))
-        visited = []
+        outputs, targets, x0_hat = self.unroll_chain(condition, x_start, x0, start, length)
+        return TrainingPass(torch.cat(outputs), torch.cat(targets), x0_hat, getattr(condition, "prior_logits", None))
+
+    def unroll_chain(self, condition, x_start: torch.Tensor, x0: torch.Tensor, start: int, length: int):
+        """``length`` steps of the training chain from step ``start`` (x_start (B, C, *S) at that step), the state
+        carried in ``condition``. Returns (per-step eps outputs, per-step eps targets, last x0 estimate)."""
+        schedule, visited = self.chain_schedule, []
 
         def model_fn(x, t):
+            if self.chain_gradient == "state":
+                x = x.detach()  # x_k is a constant input; only the state in ``condition`` keeps its graph
             out = self.estimate(x, t, condition)
             visited.append((x, out))
             return out
         generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))  # fresh DDPM noise per draw
-        x0_hat = run_reverse_process(model_fn, x_start, schedule, self.sampler.kind, "eps", generator,
+        x0_hat = run_reverse_process(model_fn, x_start, schedule, self.training_chain.kind, "eps", generator,
                                      start_index=start, end_index=start - length + 1)
+        # 'state': x is detached, so the targets are constants; 'full': they keep their graph (exact gradient)
         targets = [eps_from_x0(schedule, x, torch.full((x.shape[0],), k), x0)
                    for (x, _), k in zip(visited, range(start, start - length, -1))]
-        return TrainingPass(torch.cat([out for _, out in visited]), torch.cat(targets).detach(), x0_hat,
-                            getattr(condition, "prior_logits", None))
+        return [out for _, out in visited], targets, x0_hat

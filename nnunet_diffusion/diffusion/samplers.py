@@ -79,8 +79,17 @@ class SamplerSettings:
                 raise ValueError(f"{self.ENV_PREFIX}{suffix}={raw!r} is not a valid {cast.__name__}.") from None
         return replace(self, **changes)
 
+    @classmethod
+    def env_variables_set(cls, environ=os.environ) -> dict:
+        """The NNUNET_DIFFUSION_{SAMPLER,STEPS,SAMPLES,SEED} variables that are set (non-empty): name -> value."""
+        names = [cls.ENV_PREFIX + suffix for suffix in ("SAMPLER", "STEPS", "SAMPLES", "SEED")]
+        return {name: environ[name] for name in names if environ.get(name, "").strip()}
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "steps": self.steps, "num_samples": self.num_samples, "seed": self.seed}
+
+    def describe(self) -> str:
+        return f"{self.kind}, {self.steps} steps, {self.num_samples} sample(s), seed {self.seed}"
 
 
 def run_reverse_process(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_start: torch.Tensor,
@@ -126,3 +135,94 @@ def run_reverse_process(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.T
 
 def sampling_schedule(train_schedule: NoiseSchedule, settings: SamplerSettings) -> NoiseSchedule:
     return respace(train_schedule, settings.steps)
+
+
+# ---- which reverse chains a trained model can run ------------------------------------------------------------------
+
+
+def trained_index_count(num_steps: int, recycling: bool) -> int:
+    """Training draws t uniformly from indices 0..n-1 of the training schedule; this is n.
+
+    Recycling (Fu et al.) trains t in 0..T-2: index T-1 is where its no-gradient first pass runs. Every other
+    model (eps, x0 without recycling) trains all T indices, so that the sampler's first step (index T-1, pure
+    noise) is a trained one.
+    """
+    return num_steps - 1 if recycling else num_steps
+
+
+@dataclass(frozen=True)
+class TrainingCoverage:
+    """What training covered, in original timestep indices (what the network is conditioned on).
+
+    trained: timesteps whose output received gradient.
+    start: a timestep that training ran only without gradient, as the first step of a chain from (almost)
+        pure noise whose output the trained steps then learned to correct (recycling's t = T-1). Valid as a
+        sampler's first step, never as its last (the final mask would be an untrained output).
+    chain: recurrent denoisers only: the one sequence of timesteps (ascending) whose transitions the state was
+        trained on; a sampler must visit exactly these. DDPM and DDIM visit the same timesteps with the same
+        state transitions (they differ only in how x_{k-1} is drawn around the same x0 estimate, both aiming at
+        q(x_{k-1} | x0), from which the training chain starts), so either kind may sample.
+    description: one line for error messages.
+    """
+    trained: tuple
+    start: Optional[int] = None
+    chain: Optional[tuple] = None
+    description: str = ""
+
+
+def training_coverage(schedule: NoiseSchedule, recycling: bool = False,
+                      chain_steps: Optional[int] = None) -> TrainingCoverage:
+    """The coverage of the three ways this package trains (segmenters and trainers both ask this function).
+
+    schedule: the training schedule (T steps; for recycling the 5-step respacing of 1001 steps).
+    chain_steps: given for a recurrent denoiser trained on chains of ``respace(schedule, chain_steps)``.
+    """
+    timesteps = [int(t) for t in schedule.timesteps]
+    if chain_steps is not None:
+        chain = tuple(int(t) for t in respace(schedule, chain_steps).timesteps)
+        return TrainingCoverage(chain, None, chain, f"its state was trained on the {chain_steps}-step chain "
+                                                    f"{_short(chain)} only (the state's transitions)")
+    n = trained_index_count(len(timesteps), recycling)
+    if n == len(timesteps):
+        return TrainingCoverage(tuple(timesteps), None, None, f"trained on all {n} timesteps")
+    return TrainingCoverage(tuple(timesteps[:n]), timesteps[-1], None,
+                            f"trained on timesteps {_short(timesteps[:n])}; t={timesteps[-1]} only as the "
+                            f"first step from noise (recycling's no-gradient pass), never as the output")
+
+
+def sampler_is_covered(schedule: NoiseSchedule, steps: int, coverage: TrainingCoverage) -> bool:
+    """Whether K = ``steps`` reverse steps on ``schedule`` visit only timesteps the training covered."""
+    try:
+        visited = tuple(int(t) for t in respace(schedule, steps).timesteps)  # ascending; the run starts at [-1]
+    except ValueError:
+        return False
+    if coverage.chain is not None:
+        return visited == coverage.chain
+    trained = set(coverage.trained)
+    first_ok = visited[-1] in trained or (len(visited) >= 2 and visited[-1] == coverage.start)
+    return first_ok and all(t in trained for t in visited[:-1])
+
+
+def valid_sampler_steps(schedule: NoiseSchedule, coverage: TrainingCoverage) -> list:
+    num_steps = schedule.num_steps
+    candidates = [1] + [k for k in range(2, num_steps + 1) if (num_steps - 1) % (k - 1) == 0]
+    return [k for k in candidates if sampler_is_covered(schedule, k, coverage)]
+
+
+def check_sampler_coverage(schedule: NoiseSchedule, settings: SamplerSettings, coverage: TrainingCoverage) -> None:
+    """Raise a ValueError naming the valid step counts if the sampler visits timesteps training did not cover."""
+    if sampler_is_covered(schedule, settings.steps, coverage):
+        return
+    visited = [int(t) for t in respace(schedule, settings.steps).timesteps]
+    raise ValueError(
+        f"This model cannot sample with {settings.steps} steps (timesteps {_short(visited[::-1])}): "
+        f"{coverage.description}. Valid {settings.ENV_PREFIX}STEPS for this model: "
+        f"{valid_sampler_steps(schedule, coverage)} (sampler {list(SAMPLERS)} and "
+        f"{settings.ENV_PREFIX}SAMPLES / SEED are free).")
+
+
+def _short(values, head: int = 6) -> str:
+    values = list(values)
+    if len(values) <= 2 * head:
+        return "[" + ", ".join(map(str, values)) + "]"
+    return "[" + ", ".join(map(str, values[:head])) + ", ..., " + ", ".join(map(str, values[-2:])) + "]"

@@ -10,6 +10,7 @@ try:
     from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep  # noqa: F401
     from nnunet_diffusion.trainers.variants import *  # noqa: F401,F403
     from nnunet_diffusion.trainers.variants_cross_timestep import *  # noqa: F401,F403
+    from nnunet_diffusion.trainers.variants_optimizer import *  # noqa: F401,F403
 except ImportError as error:  # the env var outlived the environment the package was installed in
     raise ImportError(
         f"nnUNet_extTrainer points at nnunet-diffusion's trainer folder, but the package cannot be imported in "

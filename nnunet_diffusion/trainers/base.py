@@ -13,6 +13,7 @@ import torch
 from torch import autocast, nn
 
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -38,18 +39,39 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
     recycling: bool = False
     clip_noisy_input: bool = False
     default_sampler = SamplerSettings(kind="ddim", steps=10, num_samples=1, seed=0)
+    # chosen by measurement (benchmarks/optimizers/): 'sgd' is nnU-Net's (Nesterov, momentum 0.99, lr 1e-2),
+    # 'adamw' the denoisers' usual (Diff-UNet, MedSegDiff, ImgX-DiffSeg); both with nnU-Net's poly decay
+    optimizer_kind: str = "sgd"
+    learning_rate: float | None = None  # None: nnU-Net's initial_lr (1e-2)
+    adamw_weight_decay: float = 1e-2
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         # fail now, before any folder is made (and not hours later), on data or settings we cannot handle
         self._check_labels(PlansManager(plans).get_label_manager(dataset_json))
-        self.sampler_from(self.diffusion_settings())
+        settings = self.training_settings()
+        # training uses these settings only; NNUNET_DIFFUSION_{SAMPLER,STEPS,SAMPLES,SEED} apply to the final
+        # validation and to prediction: check both samplers now rather than after training
+        self.check_sampler(settings, self.sampler_from(settings, apply_env=False))
+        try:
+            self.check_sampler(settings, self.sampler_from(settings))
+        except ValueError as error:
+            raise ValueError(f"{error} ({', '.join(SamplerSettings.env_variables_set())} apply to the final "
+                             f"validation and to prediction, not to training.)") from None
         plans = copy.deepcopy(plans)
         if configuration in plans.get("configurations", {}):
             # stored with the model: on_train_start copies these plans into the results folder
-            plans["configurations"][configuration][PLANS_KEY] = self.diffusion_settings()
+            plans["configurations"][configuration][PLANS_KEY] = settings
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False
+        if self.learning_rate is not None:
+            self.initial_lr = self.learning_rate
+        if SamplerSettings.env_variables_set():
+            self.print_to_log_file(
+                f"{', '.join(f'{k}={v}' for k, v in SamplerSettings.env_variables_set().items())}: sampler "
+                f"settings apply to the final validation and to prediction only, not to training. Training and "
+                f"plans.json keep the stored settings ({self.sampler_from(settings, apply_env=False).describe()}); the "
+                f"final validation samples with {self.sampler_from(settings).describe()}.")
 
     # ---- settings stored with the model ---------------------------------------------------------------------
 
@@ -61,15 +83,35 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
                 "sampler": cls.default_sampler.to_dict()}
 
     @classmethod
+    def training_settings(cls) -> dict:
+        """What a training run uses and stores: the class's settings plus training-time variables of subclasses
+        (read here only, never at prediction, where the stored values count)."""
+        return cls.diffusion_settings()
+
+    @classmethod
     def stored_settings(cls, configuration_manager: ConfigurationManager) -> dict:
         """Settings the model was trained with (plans.json), falling back to the class defaults."""
         return {**cls.diffusion_settings(), **configuration_manager.configuration.get(PLANS_KEY, {})}
 
     @staticmethod
-    def sampler_from(settings: dict) -> SamplerSettings:
-        """Stored sampler settings with NNUNET_DIFFUSION_* environment overrides applied, validated."""
-        sampler = SamplerSettings(**settings["sampler"]).with_env_overrides()
+    def sampler_from(settings: dict, apply_env: bool = True) -> SamplerSettings:
+        """The stored sampler settings, with NNUNET_DIFFUSION_{SAMPLER,STEPS,SAMPLES,SEED} applied if ``apply_env``
+        (prediction and the final validation; never training), validated against T. Whether the model was trained
+        on the timesteps it visits is the segmenter's check (``check_sampler``)."""
+        sampler = SamplerSettings(**settings["sampler"])
+        sampler = sampler.with_env_overrides() if apply_env else sampler
         return sampler.validated(settings["num_train_timesteps"])
+
+    @staticmethod
+    def training_schedule(settings: dict):
+        return respace(make_schedule(settings["noise_schedule"], settings["beta_schedule_steps"]),
+                       settings["num_train_timesteps"])
+
+    @classmethod
+    def check_sampler(cls, settings: dict, sampler: SamplerSettings) -> None:
+        """Raise, naming the valid choices, if a model trained with ``settings`` cannot sample with ``sampler``.
+        The segmenter these settings build does the check (``set_sampler``); it needs no network for it."""
+        cls.build_segmenter(nn.Identity(), cls.training_schedule(settings), sampler, settings)
 
     def _check_labels(self, label_manager) -> None:
         if label_manager.has_regions:
@@ -117,9 +159,29 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
         """
         stored = cls.stored_settings(configuration_manager)
         denoiser = cls.build_denoiser(configuration_manager, num_input_channels, num_output_channels)
-        schedule = respace(make_schedule(stored["noise_schedule"], stored["beta_schedule_steps"]),
-                           stored["num_train_timesteps"])
-        return cls.build_segmenter(denoiser, schedule, cls.sampler_from(stored), stored)
+        # the predictor's path: environment overrides apply, and a sampler the model was not trained for is
+        # refused here, before the first case. The trainer resets its own network to the stored sampler.
+        return cls.build_segmenter(denoiser, cls.training_schedule(stored), cls.sampler_from(stored), stored)
+
+    def _segmenter(self) -> DiffusionSegmenter:
+        network = self.network.module if self.is_ddp else self.network
+        return getattr(network, "_orig_mod", network)
+
+    def initialize(self):
+        """nnU-Net's, then the stored sampler: build_network_architecture applied prediction-time overrides."""
+        super().initialize()
+        stored = self.stored_settings(self.configuration_manager)
+        self._segmenter().set_sampler(self.sampler_from(stored, apply_env=False))
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """The final validation samples as nnUNetv2_predict would: stored settings plus NNUNET_DIFFUSION_*."""
+        stored = self.stored_settings(self.configuration_manager)
+        self._segmenter().set_sampler(self.sampler_from(stored))
+        self.print_to_log_file(f"Final validation sampler: {self._segmenter().sampler.describe()}")
+        try:
+            return super().perform_actual_validation(save_probabilities)
+        finally:
+            self._segmenter().set_sampler(self.sampler_from(stored, apply_env=False))
 
     def set_deep_supervision_enabled(self, enabled: bool):
         pass  # the denoiser has a single output; deep supervision is always off
@@ -135,6 +197,16 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
         self.print_to_log_file(f"Test-time mirroring runs the sampler {n_flips}x per window; "
                                f"nnUNetv2_predict --disable_tta runs it once.")
         return result
+
+    def configure_optimizers(self):
+        if self.optimizer_kind == "sgd":
+            return super().configure_optimizers()
+        if self.optimizer_kind != "adamw":
+            raise ValueError(f"{self.__class__.__name__}.optimizer_kind must be 'sgd' or 'adamw', "
+                             f"got {self.optimizer_kind!r}")
+        optimizer = torch.optim.AdamW(self.network.parameters(), self.initial_lr,
+                                      weight_decay=self.adamw_weight_decay)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     # ---- training and per-epoch validation --------------------------------------------------------------------
 

@@ -8,7 +8,11 @@ These variables shorten it without new trainer classes; unset, nothing changes:
     NNUNET_DIFFUSION_VAL_ITERATIONS  per-epoch validation iterations
     NNUNET_DIFFUSION_TIME_BUDGET     wall-clock seconds of training; the run stops after the iteration that
                                      exceeds it, then validates, saves checkpoint_final and runs the final
-                                     validation as usual
+                                     validation as usual. The learning-rate schedule (nnU-Net's poly decay)
+                                     is driven by the elapsed fraction of the budget instead of the epoch
+                                     count, so a budgeted run anneals to zero like a full one. Under DDP, rank
+                                     0's clock decides for every rank. The elapsed time is stored in the
+                                     checkpoint, so --c continues the budget where it stopped.
     NNUNET_DIFFUSION_FINAL_VALIDATION=0  skip the final validation of the fold (with a sampler inside and
                                      mirroring on, it can cost more than a short training run)
 
@@ -23,6 +27,7 @@ from os.path import join
 from time import perf_counter
 
 import torch
+import torch.distributed as dist
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -31,6 +36,7 @@ ENV_INT_SETTINGS = {"NNUNET_DIFFUSION_EPOCHS": "num_epochs",
                     "NNUNET_DIFFUSION_VAL_ITERATIONS": "num_val_iterations_per_epoch"}
 ENV_TIME_BUDGET = "NNUNET_DIFFUSION_TIME_BUDGET"
 ENV_FINAL_VALIDATION = "NNUNET_DIFFUSION_FINAL_VALIDATION"
+ELAPSED_LOG_KEY = "budget_elapsed_s"  # per-epoch training seconds, kept in the checkpoint's logging (for --c)
 
 
 def _read_env(name: str, cast):
@@ -44,6 +50,26 @@ def _read_env(name: str, cast):
     if value <= 0:
         raise ValueError(f"{name}={raw!r} must be > 0.")
     return value
+
+
+class BudgetDrivenSchedule:
+    """Drives a trainer's epoch-based scheduler (nnU-Net's PolyLRScheduler: ``step(step)``, ``max_steps``) by
+    the elapsed fraction of a time budget: ``step()`` (nnU-Net calls ``step(epoch)`` at every epoch start; the
+    epoch is ignored) sets the rate the schedule gives at ``fraction * max_steps``."""
+
+    def __init__(self, scheduler):
+        if not hasattr(scheduler, "max_steps"):
+            raise TypeError(f"a time budget needs a scheduler with step(step) and max_steps (nnU-Net's "
+                            f"PolyLRScheduler); got {type(scheduler).__name__}")
+        self.scheduler, self.fraction = scheduler, 0.0
+
+    def set_fraction(self, fraction: float) -> None:
+        self.fraction = min(max(fraction, 0.0), 1.0)
+        self.step()
+
+    def step(self, _epoch=None) -> None:
+        # just below max_steps at the end: (1 - 1) ** 0.9 = 0 would make the last iterations a no-op
+        self.scheduler.step(min(self.fraction, 0.999) * self.scheduler.max_steps)
 
 
 class TrainingBudgetMixin:
@@ -63,34 +89,58 @@ class TrainingBudgetMixin:
         if self.time_budget_s is not None:
             self.save_every = 1  # a budgeted run may end at any epoch: keep checkpoint_latest current
 
-    def _out_of_time(self, started: float) -> bool:
-        return self.time_budget_s is not None and perf_counter() - started > self.time_budget_s
+    def _budget_elapsed(self, started: float, offset: float) -> float:
+        """Seconds of training so far (earlier runs of a --c resume included). Under DDP, rank 0's value for
+        every rank: the learning rate and the stop must be the same on all ranks (a rank that stops alone
+        hangs the others in their next all-reduce)."""
+        elapsed = torch.tensor([offset + perf_counter() - started], dtype=torch.float64, device=self.device)
+        if self.is_ddp:
+            dist.broadcast(elapsed, src=0)
+        return float(elapsed.item())
+
+    def _previous_elapsed(self) -> float:
+        """Training seconds of the epochs already done (a --c resume of a budgeted run), else 0."""
+        logged = self.logger.local_logger.my_fantastic_logging.setdefault(ELAPSED_LOG_KEY, [])
+        return float(logged[self.current_epoch - 1]) if 0 < self.current_epoch <= len(logged) else 0.0
 
     def run_training(self):
         """nnU-Net's loop (nnUNetTrainer.run_training), same hooks in the same order, plus a wall-clock stop
-        and the timing of the training iterations."""
+        with a learning rate annealed over the budget, and the timing of the training iterations."""
         self.on_train_start()
+        budgeted = self.time_budget_s is not None
+        offset = self._previous_elapsed() if budgeted else 0.0
+        if budgeted:
+            self.print_to_log_file(f"Time budget {self.time_budget_s:.0f} s ({offset:.0f} s already used): the "
+                                   f"learning rate follows the poly schedule over the budget.")
+            self.lr_scheduler = BudgetDrivenSchedule(self.lr_scheduler)
+            self.lr_scheduler.set_fraction(offset / self.time_budget_s)
         started = perf_counter()
-        iterations, iteration_seconds = 0, 0.0
+        iterations, iteration_seconds, elapsed = 0, 0.0, offset
         for _ in range(self.current_epoch, self.num_epochs):
             self.on_epoch_start()
             self.on_train_epoch_start()
             train_outputs = []
             for _ in range(self.num_iterations_per_epoch):
+                if budgeted:
+                    self.lr_scheduler.set_fraction(elapsed / self.time_budget_s)
                 tic = perf_counter()
                 train_outputs.append(self.train_step(next(self.dataloader_train)))
                 iteration_seconds += perf_counter() - tic
                 iterations += 1
-                if self._out_of_time(started):
-                    break
+                if budgeted:
+                    elapsed = self._budget_elapsed(started, offset)
+                    if elapsed > self.time_budget_s:
+                        break
             self.on_train_epoch_end(train_outputs)
             with torch.no_grad():
                 self.on_validation_epoch_start()
                 val_outputs = [self.validation_step(next(self.dataloader_val))
                                for _ in range(self.num_val_iterations_per_epoch)]
                 self.on_validation_epoch_end(val_outputs)
+            if budgeted:
+                self.logger.log(ELAPSED_LOG_KEY, elapsed, self.current_epoch)  # before on_epoch_end saves
             self.on_epoch_end()
-            if self._out_of_time(started):
+            if budgeted and elapsed > self.time_budget_s:
                 self.print_to_log_file(f"Time budget of {self.time_budget_s:.0f} s reached: stopping.")
                 break
         self.on_train_end()

@@ -2,37 +2,68 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 from torch import nn
 
 from nnunet_diffusion.architectures.cross_timestep_unet import CrossTimestepDenoiser, CrossTimestepOptions
 from nnunet_diffusion.architectures.segmenter import RecurrentDiffusionSegmenter
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
+from nnunet_diffusion.diffusion.schedules import check_respacing
 from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
+
+
+def _whole_number(name: str) -> Optional[int]:
+    raw = os.environ.get(name, "").strip()
+    if raw and (not raw.isdigit() or int(raw) < 1):
+        raise ValueError(f"{name}={raw!r} must be a whole number >= 1.")
+    return int(raw) if raw else None
 
 
 class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
     """The full model of the paper (eq. 20). Ablations (variants_cross_timestep.py) change ``options``.
 
-    Sampling defaults to DDIM with 10 steps; the paper's 1000-step DDPM is NNUNET_DIFFUSION_SAMPLER=ddpm
-    NNUNET_DIFFUSION_STEPS=1000 (100x the cost). Training unrolls ``unroll_steps`` consecutive steps of the
-    default sampling schedule (RecurrentDiffusionSegmenter), so the tLSTM state is trained the way it is used.
+    Training unrolls ``unroll_steps`` consecutive steps of ``training_chain`` (RecurrentDiffusionSegmenter), so the
+    tLSTM state is trained the way it is used; the chain is stored with the model (plans.json) and prediction must
+    visit exactly its timesteps: NNUNET_DIFFUSION_STEPS can only be its step count (the sampler kind, samples and
+    seed are free). Sampling defaults to DDIM with 10 steps; the paper's 1000-step DDPM needs a model trained on
+    that chain: NNUNET_DIFFUSION_CHAIN_STEPS=1000 at training, NNUNET_DIFFUSION_SAMPLER=ddpm at prediction.
     """
 
     noise_schedule = "linear"
     num_train_timesteps = 1000
     prediction = "eps"
     default_sampler = SamplerSettings(kind="ddim", steps=10)
+    training_chain: Optional[SamplerSettings] = None  # None: the default sampler's kind and steps
+    chain_gradient = "state"  # 'state' or 'full': see RecurrentDiffusionSegmenter
     options = CrossTimestepOptions()
     unroll_steps = 2
 
     @classmethod
     def diffusion_settings(cls) -> dict:
-        """Adds the training chain length: ``unroll_steps``, or NNUNET_DIFFUSION_UNROLL_STEPS when set."""
-        raw = os.environ.get("NNUNET_DIFFUSION_UNROLL_STEPS", "").strip()
-        if raw and (not raw.isdigit() or int(raw) < 1):
-            raise ValueError(f"NNUNET_DIFFUSION_UNROLL_STEPS={raw!r} must be a whole number >= 1.")
-        return {**super().diffusion_settings(), "unroll_steps": int(raw) if raw else cls.unroll_steps}
+        """Adds the training chain (``training_chain``), its gradient scheme and its length (``unroll_steps``)."""
+        chain = cls.training_chain or cls.default_sampler
+        return {**super().diffusion_settings(), "unroll_steps": cls.unroll_steps,
+                "training_chain": {"kind": chain.kind, "steps": chain.steps}, "chain_gradient": cls.chain_gradient}
+
+    @classmethod
+    def training_settings(cls) -> dict:
+        """At training: NNUNET_DIFFUSION_UNROLL_STEPS sets the unrolled length, NNUNET_DIFFUSION_CHAIN_STEPS the
+        chain (the schedule respaced to that many steps; the stored default sampler follows it, as prediction
+        must run that chain). Both are stored with the model."""
+        settings = super().training_settings()
+        unroll = _whole_number("NNUNET_DIFFUSION_UNROLL_STEPS")
+        chain_steps = _whole_number("NNUNET_DIFFUSION_CHAIN_STEPS")
+        if unroll is not None:
+            settings["unroll_steps"] = unroll
+        if chain_steps is not None:
+            try:
+                check_respacing(settings["num_train_timesteps"], chain_steps)
+            except ValueError as error:
+                raise ValueError(f"NNUNET_DIFFUSION_CHAIN_STEPS={chain_steps}: {error}") from None
+            settings["training_chain"] = {**settings["training_chain"], "steps": chain_steps}
+            settings["sampler"] = {**settings["sampler"], "steps": chain_steps}
+        return settings
 
     @classmethod
     def build_denoiser(cls, configuration_manager, num_input_channels: int, num_classes: int) -> nn.Module:
@@ -42,4 +73,6 @@ class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
     @classmethod
     def build_segmenter(cls, denoiser, schedule, sampler, stored: dict):
         return RecurrentDiffusionSegmenter(denoiser, schedule, stored["prediction"], sampler,
-                                           unroll_steps=stored["unroll_steps"])
+                                           unroll_steps=stored["unroll_steps"],
+                                           training_chain=SamplerSettings(**stored["training_chain"]),
+                                           chain_gradient=stored["chain_gradient"])

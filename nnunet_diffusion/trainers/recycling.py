@@ -1,4 +1,8 @@
 """nnUNetTrainerDiffSegRecycling: recycling training for DDPM segmentation (Fu et al., ImgX-DiffSeg)."""
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+from torch import nn
+
+from nnunet_diffusion.architectures.concat_unet import ConcatImageDenoiser
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
 
@@ -9,6 +13,9 @@ class nnUNetTrainerDiffSegRecycling(nnUNetTrainerDiffusionBase):
     As in the reference code: linear betas over 1001 steps respaced to a 5-step chain ((1001-1) % (5-1) == 0),
     which the model is trained on and sampled with (DDPM, posterior variance, no noise at the last step); the
     network sees (clip(x_t, -1, 1) + 1) / 2. The loss is nnU-Net's own Dice + CE (its first release used CE).
+    The network is the paper's: one U-Net (the plans' layout) on the image concatenated with the noisy mask,
+    conditioned on the timestep (``ConcatImageDenoiser``). The Diff-UNet-style two-encoder network that this
+    trainer used before is ``nnUNetTrainerDiffSegRecycling_twoEncoders``.
     """
 
     noise_schedule = "linear"
@@ -18,3 +25,8 @@ class nnUNetTrainerDiffSegRecycling(nnUNetTrainerDiffusionBase):
     recycling = True
     clip_noisy_input = True
     default_sampler = SamplerSettings(kind="ddpm", steps=5)
+
+    @classmethod
+    def build_denoiser(cls, configuration_manager: ConfigurationManager, num_input_channels: int,
+                       num_classes: int) -> nn.Module:
+        return ConcatImageDenoiser(num_input_channels, num_classes, **cls.plans_unet_kwargs(configuration_manager))

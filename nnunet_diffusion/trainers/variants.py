@@ -1,10 +1,13 @@
 """Small variants: each changes one thing of a trainer (nnU-Net's variants/ convention)."""
+from torch import nn
+
+from nnunet_diffusion.architectures.conditional_unet import ImageConditionedDenoiser
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
 from nnunet_diffusion.trainers.recycling import nnUNetTrainerDiffSegRecycling
 
 __all__ = ["nnUNetTrainerDiffusion_DDPM1000", "nnUNetTrainerDiffusion_cosine",
-           "nnUNetTrainerDiffSegRecycling_noRecycling"]
+           "nnUNetTrainerDiffSegRecycling_noRecycling", "nnUNetTrainerDiffSegRecycling_twoEncoders"]
 
 
 class nnUNetTrainerDiffusion_DDPM1000(nnUNetTrainerDiffusion):
@@ -20,3 +23,13 @@ class nnUNetTrainerDiffusion_cosine(nnUNetTrainerDiffusion):
 class nnUNetTrainerDiffSegRecycling_noRecycling(nnUNetTrainerDiffSegRecycling):
     """Ablation: the x0 model trained on the noised ground truth instead of its own recycled prediction."""
     recycling = False
+
+
+class nnUNetTrainerDiffSegRecycling_twoEncoders(nnUNetTrainerDiffSegRecycling):
+    """The Diff-UNet-style two-encoder denoiser (image encoder + noise encoder, features added) instead of the
+    paper's single U-Net on [image | noisy mask]; nnUNetTrainerDiffSegRecycling's network before it followed the
+    paper, so its old checkpoints predict with this trainer (after renaming the results folder)."""
+
+    @classmethod
+    def build_denoiser(cls, configuration_manager, num_input_channels: int, num_classes: int) -> nn.Module:
+        return ImageConditionedDenoiser(num_input_channels, num_classes, **cls.plans_unet_kwargs(configuration_manager))

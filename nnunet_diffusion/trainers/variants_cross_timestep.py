@@ -1,7 +1,7 @@
 """Cross-Timestep ablations (the paper's Tables 1 and 3, and APDS off for the collapse curve).
 
-Each variant changes ``options`` only. Where the paper names a unit, it is swapped in; 'no memory' keeps the
-same blocks but resets their state at every step.
+Each variant changes ``options`` (or one training setting). Where the paper names a unit, it is swapped in;
+'no memory' keeps the same blocks but resets their state at every step.
 """
 from dataclasses import replace
 
@@ -13,7 +13,8 @@ __all__ = ["nnUNetTrainerCrossTimestep_noTLSTM", "nnUNetTrainerCrossTimestep_pla
            "nnUNetTrainerCrossTimestep_ConvTLSTMOnly", "nnUNetTrainerCrossTimestep_LinearTGRUOnly",
            "nnUNetTrainerCrossTimestep_noTimeCell", "nnUNetTrainerCrossTimestep_APDSOnly",
            "nnUNetTrainerCrossTimestep_APDS_SC", "nnUNetTrainerCrossTimestep_APDS_FFT",
-           "nnUNetTrainerCrossTimestep_noAPDS"]
+           "nnUNetTrainerCrossTimestep_noAPDS", "nnUNetTrainerCrossTimestep_convRA",
+           "nnUNetTrainerCrossTimestep_fullChainGradient"]
 
 
 class nnUNetTrainerCrossTimestep_noTLSTM(nnUNetTrainerCrossTimestep):
@@ -59,3 +60,14 @@ class nnUNetTrainerCrossTimestep_APDS_FFT(nnUNetTrainerCrossTimestep):
 class nnUNetTrainerCrossTimestep_noAPDS(nnUNetTrainerCrossTimestep):
     """APDS off (tLSTM on): the 'Diff + tLSTM' curve of the collapse analysis (Fig. 3)."""
     options = replace(_FULL, apds=False)
+
+
+class nnUNetTrainerCrossTimestep_convRA(nnUNetTrainerCrossTimestep):
+    """APDS RA block as one conv block on [F | F_prior] instead of the paper's reverse attention (the package's
+    earlier default: Cross-Timestep checkpoints with 'fusions.*.refine.*' weights load with this trainer)."""
+    options = replace(_FULL, ra="conv")
+
+
+class nnUNetTrainerCrossTimestep_fullChainGradient(nnUNetTrainerCrossTimestep):
+    """Training chain with backpropagation through the chain's x_k as well as the recurrent state."""
+    chain_gradient = "full"

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_diffusion.architectures.apds import apds_prior_weight
+from nnunet_diffusion.architectures.apds import PriorFusion, apds_prior_weight
 from nnunet_diffusion.architectures.fft_tlstm import FFTTLSTM
 from nnunet_diffusion.architectures.tlstm import ConvTLSTMCell, LinearTGRUCell
+from nnunet_diffusion.diffusion.gaussian import eps_from_x0
 from nnunet_diffusion.diffusion.masks import labels_to_x0
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.trainers import variants_cross_timestep as variants
@@ -65,9 +66,16 @@ def test_fft_path_is_real_and_shape_preserving(dim):
     torch.testing.assert_close(block(x, block.condition_spectrum(image), torch.randn(2, 8), {}), x)  # residual
 
 
-def build(trainer_cls, configuration_manager, dim=3):
+def build(trainer_cls, configuration_manager, dim=3, chain_steps=None):
+    """The network nnU-Net builds; chain_steps: as if trained (and stored) with that training chain."""
     torch.manual_seed(0)
-    return trainer_cls.build_network_architecture(None, configuration_manager(dim, features=(4, 8, 16)), 1, C)
+    extra = None
+    if chain_steps is not None:
+        chain = SamplerSettings("ddim", chain_steps)
+        extra = {"diffusion": {**trainer_cls.diffusion_settings(), "sampler": chain.to_dict(),
+                               "training_chain": {"kind": chain.kind, "steps": chain.steps}}}
+    return trainer_cls.build_network_architecture(None, configuration_manager(dim, features=(4, 8, 16), extra=extra),
+                                                  1, C)
 
 
 def run_steps(net, image, x_t, steps):
@@ -102,16 +110,19 @@ def test_state_is_per_sample(configuration_manager):
 
 
 def test_sampling_resets_state_per_patch(configuration_manager):
-    net = build(nnUNetTrainerCrossTimestep, configuration_manager).eval()
-    net.set_sampler(SamplerSettings(kind="ddim", steps=4))
+    net = build(nnUNetTrainerCrossTimestep, configuration_manager, chain_steps=4).eval()
+    assert net.sampler.steps == 4
     image = torch.randn(1, 1, 16, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(net(image), net(image), rtol=0, atol=0)
 
 
-def test_training_unrolls_a_chain_with_gradient_through_it(configuration_manager):
+def test_training_unrolls_the_stored_chain_whatever_the_sampler(configuration_manager):
     net = build(nnUNetTrainerCrossTimestep, configuration_manager).train()
-    net.set_sampler(SamplerSettings(kind="ddim", steps=10))
+    net.set_sampler(SamplerSettings(kind="ddpm", steps=10, seed=3))    # prediction settings: not the training chain
+    assert net.training_chain == SamplerSettings("ddim", 10)
+    with pytest.raises(ValueError, match=r"10-step chain.*Valid NNUNET_DIFFUSION_STEPS for this model: \[10\]"):
+        net.set_sampler(SamplerSettings(kind="ddim", steps=4))
     seen = []
     net.denoiser.register_forward_hook(lambda m, i, o: seen.append((i[0], i[1].tolist())))
     labels = torch.randint(0, C, (2, 1, 16, 16, 16))
@@ -120,7 +131,7 @@ def test_training_unrolls_a_chain_with_gradient_through_it(configuration_manager
     t0, t1 = seen[0][1], seen[1][1]
     assert len(set(t0)) == len(set(t1)) == 1          # one chain for the whole batch
     assert t0[0] - t1[0] == 111                       # consecutive steps of the 10-step schedule
-    assert seen[1][0].requires_grad                  # the second step's input depends on the first prediction
+    assert not seen[1][0].requires_grad              # 'state' scheme: x_k is a constant input
     assert result.output.shape == result.regression_target.shape == (4, C, 16, 16, 16)
     assert result.prior_logits.shape == (2, C, 16, 16, 16)
     loss = ((result.output - result.regression_target) ** 2).mean() + result.prior_logits.logsumexp(1).mean()
@@ -140,3 +151,101 @@ def test_every_variant_trains_a_step_and_samples(name, dim, configuration_manage
         probabilities = torch.softmax(net.eval()(torch.randn(1, 1, *[16] * dim)), 1)
     torch.testing.assert_close(probabilities.sum(1), torch.ones(1, *[16] * dim))
     assert (result.prior_logits is None) == (name == "nnUNetTrainerCrossTimestep_noAPDS")
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _chain(net, start=5, length=2):
+    """Unroll a training chain from a leaf x_start; returns (x_start, outputs, targets, state after step 1)."""
+    torch.manual_seed(1)
+    image, labels = torch.randn(1, 1, 16, 16, 16), torch.randint(0, C, (1, 1, 16, 16, 16))
+    condition = net.denoiser.encode_image(image)
+    x_start = torch.randn(1, C, 16, 16, 16, requires_grad=True)
+    states = []
+    net.denoiser.register_forward_hook(lambda m, i, o: states.append(_tensors(list(i[2].state.values()))))
+    outputs, targets, _ = net.unroll_chain(condition, x_start, labels_to_x0(labels, C), start, length)
+    return x_start, outputs, targets, states[0]
+
+
+def test_state_scheme_step_two_learns_through_the_state_only(configuration_manager):
+    net = build(nnUNetTrainerCrossTimestep, configuration_manager).train()
+    assert net.chain_gradient == "state"
+    x_start, outputs, targets, state_after_step_1 = _chain(net)
+    assert not any(t.requires_grad for t in targets)          # eps targets of constant x_k: constants
+    loss_2 = ((outputs[1] - targets[1]) ** 2).mean()
+    # nothing of step 2's loss flows back through x: not into x_start, not into step 1's eps output
+    assert torch.autograd.grad(loss_2, [x_start, outputs[0]], allow_unused=True, retain_graph=True) == (None, None)
+    # ... but it does through the recurrent state step 1 left behind
+    grads = torch.autograd.grad(loss_2, [t for t in state_after_step_1 if t.requires_grad], allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_full_scheme_backpropagates_through_x_as_well(configuration_manager):
+    net = build(variants.nnUNetTrainerCrossTimestep_fullChainGradient, configuration_manager).train()
+    assert net.chain_gradient == "full"
+    x_start, outputs, targets, _ = _chain(net)
+    assert targets[1].requires_grad                           # exact gradient of the loss along the chain
+    loss_2 = ((outputs[1] - targets[1]) ** 2).mean()
+    grads = torch.autograd.grad(loss_2, [x_start, outputs[0]], allow_unused=True)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_stateless_two_step_chain_equals_two_independent_one_step_losses(configuration_manager):
+    net = build(variants.nnUNetTrainerCrossTimestep_noTLSTM, configuration_manager).train()
+    seen = []
+    hook = net.denoiser.register_forward_hook(lambda m, i, o: seen.append((i[0].detach().clone(), i[1].clone())))
+    torch.manual_seed(2)
+    image, labels = torch.randn(2, 1, 16, 16, 16), torch.randint(0, C, (2, 1, 16, 16, 16))
+    x0 = labels_to_x0(labels, C)
+    result = net(image, x0)
+    hook.remove()
+    assert len(seen) == 2
+    chain_loss = ((result.output - result.regression_target) ** 2).mean()
+    one_step = []
+    for x_k, t_k in seen:   # each step alone: fresh condition, its own eps target
+        index = torch.full((2,), int((net.chain_schedule.timesteps == t_k[0]).nonzero()))
+        eps = net.denoiser(x_k, t_k, net.denoiser.encode_image(image))
+        one_step.append(((eps - eps_from_x0(net.chain_schedule, x_k, index, x0)) ** 2).mean())
+    independent_loss = (one_step[0] + one_step[1]) / 2          # equal sizes: the mean over both steps
+    torch.testing.assert_close(chain_loss, independent_loss)
+    params = [p for p in net.parameters()]
+    chain_grads = torch.autograd.grad(chain_loss, params, allow_unused=True)
+    independent_grads = torch.autograd.grad(independent_loss, params, allow_unused=True)
+    for a, b in zip(chain_grads, independent_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_reverse_attention_and_prior_fusion_by_hand():
+    fusion = PriorFusion(2, nn.Conv1d, None, None, None, None)
+    assert fusion.ra == "reverse_attention" and list(fusion.parameters()) == []
+    x = torch.tensor([[[2.0], [-1.0]], [[2.0], [-1.0]]])                 # (B=2, C=2, S=1)
+    prior = torch.tensor([[[0.0], [math.log(3)]], [[0.0], [math.log(3)]]])  # sigmoid: 0.5, 0.75
+    torch.testing.assert_close(fusion.refined(x, prior)[0, :, 0], torch.tensor([1.0, -0.25]))   # F (1 - sig(P))
+    fused = fusion(x, prior, torch.tensor([0.25, 1.0]))                  # w_t per batch element
+    torch.testing.assert_close(fused[0, :, 0], torch.tensor([0.75 * 1.0, 0.75 * -0.25 + 0.25 * math.log(3)]))
+    torch.testing.assert_close(fused[1], prior[1])                       # w = 1: the prior alone
+    conv = PriorFusion(2, nn.Conv1d, None, None, nn.LeakyReLU, None, ra="conv")
+    assert sum(p.numel() for p in conv.parameters()) > 0
+    with pytest.raises(ValueError, match="Unknown RA block 'gate'"):
+        PriorFusion(2, nn.Conv1d, None, None, None, None, ra="gate")
+
+
+def test_checkpoint_of_the_other_ra_block_is_refused_naming_the_variant(configuration_manager):
+    default = build(nnUNetTrainerCrossTimestep, configuration_manager)
+    conv = build(variants.nnUNetTrainerCrossTimestep_convRA, configuration_manager)
+    old = conv.state_dict()
+    assert any(".fusions.0.refine." in k for k in old) and not any(".fusions." in k for k in default.state_dict())
+    with pytest.raises(RuntimeError, match="(?s)conv RA block.*nnUNetTrainerCrossTimestep_convRA.*Unexpected key"):
+        default.load_state_dict(old)
+    default.load_state_dict(old, strict=False)                           # explicitly partial loads still work
+    with pytest.raises(RuntimeError, match="no weights for the conv RA block.*parameter-free reverse attention"):
+        conv.load_state_dict(default.state_dict())
+    build(variants.nnUNetTrainerCrossTimestep_convRA, configuration_manager).load_state_dict(old)

@@ -5,8 +5,9 @@ from diffusers.models.embeddings import get_timestep_embedding
 
 from nnunet_diffusion.diffusion.gaussian import eps_from_x0, posterior_mean_variance, q_sample, x0_from_eps
 from nnunet_diffusion.diffusion.masks import labels_to_x0, probabilities_from_x0, x0_from_logits
-from nnunet_diffusion.diffusion.samplers import (SamplerSettings, ddim_step, ddpm_step, run_reverse_process,
-                                                  sampling_schedule)
+from nnunet_diffusion.diffusion.samplers import (SamplerSettings, check_sampler_coverage, ddim_step, ddpm_step,
+                                                  run_reverse_process, sampler_is_covered, sampling_schedule,
+                                                  training_coverage, valid_sampler_steps)
 from nnunet_diffusion.diffusion.schedules import linear_schedule, respace
 from nnunet_diffusion.diffusion.timesteps import timestep_embedding
 
@@ -148,3 +149,54 @@ def test_masks_round_trip_and_probabilities():
                                rtol=1e-4, atol=1e-5)
     uniform = probabilities_from_x0(-torch.ones(1, 4, 1))
     torch.testing.assert_close(uniform, torch.full((1, 4, 1), 0.25))
+
+
+# ---- which samplers a trained model may run (training_coverage) ---------------------------------------------------
+
+def test_coverage_recycling_5_of_1001_by_hand():
+    # betas over 1001 steps respaced to 5: timesteps 0, 250, 500, 750, 1000. Training draws t in 0..T-2 =
+    # {0, 250, 500, 750}; t = 1000 only runs as recycling's no-gradient first pass from the noised ground truth.
+    schedule = respace(linear_schedule(1001), 5)
+    coverage = training_coverage(schedule, recycling=True)
+    assert coverage.trained == (0, 250, 500, 750) and coverage.start == 1000 and coverage.chain is None
+    # K=5 [1000, 750, 500, 250, 0], K=3 [1000, 500, 0], K=2 [1000, 0]: start at 1000 as in training, output at
+    # a trained t. K=1 [1000]: the final mask would be the never-trained output at 1000. K=4: no respacing.
+    assert [k for k in range(1, 6) if sampler_is_covered(schedule, k, coverage)] == [2, 3, 5]
+    assert valid_sampler_steps(schedule, coverage) == [2, 3, 5]
+    with pytest.raises(ValueError, match=r"cannot sample with 1 steps \(timesteps \[1000\]\).*t=1000 only as the "
+                                         r"first step.*Valid NNUNET_DIFFUSION_STEPS for this model: \[2, 3, 5\]"):
+        check_sampler_coverage(schedule, SamplerSettings("ddpm", 1), coverage)
+    check_sampler_coverage(schedule, SamplerSettings("ddim", 3), coverage)   # kind is free
+
+
+def test_coverage_x0_without_recycling_trains_every_step():
+    schedule = respace(linear_schedule(1001), 5)
+    coverage = training_coverage(schedule, recycling=False)
+    assert coverage.trained == (0, 250, 500, 750, 1000) and coverage.start is None
+    assert valid_sampler_steps(schedule, coverage) == [1, 2, 3, 5]
+
+
+def test_coverage_uniform_eps_model_allows_every_respacing():
+    coverage = training_coverage(linear_schedule(T))
+    assert coverage.trained == tuple(range(T))
+    assert valid_sampler_steps(linear_schedule(T), coverage) == [1, 2, 4, 10, 28, 38, 112, 334, 1000]
+
+
+def test_coverage_recurrent_chain_allows_only_its_own_chain():
+    schedule = linear_schedule(T)
+    coverage = training_coverage(schedule, chain_steps=10)
+    assert coverage.chain == coverage.trained == tuple(range(0, 1000, 111))
+    # K=2 visits [999, 0], both trained timesteps, but the state never made the 999 -> 0 transition
+    assert not sampler_is_covered(schedule, 2, coverage)
+    assert valid_sampler_steps(schedule, coverage) == [10]
+    for kind in ("ddpm", "ddim"):
+        check_sampler_coverage(schedule, SamplerSettings(kind, 10, num_samples=3, seed=5), coverage)
+    with pytest.raises(ValueError, match=r"timesteps \[999, 666, 333, 0\].*10-step chain.*"
+                                         r"Valid NNUNET_DIFFUSION_STEPS for this model: \[10\]"):
+        check_sampler_coverage(schedule, SamplerSettings("ddim", 4), coverage)
+    assert valid_sampler_steps(schedule, training_coverage(schedule, chain_steps=4)) == [4]
+
+
+def test_sampler_env_variables_set():
+    assert SamplerSettings.env_variables_set({"NNUNET_DIFFUSION_STEPS": "4", "NNUNET_DIFFUSION_SEED": " ",
+                                              "NNUNET_DIFFUSION_EPOCHS": "3"}) == {"NNUNET_DIFFUSION_STEPS": "4"}
