@@ -1,6 +1,7 @@
 """Equal-time benchmark of our trainers against the stock nnUNetTrainer, through the stock nnU-Net CLI.
 
-One run, one machine: build the real example dataset, plan and preprocess 3d_fullres, derive the narrower CPU
+One run, one machine: build the real example dataset, plan and preprocess a configuration (default 2d, the
+main job's), derive the narrower CPU
 plans (``nnunet-diffusion small-plans``, the main job's), then for every trainer train fold 0 for the same
 wall-clock budget (NNUNET_DIFFUSION_TIME_BUDGET, learning rate annealed over it), predict the held-out cases
 (imagesTs, no mirroring) and evaluate them against labelsTs. Writes a markdown table with per-class and mean
@@ -81,15 +82,15 @@ def benchmark_trainer(trainer: str, args, env: dict, raw: Path) -> dict:
     train_env = {**env, "NNUNET_DIFFUSION_TIME_BUDGET": str(args.budget), "NNUNET_DIFFUSION_EPOCHS": "1000",
                  "NNUNET_DIFFUSION_ITERATIONS": str(args.iterations_per_epoch),
                  "NNUNET_DIFFUSION_VAL_ITERATIONS": str(args.val_iterations), "NNUNET_DIFFUSION_FINAL_VALIDATION": "0"}
-    _, train_peak = run_measured(["nnUNetv2_train", str(args.dataset_id), "3d_fullres", "0", "-tr", trainer,
+    _, train_peak = run_measured(["nnUNetv2_train", str(args.dataset_id), args.configuration, "0", "-tr", trainer,
                                   "-p", args.plans, "-device", args.device], train_env)
-    model = Path(env["nnUNet_results"]) / raw.name / f"{trainer}__{args.plans}__3d_fullres"
+    model = Path(env["nnUNet_results"]) / raw.name / f"{trainer}__{args.plans}__{args.configuration}"
     timing = json.loads((model / "fold_0" / "training_time.json").read_text())
     out = Path(args.work) / "predictions" / trainer
     cases = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))
     predict_seconds, predict_peak = run_measured(
         ["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(args.dataset_id), "-c",
-         "3d_fullres", "-tr", trainer, "-p", args.plans, "-f", "0", "-device", args.device, "-npp", "0", "-nps", "0",
+         args.configuration, "-tr", trainer, "-p", args.plans, "-f", "0", "-device", args.device, "-npp", "0", "-nps", "0",
          "--disable_tta"], env)
     run_measured(["nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(out), "-djfile", str(model / "dataset.json"),
                   "-pfile", str(model / "plans.json")], env)
@@ -110,11 +111,12 @@ def write_table(rows: list[dict], labels: dict, args, command: str, elapsed: flo
     stock = next(r for r in rows if r["trainer"] == STOCK)
     lines = [f"# Benchmark: equal wall-clock training budget on the example data ({args.device})", "",
              f"Command: `{command}`", "",
-             f"Budget: {args.budget} s of training per trainer (fold 0, 3d_fullres, plans {args.plans}, "
+             f"Budget: {args.budget} s of training per trainer (fold 0, {args.configuration}, plans {args.plans}, "
              f"{args.iterations_per_epoch} "
              f"iterations per epoch, {args.val_iterations} validation iterations per epoch, final validation "
              f"skipped), then prediction of the {args.num_test} held-out cases without mirroring and evaluation "
-             f"against their labels. Dataset: {args.num_train} training cases at {args.spacing} mm. "
+             f"against their labels. Dataset: {args.num_train} training cases at {args.spacing} mm; mirroring (augmentation) "
+             f"along axes {args.mirror_axes} only (NNUNET_DIFFUSION_MIRROR_AXES). "
              f"Whole run: {elapsed / 60:.0f} min. Ratios are against the stock trainer in this run.", "",
              "| trainer | iterations | mean Dice | " + " | ".join(names[k] for k in sorted(names, key=int)) +
              " | s/iteration | s/predicted case | peak MiB train | peak MiB predict |",
@@ -135,13 +137,16 @@ def write_table(rows: list[dict], labels: dict, args, command: str, elapsed: flo
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=600, help="training seconds per trainer")
+    parser.add_argument("--budget", type=float, default=300, help="training seconds per trainer")
     parser.add_argument("--trainers", nargs="+", default=DEFAULT_TRAINERS)
     parser.add_argument("--work", default="work_dirs/benchmark", help="folder for nnU-Net data and results")
     parser.add_argument("--out", default="benchmarks/results_cpu.md")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dataset-id", type=int, default=502)
-    parser.add_argument("--spacing", type=float, default=4.0)
+    parser.add_argument("--dataset-id", type=int, default=503)
+    parser.add_argument("--spacing", type=float, default=5.0)
+    parser.add_argument("--configuration", default="2d")
+    parser.add_argument("--mirror-axes", default="1", help="NNUNET_DIFFUSION_MIRROR_AXES (default: left-right of a "
+                        "2d slice; the example's labels are symmetric only left-right)")
     parser.add_argument("--plans", default="nnUNetPlans_CPU", help="plans identifier; nnUNetPlans_CPU is derived "
                         "(base 16 features, max 128) if missing")
     parser.add_argument("--num-train", type=int, default=24)
@@ -164,21 +169,31 @@ def main(argv=None):
     existing = sorted(Path(env["nnUNet_raw"]).glob(f"Dataset{args.dataset_id:03d}_*"))
     raw = existing[0] if existing else Path(build_example_dataset(
         env["nnUNet_raw"], args.dataset_id, "BrainAtlasBench", args.num_train, args.num_test, args.spacing, seed=0))
-    if not list(Path(env["nnUNet_preprocessed"]).glob(f"{raw.name}/nnUNetPlans.json")):
-        run_measured(["nnUNetv2_plan_and_preprocess", "-d", str(args.dataset_id), "-c", "3d_fullres", "-np", "2",
+    if not (Path(env["nnUNet_preprocessed"]) / raw.name / f"nnUNetPlans_{args.configuration}").is_dir():
+        run_measured(["nnUNetv2_plan_and_preprocess", "-d", str(args.dataset_id), "-c", args.configuration, "-np", "2",
                       "--verify_dataset_integrity"], {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"})
     if args.plans == "nnUNetPlans_CPU" and not (Path(env["nnUNet_preprocessed"]) / raw.name / "nnUNetPlans_CPU.json").exists():
         write_small_plans(str(Path(env["nnUNet_preprocessed"]) / raw.name))
     env["nnUNet_n_proc_DA"] = "0"
-    rows = []
+    env["NNUNET_DIFFUSION_MIRROR_AXES"] = args.mirror_axes
+    rows, failed = [], {}
     for trainer in args.trainers:
         print(f"[benchmark] {trainer}", flush=True)
-        rows.append(benchmark_trainer(trainer, args, env, raw))
+        try:
+            rows.append(benchmark_trainer(trainer, args, env, raw))
+        except RuntimeError as error:  # one broken trainer must not cost the others' measurements
+            failed[trainer] = str(error)[-2000:]
+            print(f"[benchmark] {trainer} FAILED:\n{failed[trainer]}", flush=True)
+            continue
         print(json.dumps(rows[-1]), flush=True)
     labels = json.loads((raw / "dataset.json").read_text())["labels"]
     table = write_table(rows, labels, args, command, time.perf_counter() - started)
     Path(args.out).write_text(table)
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    if failed:
+        table += "\n## Failed\n\n" + "\n".join(f"- {t}: `{e.splitlines()[-1] if e else ''}`" for t, e in failed.items()) + "\n"
+        Path(args.out).write_text(table)
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows, "failed": failed},
+                                                              indent=1))
     plot_curves(rows, Path(args.out).with_suffix(".png"), f"{command}\n({args.device}, {args.budget:.0f} s per trainer)")
     print(table)
 

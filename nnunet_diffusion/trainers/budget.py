@@ -15,6 +15,12 @@ These variables shorten it without new trainer classes; unset, nothing changes:
                                      checkpoint, so --c continues the budget where it stopped.
     NNUNET_DIFFUSION_FINAL_VALIDATION=0  skip the final validation of the fold (with a sampler inside and
                                      mirroring on, it can cost more than a short training run)
+    NNUNET_DIFFUSION_MIRROR_AXES     axes for mirroring, in training augmentation and test-time augmentation
+                                     alike: comma-separated spatial axes of the preprocessed arrays (e.g. "2")
+                                     or "none". nnU-Net mirrors every axis; where the labels depend on the
+                                     position along an axis (front vs back of a brain), flipping it turns one
+                                     class into another, and a short run learns the task much later. Stored
+                                     by nnU-Net in the checkpoint (inference_allowed_mirroring_axes).
 
 Every run writes fold_X/training_time.json: iterations and wall-clock seconds of the training iterations
 (data loading included, per-epoch validation excluded).
@@ -30,13 +36,32 @@ import torch
 import torch.distributed as dist
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 ENV_INT_SETTINGS = {"NNUNET_DIFFUSION_EPOCHS": "num_epochs",
                     "NNUNET_DIFFUSION_ITERATIONS": "num_iterations_per_epoch",
                     "NNUNET_DIFFUSION_VAL_ITERATIONS": "num_val_iterations_per_epoch"}
 ENV_TIME_BUDGET = "NNUNET_DIFFUSION_TIME_BUDGET"
 ENV_FINAL_VALIDATION = "NNUNET_DIFFUSION_FINAL_VALIDATION"
+ENV_MIRROR_AXES = "NNUNET_DIFFUSION_MIRROR_AXES"
 ELAPSED_LOG_KEY = "budget_elapsed_s"  # per-epoch training seconds, kept in the checkpoint's logging (for --c)
+
+
+def read_mirror_axes(num_spatial_dims: int, environ=os.environ):
+    """NNUNET_DIFFUSION_MIRROR_AXES -> None (unset: nnU-Net's default), () for 'none', or a tuple of axes."""
+    raw = environ.get(ENV_MIRROR_AXES, "").strip().lower()
+    if not raw:
+        return None
+    if raw == "none":
+        return ()
+    try:
+        axes = tuple(sorted({int(a) for a in raw.split(",") if a.strip()}))
+    except ValueError:
+        axes = ()
+    if not axes or any(not 0 <= a < num_spatial_dims for a in axes):
+        raise ValueError(f"{ENV_MIRROR_AXES}={raw!r} must be 'none' or comma-separated axes in "
+                         f"0..{num_spatial_dims - 1} (this configuration has {num_spatial_dims} spatial axes).")
+    return axes
 
 
 def _read_env(name: str, cast):
@@ -81,6 +106,8 @@ class TrainingBudgetMixin:
         # read (and validate) before nnUNetTrainer makes the output folder
         lengths = {attribute: _read_env(name, int) for name, attribute in ENV_INT_SETTINGS.items()}
         time_budget_s = _read_env(ENV_TIME_BUDGET, float)
+        spatial_dims = len(PlansManager(plans).get_configuration(configuration).patch_size)
+        self.mirror_axes_override = read_mirror_axes(spatial_dims)
         super().__init__(plans, configuration, fold, dataset_json, device)
         for attribute, value in lengths.items():
             if value is not None:
@@ -88,6 +115,14 @@ class TrainingBudgetMixin:
         self.time_budget_s = time_budget_s
         if self.time_budget_s is not None:
             self.save_every = 1  # a budgeted run may end at any epoch: keep checkpoint_latest current
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if self.mirror_axes_override is not None:
+            mirror_axes = self.mirror_axes_override or None  # nnU-Net's 'no mirroring' is None
+            self.inference_allowed_mirroring_axes = mirror_axes
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
 
     def _budget_elapsed(self, started: float, offset: float) -> float:
         """Seconds of training so far (earlier runs of a --c resume included). Under DDP, rank 0's value for

@@ -111,3 +111,14 @@ def test_unbudgeted_loop_is_nnunets_epoch_schedule(clock):
     trainer.run_training()
     assert trainer.lrs == pytest.approx([poly(0.01, 0.0)] * 4 + [poly(0.01, 1 / 100)] * 4)  # epoch-based
     assert ELAPSED_LOG_KEY not in trainer.logger.my_fantastic_logging
+
+
+@pytest.mark.parametrize("raw,expected", [("", None), ("none", ()), ("2", (2,)), ("2, 0", (0, 2))])
+def test_mirror_axes_setting(raw, expected):
+    assert budget.read_mirror_axes(3, {budget.ENV_MIRROR_AXES: raw}) == expected
+
+
+@pytest.mark.parametrize("raw", ["3", "x", "-1", ","])
+def test_bad_mirror_axes_are_refused_with_the_valid_range(raw):
+    with pytest.raises(ValueError, match=r"must be 'none' or comma-separated axes in 0..2"):
+        budget.read_mirror_axes(3, {budget.ENV_MIRROR_AXES: raw})

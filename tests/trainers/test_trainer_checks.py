@@ -65,3 +65,18 @@ def test_unroll_steps_setting_reaches_the_network(tmp_path, monkeypatch):
     monkeypatch.setenv("NNUNET_DIFFUSION_UNROLL_STEPS", "0")
     with pytest.raises(ValueError, match="NNUNET_DIFFUSION_UNROLL_STEPS='0' must be a whole number >= 1"):
         make(nnUNetTrainerCrossTimestep, {"background": 0, "organ": 1}, tmp_path / "x", monkeypatch)
+
+
+def test_mirror_axes_setting_reaches_augmentation_and_test_time_mirroring(tmp_path, monkeypatch):
+    monkeypatch.setenv("NNUNET_DIFFUSION_MIRROR_AXES", "2")
+    trainer = make(nnUNetTrainerDiffusion, {"background": 0, "organ": 1}, tmp_path, monkeypatch)
+    *_, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert mirror_axes == (2,) and trainer.inference_allowed_mirroring_axes == (2,)
+    monkeypatch.setenv("NNUNET_DIFFUSION_MIRROR_AXES", "none")
+    trainer = make(nnUNetTrainerDiffusion, {"background": 0, "organ": 1}, tmp_path / "b", monkeypatch)
+    *_, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert mirror_axes is None and trainer.inference_allowed_mirroring_axes is None
+    monkeypatch.setenv("NNUNET_DIFFUSION_MIRROR_AXES", "3")
+    with pytest.raises(ValueError, match="NNUNET_DIFFUSION_MIRROR_AXES='3' must be 'none' or .* in 0..2"):
+        make(nnUNetTrainerDiffusion, {"background": 0, "organ": 1}, tmp_path / "c", monkeypatch)
+    assert not (tmp_path / "c").exists()
