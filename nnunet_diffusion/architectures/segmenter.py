@@ -163,6 +163,17 @@ class DiffusionSegmenter(nn.Module):
 CHAIN_GRADIENTS = ("state", "full")
 
 
+MIN_SNR_GAMMA = 5.0  # Hang et al. 2023 (Min-SNR weighting): their recommended gamma
+
+
+def min_snr_eps_weight(schedule: NoiseSchedule, k: int, gamma: float = MIN_SNR_GAMMA) -> torch.Tensor:
+    """Weight of an eps-MSE at step k: min(SNR_k, gamma) / SNR_k, SNR_k = abar_k / (1 - abar_k). The weighted eps
+    error equals min(SNR_k, gamma) times the x0 error: 1 where the signal is weak, bounded where it is strong."""
+    abar = schedule.alphas_cumprod[k].double()
+    snr = abar / (1 - abar)
+    return (torch.clamp(snr, max=gamma) / snr).float()
+
+
 class RecurrentDiffusionSegmenter(DiffusionSegmenter):
     """A segmenter whose denoiser carries state across reverse steps (Cross-Timestep's tLSTM).
 
@@ -172,7 +183,7 @@ class RecurrentDiffusionSegmenter(DiffusionSegmenter):
     of kind ``training_chain.kind``; a stored training setting, independent of the prediction sampler): start at
     a random step k0 from the noised ground truth, run ``unroll_steps`` steps of the real reverse loop with the
     state carried, and regress every step's eps onto the noise that separates that step's x_k from the ground
-    truth. Only 'eps' models. Prediction must visit exactly the chain's timesteps (``training_coverage``).
+    truth, each step's squared error weighted by ``min_snr_eps_weight``. Only 'eps' models. Prediction must visit exactly the chain's timesteps (``training_coverage``).
 
     chain_gradient: 'state' (default): each step's model input x_k is detached, gradient flows between steps
         only through the recurrent state. Why: each step's loss is then a clean eps regression onto
@@ -212,7 +223,13 @@ class RecurrentDiffusionSegmenter(DiffusionSegmenter):
         condition = self.denoiser.encode_image(image)
         x_start = q_sample(schedule, x0, torch.full((x0.shape[0],), start), torch.randn_like(x0))
         outputs, targets, x0_hat = self.unroll_chain(condition, x_start, x0, start, length)
-        return TrainingPass(torch.cat(outputs), torch.cat(targets), x0_hat, getattr(condition, "prior_logits", None))
+        # x_k comes from the model's previous step, not from q(x_k | x0): its eps target carries that step's x0
+        # error times sqrt(SNR_k) (100x at t = 0), so unweighted, the last steps of the chain swamp the loss
+        # (seen: 9.5e3 vs ~1). Min-SNR weighting bounds every step's loss by gamma times its x0 error.
+        scales = [min_snr_eps_weight(schedule, k).sqrt() for k in range(start, start - length, -1)]
+        return TrainingPass(torch.cat([o * w for o, w in zip(outputs, scales)]),
+                            torch.cat([t * w for t, w in zip(targets, scales)]), x0_hat,
+                            getattr(condition, "prior_logits", None))
 
     def unroll_chain(self, condition, x_start: torch.Tensor, x0: torch.Tensor, start: int, length: int):
         """``length`` steps of the training chain from step ``start`` (x_start (B, C, *S) at that step), the state

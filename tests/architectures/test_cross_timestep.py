@@ -7,7 +7,8 @@ from torch import nn
 from nnunet_diffusion.architectures.apds import PriorFusion, apds_prior_weight
 from nnunet_diffusion.architectures.fft_tlstm import FFTTLSTM
 from nnunet_diffusion.architectures.tlstm import ConvTLSTMCell, LinearTGRUCell
-from nnunet_diffusion.diffusion.gaussian import eps_from_x0
+from nnunet_diffusion.architectures.segmenter import MIN_SNR_GAMMA, min_snr_eps_weight
+from nnunet_diffusion.diffusion.gaussian import eps_from_x0, x0_from_eps
 from nnunet_diffusion.diffusion.masks import labels_to_x0
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.trainers import variants_cross_timestep as variants
@@ -208,10 +209,11 @@ def test_stateless_two_step_chain_equals_two_independent_one_step_losses(configu
     assert len(seen) == 2
     chain_loss = ((result.output - result.regression_target) ** 2).mean()
     one_step = []
-    for x_k, t_k in seen:   # each step alone: fresh condition, its own eps target
-        index = torch.full((2,), int((net.chain_schedule.timesteps == t_k[0]).nonzero()))
+    for x_k, t_k in seen:   # each step alone: fresh condition, its own eps target, its Min-SNR weight
+        k = int((net.chain_schedule.timesteps == t_k[0]).nonzero())
         eps = net.denoiser(x_k, t_k, net.denoiser.encode_image(image))
-        one_step.append(((eps - eps_from_x0(net.chain_schedule, x_k, index, x0)) ** 2).mean())
+        weight = min_snr_eps_weight(net.chain_schedule, k)
+        one_step.append(weight * ((eps - eps_from_x0(net.chain_schedule, x_k, torch.full((2,), k), x0)) ** 2).mean())
     independent_loss = (one_step[0] + one_step[1]) / 2          # equal sizes: the mean over both steps
     torch.testing.assert_close(chain_loss, independent_loss)
     params = [p for p in net.parameters()]
@@ -249,3 +251,39 @@ def test_checkpoint_of_the_other_ra_block_is_refused_naming_the_variant(configur
     with pytest.raises(RuntimeError, match="no weights for the conv RA block.*parameter-free reverse attention"):
         conv.load_state_dict(default.state_dict())
     build(variants.nnUNetTrainerCrossTimestep_convRA, configuration_manager).load_state_dict(old)
+
+
+def test_min_snr_weight_by_hand():
+    from nnunet_diffusion.diffusion.schedules import make_schedule, respace
+    chain = respace(make_schedule("linear", 1000), 10)
+    abar = chain.alphas_cumprod
+    for k in range(10):
+        snr = float(abar[k] / (1 - abar[k]))
+        expected = 1.0 if snr <= MIN_SNR_GAMMA else MIN_SNR_GAMMA / snr
+        assert float(min_snr_eps_weight(chain, k)) == pytest.approx(expected, rel=1e-6)
+    assert float(min_snr_eps_weight(chain, 9)) == 1.0             # t = 999: SNR ~4e-5, plain eps loss
+    assert float(min_snr_eps_weight(chain, 0)) == pytest.approx(5 * 1e-4 / 0.9999, rel=1e-3)  # t = 0: SNR ~1e4
+
+
+def test_last_chain_step_loss_is_gamma_times_its_x0_error(configuration_manager):
+    """A chain ending at t = 0: the eps target of a model-made x_0 is 100x that step's x0 error; weighted, the
+    step's loss is exactly gamma times the squared x0 error (not 1e4 times)."""
+    net = build(nnUNetTrainerCrossTimestep, configuration_manager).train()
+    seen = []
+    net.denoiser.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone()))
+    torch.manual_seed(1)
+    image, labels = torch.randn(1, 1, 16, 16, 16), torch.randint(0, C, (1, 1, 16, 16, 16))
+    x0 = labels_to_x0(labels, C)
+    original_randint = torch.randint
+    try:  # pin the random start of the chain to k = 1
+        torch.randint = lambda *args, **kw: torch.tensor(1) if args[-1] == () else original_randint(*args, **kw)
+        result = net(image, x0)
+    finally:
+        torch.randint = original_randint
+    x_last, index = seen[-1], torch.zeros(1, dtype=torch.long)
+    w = min_snr_eps_weight(net.chain_schedule, 0).sqrt()
+    eps_hat, target = result.output[1:] / w, result.regression_target[1:] / w   # step 2 of the chain: t = 0
+    x0_error = ((x0_from_eps(net.chain_schedule, x_last, index, eps_hat) - x0) ** 2).mean()
+    weighted = ((result.output[1:] - result.regression_target[1:]) ** 2).mean()
+    torch.testing.assert_close(weighted, MIN_SNR_GAMMA * x0_error, rtol=1e-3, atol=1e-6)
+    assert ((eps_hat - target) ** 2).mean() > 1000 * weighted  # what the unweighted loss would have been
