@@ -194,7 +194,8 @@ def main(argv=None):
         Path(args.out).write_text(table)
     Path(args.out).with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows, "failed": failed},
                                                               indent=1))
-    plot_curves(rows, Path(args.out).with_suffix(".png"), f"{command}\n({args.device}, {args.budget:.0f} s per trainer)")
+    plot_curves(rows, Path(args.out).with_suffix(".png"), f"{Path(args.out).name}: {args.device}, {args.budget:.0f} s of "
+                f"training per trainer, {args.configuration} (command in {Path(args.out).name})")
     print(table)
 
 

@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("nnUNet_def_n_proc", "1")
 
@@ -36,3 +37,22 @@ def configuration_manager():
     def _make(dim=3, **kwargs):
         return ConfigurationManager(make_configuration(dim, **kwargs))
     return _make
+
+
+def diffusion_trainers():
+    """Every diffusion trainer nnU-Net can find through our nnUNet_extTrainer entry point, sorted by name."""
+    from nnunet_diffusion.nnunet_ext import nnunet_diffusion_trainers
+    from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
+    found = {cls for cls in vars(nnunet_diffusion_trainers).values()
+             if isinstance(cls, type) and issubclass(cls, nnUNetTrainerDiffusionBase)
+             and cls is not nnUNetTrainerDiffusionBase}
+    return sorted(found, key=lambda cls: cls.__name__)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: thread start-up costs more than it saves, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,6 +11,7 @@ import socket
 from types import SimpleNamespace
 
 import pytest
+from conftest import diffusion_trainers
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -22,23 +23,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nnunet_diffusion.architectures import apds, conditional_unet
 from nnunet_diffusion.diffusion.masks import labels_to_x0
-from nnunet_diffusion.nnunet_ext import nnunet_diffusion_trainers
 from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
 from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep
 from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 C = 3                      # classes incl. background
 FEATURES = (4, 8, 16)      # three stages: the decoders have a deep-supervision head that must not exist
 PATCH = (8, 8, 8)
 WORLD_SIZE, STEPS = 2, 3
 
 
-def diffusion_trainers():
-    """Every diffusion trainer nnU-Net can find through our nnUNet_extTrainer entry point, sorted by name."""
-    found = {cls for cls in vars(nnunet_diffusion_trainers).values()
-             if isinstance(cls, type) and issubclass(cls, nnUNetTrainerDiffusionBase)
-             and cls is not nnUNetTrainerDiffusionBase}
-    return sorted(found, key=lambda cls: cls.__name__)
 
 
 def build(trainer_cls, configuration: dict) -> nn.Module:
@@ -62,13 +57,6 @@ def training_loss(network: nn.Module, loss_owner, batch_size: int = 2) -> torch.
     return nnUNetTrainerDiffusionBase.diffusion_loss(loss_owner, result, labels)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread start-up costs more than it saves, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
 from nnunet_diffusion.trainers.recycling import nnUNetTrainerDiffSegRecycling
 
-__all__ = ["nnUNetTrainerDiffusion_DDPM1000", "nnUNetTrainerDiffusion_cosine",
+__all__ = ["nnUNetTrainerDiffusion_DDPM1000", "nnUNetTrainerDiffusion_cosine", "nnUNetTrainerDiffusion_x0",
            "nnUNetTrainerDiffSegRecycling_noRecycling", "nnUNetTrainerDiffSegRecycling_twoEncoders"]
 
 
@@ -18,6 +18,13 @@ class nnUNetTrainerDiffusion_DDPM1000(nnUNetTrainerDiffusion):
 class nnUNetTrainerDiffusion_cosine(nnUNetTrainerDiffusion):
     """Cosine noise schedule (Nichol & Dhariwal 2021) instead of linear betas."""
     noise_schedule = "cosine"
+
+
+class nnUNetTrainerDiffusion_x0(nnUNetTrainerDiffusion):
+    """x0-prediction (class logits, nnU-Net's Dice + CE) instead of eps, as Diff-UNet trains: at high t an eps
+    target holds the mask only with weight sqrt(abar_t) (0.006 at t = 999), so a briefly trained eps model
+    learns little of the mask where sampling from pure noise starts (benchmarks/results_cpu.md)."""
+    prediction = "x0"
 
 
 class nnUNetTrainerDiffSegRecycling_noRecycling(nnUNetTrainerDiffSegRecycling):

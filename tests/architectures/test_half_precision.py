@@ -10,6 +10,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+from conftest import diffusion_trainers
 import torch
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -18,12 +19,12 @@ from torch import nn
 from nnunet_diffusion.architectures.fft_tlstm import FFTTLSTM
 from nnunet_diffusion.diffusion.masks import labels_to_x0
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
-from nnunet_diffusion.nnunet_ext import nnunet_diffusion_trainers
 from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
 from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep
 from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
 from nnunet_diffusion.trainers.recycling import nnUNetTrainerDiffSegRecycling
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 C = 3  # classes incl. background
 HALF = (torch.float16, torch.bfloat16)
 # Upper bounds of the differences to float32 (same weights, same seed). float16 keeps 11 significant bits
@@ -36,21 +37,8 @@ TOLERANCES = {torch.float16: dict(output=5e-3, loss=1e-3, grad=5e-2, probabiliti
               torch.bfloat16: dict(output=3e-2, loss=1e-2, grad=1e-1, probabilities=5e-3)}
 
 
-def diffusion_trainers():
-    """Every diffusion trainer nnU-Net can find through our nnUNet_extTrainer entry point, sorted by name."""
-    found = {cls for cls in vars(nnunet_diffusion_trainers).values()
-             if isinstance(cls, type) and issubclass(cls, nnUNetTrainerDiffusionBase)
-             and cls is not nnUNetTrainerDiffusionBase}
-    return sorted(found, key=lambda cls: cls.__name__)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread start-up costs more than it saves, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(trainer_cls, configuration_manager, dim: int):

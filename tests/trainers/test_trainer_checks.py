@@ -80,3 +80,17 @@ def test_mirror_axes_setting_reaches_augmentation_and_test_time_mirroring(tmp_pa
     with pytest.raises(ValueError, match="NNUNET_DIFFUSION_MIRROR_AXES='3' must be 'none' or .* in 0..2"):
         make(nnUNetTrainerDiffusion, {"background": 0, "organ": 1}, tmp_path / "c", monkeypatch)
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("name,optimizer,lr", [("nnUNetTrainerDiffSegRecycling", "AdamW", 1e-3),
+                                                ("nnUNetTrainerDiffSegRecycling_SGD", "SGD", 1e-2)])
+def test_optimizer_choice_reaches_the_built_trainer(name, optimizer, lr, tmp_path, monkeypatch):
+    from nnunet_diffusion.trainers import variants_optimizer
+    trainer_cls = getattr(variants_optimizer, name, nnUNetTrainerDiffSegRecycling)
+    trainer = make(trainer_cls, {"background": 0, "organ": 1}, tmp_path, monkeypatch)
+    trainer.network = __import__("torch").nn.Linear(2, 2)  # what initialize() would build; only its parameters count
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    assert type(trainer.optimizer).__name__ == optimizer
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+    trainer.lr_scheduler.step(500)  # nnU-Net's poly decay over num_epochs (1000) for both
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr * 0.5 ** 0.9)
