@@ -110,7 +110,7 @@ def test_cross_timestep_trainer_3d_and_collapse_analysis(nnunet):
     train_predict_evaluate(nnunet, "nnUNetTrainerCrossTimestep")
     out = nnunet["root"] / "collapse"
     run(["nnunet-diffusion", "collapse-analysis", "-d", str(DATASET_ID), "-tr", "nnUNetTrainerCrossTimestep",
-         "-o", str(out), "--cases", "1", "--steps", "4"], nnunet["env"])
+         "-o", str(out), "--cases", "1", "--steps", "4", "--allow-untrained"], nnunet["env"])
     with open(out / "collapse.csv") as f:
         rows = list(csv.DictReader(f))
     sweep = [r for r in rows if r["analysis"] == "start_sweep"]

@@ -138,6 +138,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sampler", default=None, help="override the stored sampler kind (ddpm/ddim)")
     parser.add_argument("--steps", type=int, default=None, help="override the stored number of steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allow-untrained", action="store_true", help="allow --steps whose timesteps the model "
+                        "never trained on (refused otherwise, as at prediction): for analysis only")
     parser.add_argument("-device", default="cpu")
     args = parser.parse_args(argv)
     from nnunetv2.paths import nnUNet_results
@@ -151,7 +153,8 @@ def main(argv=None) -> int:
         folder = os.path.join(nnUNet_results, dataset, f"{trainer}__{args.p}__{args.c}")
         network, predictor = load_model(folder, args.f, args.chk, torch.device(args.device))
         stored = network.sampler
-        network.set_sampler(SamplerSettings(args.sampler or stored.kind, args.steps or stored.steps, 1, args.seed))
+        network.set_sampler(SamplerSettings(args.sampler or stored.kind, args.steps or stored.steps, 1, args.seed),
+                            allow_untrained=args.allow_untrained)
         for key, image, labels in validation_patches(predictor, args.f, args.cases):
             device = torch.device(args.device)
             for r in analyse_case(network, image.to(device), labels.to(device), args.seed):
