@@ -11,6 +11,7 @@ from nnunet_diffusion.architectures.segmenter import MIN_SNR_GAMMA, min_snr_eps_
 from nnunet_diffusion.diffusion.gaussian import eps_from_x0, x0_from_eps
 from nnunet_diffusion.diffusion.masks import labels_to_x0
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
+from nnunet_diffusion.diffusion.schedules import make_schedule, respace
 from nnunet_diffusion.trainers import variants_cross_timestep as variants
 from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep
 
@@ -254,7 +255,6 @@ def test_checkpoint_of_the_other_ra_block_is_refused_naming_the_variant(configur
 
 
 def test_min_snr_weight_by_hand():
-    from nnunet_diffusion.diffusion.schedules import make_schedule, respace
     chain = respace(make_schedule("linear", 1000), 10)
     abar = chain.alphas_cumprod
     for k in range(10):
