@@ -53,6 +53,8 @@ def main(argv=None) -> int:
                    add_help=False)
     sub.add_parser("slices-figure", help="PNG of image, ground truth and prediction slices (see --help)",
                    add_help=False)
+    sub.add_parser("predict", help="nnUNetv2_predict with batched mirroring, uncertainty maps (see predict --help)",
+                   add_help=False)
     sub.add_parser("small-plans", help="write a narrower copy of a dataset's plans, for CPUs (see --help)",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -80,6 +82,9 @@ def main(argv=None) -> int:
         from nnunet_diffusion.analysis.slices_figure import main as slices_main
         slices_main(rest)
         return 0
+    if args.command == "predict":
+        from nnunet_diffusion.inference.command import main as predict_main
+        return predict_main(rest)
     if args.command == "small-plans":
         from nnunet_diffusion.planning.small_plans import main as small_plans_main
         small_plans_main(rest)

@@ -96,18 +96,23 @@ class DiffusionSegmenter(nn.Module):
 
     def sample_x0(self, image: torch.Tensor, start_index: Optional[int] = None,
                   on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
-                  x_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  x_start: Optional[torch.Tensor] = None, copies: int = 1) -> torch.Tensor:
         """Run the reverse process for ``num_samples`` samples per image.
 
         image: (B, C_img, *S). x_start: (B * num_samples, C, *S) state at ``start_index`` (default: seeded
-        pure noise). Returns the final mask estimate (B, num_samples, num_classes, *S) in [-1, 1].
+        pure noise). copies: ``image`` stacks ``copies`` versions (e.g. mirrored) of B / copies patches,
+        copy-major; each copy starts from the noise a run of that copy alone would draw, so batching the copies
+        of a deterministic sampler gives what running them one by one gives (nnU-Net's sequential mirroring).
+        Returns the final mask estimate (B, num_samples, num_classes, *S) in [-1, 1].
         """
         n = self.sampler.num_samples
+        if image.shape[0] % copies:
+            raise ValueError(f"a batch of {image.shape[0]} patches cannot hold {copies} equal copies")
         condition = self.denoiser.repeat_condition(self.denoiser.encode_image(image), n)
         generator = torch.Generator().manual_seed(self.sampler.seed)
-        shape = (image.shape[0] * n, self.num_classes, *image.shape[2:])
+        shape = (image.shape[0] // copies * n, self.num_classes, *image.shape[2:])
         noise = torch.randn(shape, generator=generator, dtype=image.dtype).to(image.device)
-        x_start = noise if x_start is None else x_start
+        x_start = noise.repeat(copies, *[1] * (noise.ndim - 1)) if x_start is None else x_start
         x0 = run_reverse_process(lambda x, t: self.estimate(x, t, condition), x_start, self.sampling_schedule,
                                  self.sampler.kind, self.prediction, generator, start_index, on_step)
         return x0.reshape(image.shape[0], n, *x0.shape[1:])
@@ -156,8 +161,19 @@ class DiffusionSegmenter(nn.Module):
         probabilities. Training (x0 given): a :class:`TrainingPass` (through forward so DDP sees it)."""
         if x0 is not None:
             return self.training_pass(image, x0)
-        probabilities = probabilities_from_x0(self.sample_x0(image), class_dim=2).mean(dim=1)
-        return torch.log(probabilities.clamp_min(1e-8))
+        return log_mean_probabilities(self.member_probabilities(image))
+
+    def member_probabilities(self, image: torch.Tensor, copies: int = 1,
+                             on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+        """(B, C_img, *S) -> (B, num_samples, num_classes, *S) class probabilities of every sample (``sample_x0``
+        explains ``copies``); what prediction averages, and what uncertainty maps measure the spread of."""
+        return probabilities_from_x0(self.sample_x0(image, on_step=on_step, copies=copies), class_dim=2)
+
+
+def log_mean_probabilities(member_probabilities: torch.Tensor) -> torch.Tensor:
+    """(B, M, C, *S) probabilities of M ensemble members -> (B, C, *S) log of their mean: logits whose softmax (what
+    nnU-Net applies) is exactly the members' averaged distribution."""
+    return torch.log(member_probabilities.mean(dim=1).clamp_min(1e-8))
 
 
 CHAIN_GRADIENTS = ("state", "full")

@@ -1,0 +1,90 @@
+"""``nnunet-diffusion predict``: nnUNetv2_predict's arguments (same names, same meaning) on ``DiffusionPredictor``,
+plus --uncertainty, --max_batch and sampler overrides for diffusion trainers."""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+
+import torch
+
+from nnunet_diffusion.diffusion.samplers import SamplerSettings
+from nnunet_diffusion.inference.predictor import DEFAULT_MAX_BATCH, DiffusionPredictor
+
+# our sampler flags set the variables every diffusion trainer's network reads when it is built (and validates)
+SAMPLER_FLAGS = {"sampler": "SAMPLER", "steps": "STEPS", "samples": "SAMPLES", "seed": "SEED"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnunet-diffusion predict",
+        description="nnUNetv2_predict for diffusion trainers: every mirrored copy and sample of a window in one "
+                    "sampler run, optional uncertainty maps, progress per sampler step, no half-written files. "
+                    "Works for the stock trainer too.")
+    add = parser.add_argument
+    add("-i", required=True, help="input folder (file names as nnUNetv2_predict wants them: case_0000.nii.gz, ...)")
+    add("-o", required=True, help="output folder (created if missing)")
+    add("-d", required=True, help="dataset name or id")
+    add("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    add("-tr", default="nnUNetTrainer", help="trainer class used for training (default nnUNetTrainer)")
+    add("-c", required=True, help="configuration, e.g. 2d or 3d_fullres")
+    add("-f", nargs="+", default=(0, 1, 2, 3, 4), help="folds to ensemble (default 0 1 2 3 4), or 'all'")
+    add("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch (default 0.5)")
+    add("--disable_tta", action="store_true", help="no test-time mirroring")
+    add("--verbose", action="store_true")
+    add("--save_probabilities", action="store_true", help="also write <case>.npz class probabilities")
+    add("--continue_prediction", action="store_true", help="predict only the cases whose files are not all there")
+    add("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    add("-npp", type=int, default=int(os.environ.get("nnUNet_npp", 3)), help="preprocessing processes (0: none)")
+    add("-nps", type=int, default=int(os.environ.get("nnUNet_nps", 3)), help="export processes (0: none)")
+    add("-prev_stage_predictions", default=None, help="previous stage's predictions (cascade)")
+    add("-num_parts", type=int, default=1, help="split the cases into this many separate calls")
+    add("-part_id", type=int, default=0, help="which part this call predicts (0 .. num_parts-1)")
+    add("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="device (default cuda)")
+    add("--disable_progress_bar", action="store_true", help="no progress bars (windows, sampler steps)")
+    add("--not_on_device", action="store_true", help="keep the case's result arrays in CPU memory")
+    ours = parser.add_argument_group("nnunet-diffusion")
+    ours.add_argument("--uncertainty", action="store_true",
+                      help="also write <case>_uncertainty (predictive entropy, nats) and <case>_mutual_information "
+                           "(disagreement between mirrored copies and samples) in the input's geometry")
+    ours.add_argument("--max_batch", type=int, default=DEFAULT_MAX_BATCH,
+                      help=f"most members (mirrored copies x samples) per network call; lower it if memory runs "
+                           f"out (default {DEFAULT_MAX_BATCH})")
+    ours.add_argument("--sampler", choices=["ddim", "ddpm"], help="override the stored sampler kind")
+    ours.add_argument("--steps", type=int, help="override the stored number of reverse steps")
+    ours.add_argument("--samples", type=int, help="samples per window (their spread feeds --uncertainty)")
+    ours.add_argument("--seed", type=int, help="seed of the start noise (same seed, same segmentation)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    if not 0 <= args.part_id < args.num_parts:
+        raise SystemExit(f"-part_id must be in 0..{args.num_parts - 1} (-num_parts {args.num_parts}), got {args.part_id}")
+    folds = [f if f == "all" else int(f) for f in args.f]
+    overrides = {name: getattr(args, name) for name in SAMPLER_FLAGS if getattr(args, name) is not None}
+    for name, value in overrides.items():  # read, and checked against the trained model, when the network is built
+        os.environ[SamplerSettings.ENV_PREFIX + SAMPLER_FLAGS[name]] = str(value)
+    if args.device == "cpu":
+        torch.set_num_threads(multiprocessing.cpu_count())
+    elif args.device == "cuda":
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+    predictor = DiffusionPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
+                                   perform_everything_on_device=not args.not_on_device,
+                                   device=torch.device(args.device), verbose=args.verbose,
+                                   verbose_preprocessing=args.verbose, allow_tqdm=not args.disable_progress_bar,
+                                   uncertainty=args.uncertainty, max_batch=args.max_batch)
+    predictor.initialize_from_trained_model_folder(get_output_folder(args.d, args.tr, args.p, args.c), folds,
+                                                   checkpoint_name=args.chk)
+    if overrides and predictor.segmenter is None:
+        raise SystemExit(f"--{' --'.join(overrides)}: {args.tr} is not a diffusion trainer and has no sampler.")
+    os.makedirs(args.o, exist_ok=True)
+    predictor.predict_from_files(args.i, args.o, save_probabilities=args.save_probabilities,
+                                 overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
+                                 num_processes_segmentation_export=args.nps,
+                                 folder_with_segs_from_prev_stage=args.prev_stage_predictions,
+                                 num_parts=args.num_parts, part_id=args.part_id)
+    return 0

@@ -1,0 +1,216 @@
+"""``DiffusionPredictor``: nnU-Net's predictor with batched test-time mirroring, uncertainty maps, sampler-level
+progress and never-half-written outputs. Everything else (preprocessing, sliding windows, Gaussian weighting,
+fold ensembling, resampling, --continue_prediction, -num_parts) is nnU-Net's ``nnUNetPredictor``.
+
+What it overrides, and why:
+- ``_internal_maybe_mirror_and_predict``: nnU-Net calls the network once per mirrored copy; a diffusion network
+  would run its whole sampler once per copy. Here the copies (and every sample) go through one sampler run as
+  one batch, split into chunks of at most ``max_batch`` members.
+- ``predict_sliding_window_return_logits``: with uncertainty on, the sliding window accumulates the maps as extra
+  channels beside the logits (same Gaussian weighting, same fold averaging).
+- ``predict_from_data_iterator``: export through ``export.export_case`` (staged, then renamed) and the maps.
+- ``_manage_input_and_output_lists``: a case is done only when all its files are (for --continue_prediction).
+- ``_internal_get_data_iterator_from_lists_of_filenames``: ``-npp 0`` preprocesses in this process.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from time import sleep
+from typing import Optional
+
+import numpy as np
+import torch
+from nnunetv2.configuration import default_num_processes
+from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
+from tqdm import tqdm
+
+from nnunet_diffusion.architectures.segmenter import DiffusionSegmenter, log_mean_probabilities
+from nnunet_diffusion.inference.ensemble import (UNCERTAINTY_MAPS, mirror_combinations, stack_mirrored,
+                                                 uncertainty_maps, unflip)
+from nnunet_diffusion.inference.export import case_complete, check_maps_writable, export_case
+
+# members (mirrored copies x samples) per sampler run: a 3d window's 8 copies of one sample, as one batch
+DEFAULT_MAX_BATCH = 8
+
+
+class _WithMapChannels:
+    """nnU-Net's label manager, but with room for the uncertainty maps: the sliding window allocates
+    ``num_segmentation_heads`` channels and we need the maps accumulated beside the logits."""
+
+    def __init__(self, label_manager, extra: int):
+        self._label_manager, self._extra = label_manager, extra
+
+    @property
+    def num_segmentation_heads(self) -> int:
+        return self._label_manager.num_segmentation_heads + self._extra
+
+    def __getattr__(self, name):
+        return getattr(self._label_manager, name)
+
+
+class DiffusionPredictor(nnUNetPredictor):
+    """nnUNetPredictor plus: ``uncertainty`` (write <case>_uncertainty and <case>_mutual_information maps),
+    ``max_batch`` (members per network call). Works with any nnU-Net network; for a network without a sampler
+    (the stock trainer's) the members are the mirrored copies and nothing else changes."""
+
+    def __init__(self, *args, uncertainty: bool = False, max_batch: int = DEFAULT_MAX_BATCH, **kwargs):
+        super().__init__(*args, **kwargs)
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 (members per network call), got {max_batch}")
+        self.uncertainty = uncertainty
+        self.max_batch = max_batch
+
+    def initialize_from_trained_model_folder(self, *args, **kwargs):
+        super().initialize_from_trained_model_folder(*args, **kwargs)
+        if self.uncertainty:
+            check_maps_writable(self.plans_manager)
+
+    @property
+    def segmenter(self) -> Optional[DiffusionSegmenter]:
+        """The diffusion segmenter behind ``self.network`` (also when compiled), or None for a plain network."""
+        network = getattr(self.network, "_orig_mod", self.network)
+        return network if isinstance(network, DiffusionSegmenter) else None
+
+    # ---- one window: every mirrored copy and sample in one batch ------------------------------------------------
+
+    @torch.inference_mode()
+    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, C_img, *P) window -> (1, C [+ maps], *P): the copies' logits averaged as nnU-Net averages them
+        (the mean of each copy's logits), then, with ``uncertainty``, the maps over all members."""
+        combinations = mirror_combinations(self.allowed_mirroring_axes if self.use_mirroring else None)
+        if self.use_mirroring and combinations[-1] and max(combinations[-1]) > x.ndim - 1:
+            raise ValueError(f"mirror axes {self.allowed_mirroring_axes} do not fit a {x.ndim - 2}d window")
+        batch = stack_mirrored(x, combinations)
+        logits, members = self._predict_copies(batch)
+        logits = unflip(logits, combinations).mean(dim=0, keepdim=True)
+        if not self.uncertainty:
+            return logits
+        members = unflip(members, combinations, extra_dims=1).flatten(0, 1)
+        return torch.cat([logits, uncertainty_maps(members)[None].to(logits.dtype)], dim=1)
+
+    def _predict_copies(self, batch: torch.Tensor):
+        """(K, C_img, *P) copies -> per-copy logits (K, C, *P) and member probabilities (K, M, C, *P), in chunks of
+        at most ``max_batch`` members (a chunk holds whole copies: all samples of a copy share its noise)."""
+        segmenter = self.segmenter
+        samples = segmenter.sampler.num_samples if segmenter is not None else 1
+        chunk = max(1, self.max_batch // samples)
+        chunks = list(torch.split(batch, chunk))
+        logits, members = [], []
+        steps = segmenter.sampler.steps if segmenter is not None else 0
+        with tqdm(total=steps * len(chunks), desc="sampler steps", leave=False, position=1,
+                  disable=not self.allow_tqdm or segmenter is None) as bar:
+            for part in chunks:
+                if segmenter is None:
+                    out = self.network(part)
+                    logits.append(out)
+                    members.append(torch.softmax(out.float(), dim=1)[:, None])
+                    continue
+                probabilities = segmenter.member_probabilities(part, copies=part.shape[0],
+                                                               on_step=lambda k, x0_hat: bar.update())
+                logits.append(log_mean_probabilities(probabilities))
+                members.append(probabilities)
+        return torch.cat(logits), torch.cat(members)
+
+    # ---- sliding window with the maps as extra channels ----------------------------------------------------------
+
+    @torch.inference_mode()
+    def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
+        if not self.uncertainty:
+            return super().predict_sliding_window_return_logits(input_image)
+        label_manager = self.label_manager
+        self.label_manager = _WithMapChannels(label_manager, len(UNCERTAINTY_MAPS))
+        try:
+            return super().predict_sliding_window_return_logits(input_image)
+        finally:
+            self.label_manager = label_manager
+
+    # ---- which cases to predict, and how they are read and written -------------------------------------------
+
+    def _manage_input_and_output_lists(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                                       folder_with_segs_from_prev_stage=None, overwrite=True, part_id=0, num_parts=1,
+                                       save_probabilities=False):
+        inputs, outputs, previous = super()._manage_input_and_output_lists(
+            list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+            folder_with_segs_from_prev_stage, True, part_id, num_parts, save_probabilities)
+        if overwrite or outputs is None:
+            return inputs, outputs, previous
+        todo = [i for i, out in enumerate(outputs) if not case_complete(
+            out, self.dataset_json["file_ending"], save_probabilities, self.uncertainty)]
+        print(f"--continue_prediction: {len(outputs) - len(todo)} cases are complete, predicting the other {len(todo)}.")
+        return [inputs[i] for i in todo], [outputs[i] for i in todo], [previous[i] for i in todo]
+
+    def _internal_get_data_iterator_from_lists_of_filenames(self, input_list_of_lists, seg_from_prev_stage_files,
+                                                            output_filenames_truncated, num_processes: int):
+        if num_processes > 0:
+            return super()._internal_get_data_iterator_from_lists_of_filenames(
+                input_list_of_lists, seg_from_prev_stage_files, output_filenames_truncated, num_processes)
+        return self._preprocess_here(input_list_of_lists, seg_from_prev_stage_files, output_filenames_truncated)
+
+    def _preprocess_here(self, inputs, previous_stage, outputs):
+        """-npp 0: preprocess each case in this process, when it is needed (no worker processes)."""
+        preprocessor = self.configuration_manager.preprocessor_class(verbose=self.verbose_preprocessing)
+        label_manager = self.plans_manager.get_label_manager(self.dataset_json)
+        for i, files in enumerate(inputs):
+            prev = previous_stage[i] if previous_stage is not None else None
+            data, seg, properties = preprocessor.run_case(files, prev, self.plans_manager,
+                                                          self.configuration_manager, self.dataset_json)
+            if prev is not None:
+                data = np.vstack((data, convert_labelmap_to_one_hot(seg[0], label_manager.foreground_labels,
+                                                                    data.dtype)))
+            yield {"data": torch.from_numpy(data), "data_properties": properties,
+                   "ofile": outputs[i] if outputs is not None else None}
+
+    def predict_from_files_sequential(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                                      save_probabilities=False, overwrite=True, folder_with_segs_from_prev_stage=None):
+        """nnU-Net's no-multiprocessing path, through our export: ``predict_from_files`` with -npp 0 -nps 0."""
+        return self.predict_from_files(list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                                       save_probabilities, overwrite, 0, 0, folder_with_segs_from_prev_stage)
+
+    def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
+                                   num_processes_segmentation_export: int = default_num_processes):
+        """Predict every case of ``data_iterator`` and export it with ``export_case`` (in up to
+        ``num_processes_segmentation_export`` worker processes; 0: in this process). Cases without 'ofile' are
+        returned (segmentation[, probabilities]) as nnU-Net's predictor returns them."""
+        pool = (multiprocessing.get_context("spawn").Pool(num_processes_segmentation_export)
+                if num_processes_segmentation_export > 0 else None)
+        pending, results = [], []
+        try:
+            for item in data_iterator:
+                data = item["data"]
+                if isinstance(data, str):  # nnU-Net's preprocessing workers may hand over large cases as .npy
+                    path, data = data, torch.from_numpy(np.load(data))
+                    os.remove(path)
+                ofile, properties = item["ofile"], item["data_properties"]
+                print(f"\nPredicting {os.path.basename(ofile) if ofile else f'image of shape {tuple(data.shape)}'}:")
+                output = self.predict_logits_from_preprocessed_data(data).cpu().numpy()
+                heads = self.label_manager.num_segmentation_heads
+                logits, maps = output[:heads], (output[heads:].astype(np.float32) if self.uncertainty else None)
+                if ofile is None:
+                    results.append(convert_predicted_logits_to_segmentation_with_correct_shape(
+                        logits, self.plans_manager, self.configuration_manager, self.label_manager, properties,
+                        save_probabilities))
+                    continue
+                job = (logits, maps, properties, self.configuration_manager, self.plans_manager, self.dataset_json,
+                       ofile, save_probabilities)
+                if pool is None:
+                    export_case(*job)
+                    continue
+                pending.append(pool.apply_async(export_case, job))
+                while sum(not p.ready() for p in pending) > 2:  # bound the exports waiting in memory
+                    sleep(0.1)
+                for done in [p for p in pending if p.ready()]:
+                    done.get()  # re-raises an export error now, not after every case was predicted
+                    pending.remove(done)
+            for p in pending:
+                p.get()
+        except BaseException:
+            if pool is not None:
+                pool.terminate()  # a killed export leaves only its staging files, never a final-named one
+            raise
+        if pool is not None:
+            pool.close()
+            pool.join()
+        return results
