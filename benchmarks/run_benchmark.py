@@ -32,8 +32,8 @@ STOCK = "nnUNetTrainerBudget"
 DEFAULT_TRAINERS = [STOCK, "nnUNetTrainerDiffusion", "nnUNetTrainerDiffSegRecycling"]
 
 
-def run_measured(cmd: list[str], env: dict) -> tuple[float, float]:
-    """Run cmd; return (wall seconds, peak RSS in MiB of the process tree's largest process)."""
+def run_measured(cmd: list[str], env: dict, return_stdout: bool = False):
+    """Run cmd; return (wall seconds, peak RSS in MiB of the process tree's largest process[, stdout])."""
     wrapper = [sys.executable, "-c",
                "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
                "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
@@ -44,7 +44,7 @@ def run_measured(cmd: list[str], env: dict) -> tuple[float, float]:
     if result.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     peak_kb = int(next(line.split()[1] for line in result.stderr.splitlines() if line.startswith("PEAK_RSS_KB")))
-    return seconds, peak_kb / 1024
+    return (seconds, peak_kb / 1024, result.stdout) if return_stdout else (seconds, peak_kb / 1024)
 
 
 def pseudo_dice_curve(checkpoint: Path) -> dict:

@@ -160,3 +160,97 @@ def test_missing_ext_trainer_variable_names_the_fix(nnunet):
                   "-device", "cpu"], env, check=False)
     assert result.returncode != 0
     assert "nnUNet_extTrainer" in result.stdout + result.stderr
+
+
+# ---- nnunet-diffusion predict -----------------------------------------------------------------------------------
+
+
+def ensure_trained(nnunet, trainer, configuration):
+    """The model an earlier test trained, or a fresh 2-iteration one (tests may run alone)."""
+    model = model_folder(nnunet, trainer, configuration)
+    if not (model / "fold_0" / "checkpoint_final.pth").is_file():
+        run(["nnUNetv2_train", str(DATASET_ID), configuration, "0", "-tr", trainer, "-device", "cpu"],
+            {**nnunet["env"], "NNUNET_DIFFUSION_FINAL_VALIDATION": "0"})
+    return model
+
+
+def predict_args(nnunet, trainer, configuration, out, *extra):
+    return ["-i", str(nnunet["raw"] / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c", configuration,
+            "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0", *extra]
+
+
+def read(path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_predict_command_mirroring_uncertainty_and_continue(nnunet):
+    """3d Diffusion model (DDIM, deterministic) with mirroring on all 3 axes: our batched mirroring gives
+    nnUNetv2_predict's segmentation; the maps lie in the input's geometry; --continue_prediction predicts only the
+    incomplete case and, with the same seed, reproduces its segmentation."""
+    trainer, env = "nnUNetTrainerDiffusion", nnunet["env"]
+    ensure_trained(nnunet, trainer, "3d_fullres")
+    stock, ours = nnunet["root"] / "pred_stock_tta", nnunet["root"] / "pred_ours_tta"
+    run(["nnUNetv2_predict", *predict_args(nnunet, trainer, "3d_fullres", stock)], env)
+    run(["nnunet-diffusion", "predict", *predict_args(nnunet, trainer, "3d_fullres", ours, "--uncertainty")], env)
+    images = sorted((nnunet["raw"] / "imagesTs").glob("*_0000.nii.gz"))
+    cases = [image.name[:-len("_0000.nii.gz")] for image in images]
+    num_classes = len(json.loads((nnunet["raw"] / "dataset.json").read_text())["labels"])
+    for image_file, case in zip(images, cases):
+        assert (read(stock / f"{case}.nii.gz") != read(ours / f"{case}.nii.gz")).mean() < 1e-3
+        image = sitk.ReadImage(str(image_file))
+        for name in ("uncertainty", "mutual_information"):
+            uncertainty = sitk.ReadImage(str(ours / "uncertainty" / f"{case}_{name}.nii.gz"))
+            assert uncertainty.GetSize() == image.GetSize()
+            np.testing.assert_allclose(uncertainty.GetSpacing(), image.GetSpacing(), rtol=1e-5)
+            np.testing.assert_allclose(uncertainty.GetOrigin(), image.GetOrigin(), atol=1e-4)
+            np.testing.assert_allclose(uncertainty.GetDirection(), image.GetDirection(), atol=1e-6)
+            values = sitk.GetArrayFromImage(uncertainty)
+            assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= np.log(num_classes) + 1e-3
+        assert read(ours / "uncertainty" / f"{case}_uncertainty.nii.gz").max() > 0
+    assert not (ours / ".partial").exists()
+
+    first, second = cases
+    segmentation = read(ours / f"{first}.nii.gz")
+    (ours / "uncertainty" / f"{first}_mutual_information.nii.gz").unlink()  # as if the run had died while writing this case
+    untouched = (ours / f"{second}.nii.gz").stat().st_mtime_ns
+    result = run(["nnunet-diffusion", "predict", *predict_args(nnunet, trainer, "3d_fullres", ours, "--uncertainty",
+                                                               "--continue_prediction")], env)
+    assert "1 cases are complete, predicting the other 1" in result.stdout
+    assert (ours / f"{second}.nii.gz").stat().st_mtime_ns == untouched
+    assert (ours / "uncertainty" / f"{first}_mutual_information.nii.gz").is_file()
+    np.testing.assert_array_equal(read(ours / f"{first}.nii.gz"), segmentation)
+
+
+def test_predict_command_passes_the_stock_trainer_through(nnunet):
+    ensure_trained(nnunet, "nnUNetTrainerBudget", "2d")
+    stock, ours = nnunet["root"] / "pred_stock_budget", nnunet["root"] / "pred_ours_budget"
+    run(["nnUNetv2_predict", *predict_args(nnunet, "nnUNetTrainerBudget", "2d", stock)], nnunet["env"])
+    run(["nnunet-diffusion", "predict", *predict_args(nnunet, "nnUNetTrainerBudget", "2d", ours)], nnunet["env"])
+    for prediction in stock.glob("*.nii.gz"):
+        np.testing.assert_array_equal(read(ours / prediction.name), read(prediction))
+    result = run(["nnunet-diffusion", "predict", *predict_args(nnunet, "nnUNetTrainerBudget", "2d",
+                                                               nnunet["root"] / "x", "--steps", "4")],
+                 nnunet["env"], check=False)
+    assert result.returncode != 0 and "not a diffusion trainer" in result.stderr
+
+
+@pytest.mark.parametrize("trainer, extra", [("nnUNetTrainerCrossTimestep", ["--samples", "2", "--uncertainty"]),
+                                            ("nnUNetTrainerDiffSegRecycling", ["--disable_tta"])])
+def test_predict_command_2d_trainers(nnunet, trainer, extra):
+    ensure_trained(nnunet, trainer, "2d")
+    out = nnunet["root"] / f"pred_ours_{trainer}"
+    run(["nnunet-diffusion", "predict", *predict_args(nnunet, trainer, "2d", out, *extra)], nnunet["env"])
+    images = sorted((nnunet["raw"] / "imagesTs").glob("*_0000.nii.gz"))
+    for image in images:
+        case = image.name[:-len("_0000.nii.gz")]
+        assert read(out / f"{case}.nii.gz").shape == read(image).shape
+        assert (out / "uncertainty" / f"{case}_uncertainty.nii.gz").is_file() == ("--uncertainty" in extra)
+
+
+def test_predict_command_refuses_an_untrained_sampler_before_writing(nnunet):
+    ensure_trained(nnunet, "nnUNetTrainerDiffusion", "3d_fullres")
+    out = nnunet["root"] / "pred_bad_steps"
+    result = run(["nnunet-diffusion", "predict", *predict_args(nnunet, "nnUNetTrainerDiffusion", "3d_fullres", out,
+                                                               "--steps", "7")], nnunet["env"], check=False)
+    assert result.returncode != 0 and "Cannot respace a 1000-step schedule to 7 steps" in result.stderr
+    assert not out.exists()

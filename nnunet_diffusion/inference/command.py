@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def make_predictor(args: argparse.Namespace) -> DiffusionPredictor:
+    """The predictor the parsed arguments ask for, initialised from the trained model folder."""
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     if not 0 <= args.part_id < args.num_parts:
@@ -81,10 +81,19 @@ def main(argv=None) -> int:
                                                    checkpoint_name=args.chk)
     if overrides and predictor.segmenter is None:
         raise SystemExit(f"--{' --'.join(overrides)}: {args.tr} is not a diffusion trainer and has no sampler.")
+    return predictor
+
+
+def predict_cases(args: argparse.Namespace, predictor: DiffusionPredictor) -> None:
     os.makedirs(args.o, exist_ok=True)
     predictor.predict_from_files(args.i, args.o, save_probabilities=args.save_probabilities,
                                  overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
                                  num_processes_segmentation_export=args.nps,
                                  folder_with_segs_from_prev_stage=args.prev_stage_predictions,
                                  num_parts=args.num_parts, part_id=args.part_id)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    predict_cases(args, make_predictor(args))
     return 0

@@ -21,6 +21,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from nnunet_diffusion.inference.ensemble import UNCERTAINTY_MAPS
 
 STAGING_FOLDER = ".partial"
+MAPS_FOLDER = "uncertainty"
 
 
 def check_maps_writable(plans_manager: PlansManager) -> None:
@@ -63,29 +64,35 @@ def write_float_image(array: np.ndarray, filename: str, properties: dict) -> Non
 
 
 def case_files(output_file_truncated: str, file_ending: str, save_probabilities: bool, with_maps: bool) -> list:
-    """Suffixes of every file one case writes, the segmentation last (the order they are moved into place)."""
-    maps = [f"_{name}{file_ending}" for name in UNCERTAINTY_MAPS] if with_maps else []
-    return maps + ([".npz", ".pkl"] if save_probabilities else []) + [file_ending]
+    """Final paths of every file one case writes, the segmentation last (the order they are moved into place).
+    The maps go into the subfolder ``uncertainty/``: beside the segmentations, nnUNetv2_evaluate_folder would take
+    them for segmentations without a reference."""
+    folder, case = os.path.split(output_file_truncated)
+    maps = [os.path.join(folder, MAPS_FOLDER, f"{case}_{name}{file_ending}") for name in UNCERTAINTY_MAPS]
+    probabilities = [output_file_truncated + ".npz", output_file_truncated + ".pkl"]
+    return ((maps if with_maps else []) + (probabilities if save_probabilities else [])
+            + [output_file_truncated + file_ending])
 
 
 def export_case(logits: np.ndarray, maps: Optional[np.ndarray], properties: dict,
                 configuration_manager: ConfigurationManager, plans_manager: PlansManager, dataset_json: dict,
                 output_file_truncated: str, save_probabilities: bool) -> None:
     """Segmentation (+ probabilities, + uncertainty maps) of one case, each written to the staging folder and then
-    renamed to ``output_file_truncated + suffix``. logits (C, *S) and maps (M, *S) on the preprocessed grid."""
+    moved to its final path (``case_files``). logits (C, *S) and maps (M, *S) on the preprocessed grid."""
     folder, case = os.path.split(output_file_truncated)
     staging = os.path.join(folder, STAGING_FOLDER)
     os.makedirs(staging, exist_ok=True)
     staged = os.path.join(staging, case)
-    suffixes = case_files(output_file_truncated, dataset_json["file_ending"], save_probabilities, maps is not None)
+    finals = case_files(output_file_truncated, dataset_json["file_ending"], save_probabilities, maps is not None)
     export_prediction_from_logits(logits, properties, configuration_manager, plans_manager, dataset_json, staged,
                                   save_probabilities)
     if maps is not None:
-        for name, image in zip(UNCERTAINTY_MAPS, maps_in_input_geometry(maps, properties, configuration_manager,
-                                                                        plans_manager)):
-            write_float_image(image, f"{staged}_{name}{dataset_json['file_ending']}", properties)
-    for suffix in suffixes:
-        os.replace(staged + suffix, output_file_truncated + suffix)
+        os.makedirs(os.path.join(folder, MAPS_FOLDER), exist_ok=True)
+        for final, image in zip(finals, maps_in_input_geometry(maps, properties, configuration_manager,
+                                                               plans_manager)):
+            write_float_image(image, os.path.join(staging, os.path.basename(final)), properties)
+    for final in finals:
+        os.replace(os.path.join(staging, os.path.basename(final)), final)
     try:
         os.rmdir(staging)  # only if empty: other cases (or parallel -part_id runs) may still be writing there
     except OSError:
@@ -94,5 +101,5 @@ def export_case(logits: np.ndarray, maps: Optional[np.ndarray], properties: dict
 
 def case_complete(output_file_truncated: str, file_ending: str, save_probabilities: bool, with_maps: bool) -> bool:
     """Whether every file this run would write for the case is already in place (--continue_prediction)."""
-    return all(os.path.isfile(output_file_truncated + s)
-               for s in case_files(output_file_truncated, file_ending, save_probabilities, with_maps))
+    return all(os.path.isfile(f) for f in case_files(output_file_truncated, file_ending, save_probabilities,
+                                                     with_maps))
