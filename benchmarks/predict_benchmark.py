@@ -121,7 +121,8 @@ def main(argv=None):
         model = results / raw.name / f"{trainer}__{args.plans}__{args.configuration}"
         variants = [(m, c, extra) for m in (False, True) for c, extra in
                     [("stock", ()), ("ours", ())] + ([("ours --uncertainty", ("--uncertainty",))] if m else [])]
-        variants += [(False, f"ours --steps {k}", ("--steps", str(k))) for k in args.steps if trainer != STOCK]
+        variants += [(m, f"ours --steps {k}", ("--steps", str(k))) for m in (False, True) for k in args.steps
+                     if trainer != STOCK]
         for mirror, name, extra in variants:
             print(f"[predict benchmark] {trainer} {name} mirroring={'on' if mirror else 'off'}", flush=True)
             out = work / "predict_benchmark" / f"{trainer}_{name.replace(' ', '_')}_{'tta' if mirror else 'notta'}"
@@ -129,7 +130,8 @@ def main(argv=None):
                 row = predict("stock" if name == "stock" else "ours", trainer, out, args, env, mirror, extra)
                 row.update(trainer=trainer, variant=name, mirror=mirror, dice=dice(out, model, args, env))
             except RuntimeError as error:  # e.g. a --steps value the model was not trained for
-                failed[f"{trainer} {name} {'tta' if mirror else 'notta'}"] = str(error).strip().splitlines()[-1]
+                errors = [line for line in str(error).splitlines() if "Error" in line] or [str(error)]
+                failed[f"{trainer} {name} {'tta' if mirror else 'notta'}"] = errors[-1].strip()[:300]
                 continue
             rows.append(row)
             print(json.dumps(row), flush=True)

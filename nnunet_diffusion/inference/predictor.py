@@ -3,9 +3,10 @@ progress and never-half-written outputs. Everything else (preprocessing, sliding
 fold ensembling, resampling, --continue_prediction, -num_parts) is nnU-Net's ``nnUNetPredictor``.
 
 What it overrides, and why:
-- ``_internal_maybe_mirror_and_predict``: nnU-Net calls the network once per mirrored copy; a diffusion network
-  would run its whole sampler once per copy. Here the copies (and every sample) go through one sampler run as
-  one batch, split into chunks of at most ``max_batch`` members.
+- ``_internal_predict_sliding_window_return_logits`` and ``_internal_maybe_mirror_and_predict``: nnU-Net calls
+  the network once per window and once more per mirrored copy; a diffusion network would run its whole sampler
+  each time. Here several windows, all their mirrored copies and every sample go through one sampler run as one
+  batch, of at most ``max_batch`` members.
 - ``predict_sliding_window_return_logits``: with uncertainty on, the sliding window accumulates the maps as extra
   channels beside the logits (same Gaussian weighting, same fold averaging).
 - ``predict_from_data_iterator``: export through ``export.export_case`` (staged, then renamed) and the maps.
@@ -24,6 +25,7 @@ import torch
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 from tqdm import tqdm
 
@@ -32,7 +34,7 @@ from nnunet_diffusion.inference.ensemble import (UNCERTAINTY_MAPS, mirror_combin
                                                  uncertainty_maps, unflip)
 from nnunet_diffusion.inference.export import case_complete, check_maps_writable, export_case
 
-# members (mirrored copies x samples) per sampler run: a 3d window's 8 copies of one sample, as one batch
+# members (windows x mirrored copies x samples) per network call: a 3d window's 8 copies of one sample
 DEFAULT_MAX_BATCH = 8
 
 
@@ -53,7 +55,7 @@ class _WithMapChannels:
 
 class DiffusionPredictor(nnUNetPredictor):
     """nnUNetPredictor plus: ``uncertainty`` (write <case>_uncertainty and <case>_mutual_information maps),
-    ``max_batch`` (members per network call). Works with any nnU-Net network; for a network without a sampler
+    ``max_batch`` (members, i.e. windows x mirrored copies x samples, per network call). Works with any nnU-Net network; for a network without a sampler
     (the stock trainer's) the members are the mirrored copies and nothing else changes."""
 
     def __init__(self, *args, uncertainty: bool = False, max_batch: int = DEFAULT_MAX_BATCH, **kwargs):
@@ -74,30 +76,65 @@ class DiffusionPredictor(nnUNetPredictor):
         network = getattr(self.network, "_orig_mod", self.network)
         return network if isinstance(network, DiffusionSegmenter) else None
 
-    # ---- one window: every mirrored copy and sample in one batch ------------------------------------------------
+    # ---- windows: several per network call, every mirrored copy and sample of them in one batch --------------
+
+    def windows_per_call(self) -> int:
+        """How many sliding windows go through the network together: as many as fit ``max_batch`` members."""
+        segmenter = self.segmenter
+        samples = segmenter.sampler.num_samples if segmenter is not None else 1
+        copies = len(mirror_combinations(self.allowed_mirroring_axes if self.use_mirroring else None))
+        return max(1, self.max_batch // (copies * samples))
+
+    @torch.inference_mode()
+    def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
+        """nnU-Net's sliding window (same windows, Gaussian weights and half-precision accumulation), but
+        ``windows_per_call`` windows per network call: with a sampler inside, each call is a whole reverse loop,
+        and small windows (2d) keep a CPU or GPU busy only in batches."""
+        results_device = self.device if do_on_device else torch.device("cpu")
+        data = data.to(results_device)
+        predicted = torch.zeros((self.label_manager.num_segmentation_heads, *data.shape[1:]), dtype=torch.half,
+                                device=results_device)
+        weights = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
+        gaussian = compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
+                                    value_scaling_factor=10, device=results_device) if self.use_gaussian else 1
+        per_call = self.windows_per_call()
+        with tqdm(total=len(slicers), disable=not self.allow_tqdm) as bar:
+            for start in range(0, len(slicers), per_call):
+                group = slicers[start:start + per_call]
+                windows = torch.stack([data[sl] for sl in group]).to(self.device)
+                for sl, output in zip(group, self._internal_maybe_mirror_and_predict(windows).to(results_device)):
+                    predicted[sl] += output * gaussian
+                    weights[sl[1:]] += gaussian
+                bar.update(len(group))
+        torch.div(predicted, weights, out=predicted)
+        if torch.isinf(predicted).any():
+            raise RuntimeError("Encountered inf in the predicted array (half-precision accumulation overflowed).")
+        return predicted
 
     @torch.inference_mode()
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
-        """(1, C_img, *P) window -> (1, C [+ maps], *P): the copies' logits averaged as nnU-Net averages them
-        (the mean of each copy's logits), then, with ``uncertainty``, the maps over all members."""
+        """(G, C_img, *P) windows -> (G, C [+ maps], *P): each window's copies' logits averaged as nnU-Net averages
+        them (the mean of each copy's logits), then, with ``uncertainty``, the maps over all its members."""
         combinations = mirror_combinations(self.allowed_mirroring_axes if self.use_mirroring else None)
         if self.use_mirroring and combinations[-1] and max(combinations[-1]) > x.ndim - 1:
             raise ValueError(f"mirror axes {self.allowed_mirroring_axes} do not fit a {x.ndim - 2}d window")
-        batch = stack_mirrored(x, combinations)
-        logits, members = self._predict_copies(batch)
-        logits = unflip(logits, combinations).mean(dim=0, keepdim=True)
+        copies, windows = len(combinations), x.shape[0]
+        logits, members = self._predict_batch(stack_mirrored(x, combinations))
+        logits = unflip(logits.reshape(copies, windows, *logits.shape[1:]), combinations, extra_dims=1).mean(dim=0)
         if not self.uncertainty:
             return logits
-        members = unflip(members, combinations, extra_dims=1).flatten(0, 1)
-        return torch.cat([logits, uncertainty_maps(members)[None].to(logits.dtype)], dim=1)
+        members = unflip(members.reshape(copies, windows, *members.shape[1:]), combinations, extra_dims=2)
+        members = members.transpose(0, 1).flatten(1, 2)  # (G, copies * samples, C, *P)
+        maps = torch.stack([uncertainty_maps(m) for m in members])
+        return torch.cat([logits, maps.to(logits.dtype)], dim=1)
 
-    def _predict_copies(self, batch: torch.Tensor):
-        """(K, C_img, *P) copies -> per-copy logits (K, C, *P) and member probabilities (K, M, C, *P), in chunks of
-        at most ``max_batch`` members (a chunk holds whole copies: all samples of a copy share its noise)."""
+    def _predict_batch(self, batch: torch.Tensor):
+        """(N, C_img, *P) windows and copies -> their logits (N, C, *P) and member probabilities (N, M, C, *P), in
+        chunks of at most ``max_batch`` members. Every window and copy starts from the seed's noise, as each of
+        nnU-Net's one-window calls does, so a deterministic sampler gives what nnU-Net's loop gives."""
         segmenter = self.segmenter
         samples = segmenter.sampler.num_samples if segmenter is not None else 1
-        chunk = max(1, self.max_batch // samples)
-        chunks = list(torch.split(batch, chunk))
+        chunks = list(torch.split(batch, max(1, self.max_batch // samples)))
         logits, members = [], []
         steps = segmenter.sampler.steps if segmenter is not None else 0
         with tqdm(total=steps * len(chunks), desc="sampler steps", leave=False, position=1,

@@ -106,3 +106,19 @@ def test_progress_shows_sampler_steps_and_can_be_silenced(configuration_manager,
 def test_max_batch_must_be_positive():
     with pytest.raises(ValueError, match="max_batch must be >= 1"):
         DiffusionPredictor(device=torch.device("cpu"), max_batch=0)
+
+
+@pytest.mark.parametrize("max_batch", [8, 1])
+def test_sliding_window_with_batched_windows_equals_nnunets(max_batch, configuration_manager, one_thread):
+    """A 2d image of 3 x 3 windows: several windows per sampler run (max_batch 8: 2 windows x 4 copies) give
+    nnU-Net's Gaussian-weighted result for a deterministic sampler."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    network = diffusion_network(nnUNetTrainerDiffusion, configuration_manager, SamplerSettings("ddim", steps=2), dim=2)
+    stock, ours = predictors(network, (0, 1), max_batch=max_batch)
+    for predictor in (stock, ours):
+        predictor.configuration_manager = configuration_manager(2, patch=[8, 8])
+        predictor.label_manager = LabelManager({"background": 0, **{f"c{i}": i for i in range(1, C)}}, regions_class_order=None)
+    assert ours.windows_per_call() == max(1, max_batch // 4)
+    image = torch.randn(1, 2, 16, 16)  # (C_img, z, x, y): 2 slices of 16 x 16, 8 x 8 windows at step 0.5
+    torch.testing.assert_close(ours.predict_sliding_window_return_logits(image).float(),
+                               stock.predict_sliding_window_return_logits(image).float(), rtol=2e-3, atol=2e-2)
