@@ -46,10 +46,11 @@ NNUNET_DIFFUSION_FINAL_VALIDATION=0 NNUNET_DIFFUSION_MIRROR_AXES="$mirror_axes" 
 model="$nnUNet_results/$name/${trainer}__${plans}__${configuration}"
 [ -f "$model/fold_0/checkpoint_final.pth" ] || { echo "[example] training failed: see $model/fold_0/training_log_*.txt" >&2; exit 1; }
 
-echo "[example] predicting the held-out images (nnUNetv2_predict)"
+echo "[example] predicting the held-out images (nnunet-diffusion predict: mirroring batched, uncertainty maps)"
 predictions="$work/predictions_${trainer}_$(basename "$nnUNet_results")"
-nnUNet_n_proc_DA=0 nnUNetv2_predict -i "$dataset/imagesTs" -o "$predictions" -d 501 -c "$configuration" -p "$plans" \
-  -tr "$trainer" -f 0 -device "$device" -npp 0 -nps 0 --disable_tta --disable_progress_bar >/dev/null
+nnUNet_n_proc_DA=0 nnunet-diffusion predict -i "$dataset/imagesTs" -o "$predictions" -d 501 -c "$configuration" \
+  -p "$plans" -tr "$trainer" -f 0 -device "$device" -npp 0 -nps 0 --uncertainty --disable_progress_bar >/dev/null
+echo "[example] uncertainty maps (predictive entropy, mutual information): $predictions/uncertainty/"
 
 nnUNetv2_evaluate_folder "$dataset/labelsTs" "$predictions" -djfile "$model/dataset.json" \
   -pfile "$model/plans.json" >/dev/null
