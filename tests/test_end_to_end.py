@@ -234,10 +234,11 @@ def test_predict_command_passes_the_stock_trainer_through(nnunet):
     assert result.returncode != 0 and "not a diffusion trainer" in result.stderr
 
 
-@pytest.mark.parametrize("trainer, extra", [("nnUNetTrainerCrossTimestep", ["--samples", "2", "--uncertainty"]),
-                                            ("nnUNetTrainerDiffSegRecycling", ["--disable_tta"])])
+@pytest.mark.parametrize("trainer, extra", [
+    ("nnUNetTrainerCrossTimestep", ["--samples", "2", "--uncertainty", "--save_probabilities"]),
+    ("nnUNetTrainerDiffSegRecycling", ["--disable_tta"])])
 def test_predict_command_2d_trainers(nnunet, trainer, extra):
-    ensure_trained(nnunet, trainer, "2d")
+    model = ensure_trained(nnunet, trainer, "2d")
     out = nnunet["root"] / f"pred_ours_{trainer}"
     run(["nnunet-diffusion", "predict", *predict_args(nnunet, trainer, "2d", out, *extra)], nnunet["env"])
     images = sorted((nnunet["raw"] / "imagesTs").glob("*_0000.nii.gz"))
@@ -245,6 +246,11 @@ def test_predict_command_2d_trainers(nnunet, trainer, extra):
         case = image.name[:-len("_0000.nii.gz")]
         assert read(out / f"{case}.nii.gz").shape == read(image).shape
         assert (out / "uncertainty" / f"{case}_uncertainty.nii.gz").is_file() == ("--uncertainty" in extra)
+        assert (out / f"{case}.npz").is_file() == ("--save_probabilities" in extra)
+    # the maps live in a subfolder, so nnU-Net's evaluation of the output folder works as for nnUNetv2_predict's
+    run(["nnUNetv2_evaluate_folder", str(nnunet["raw"] / "labelsTs"), str(out), "-djfile",
+         str(model / "dataset.json"), "-pfile", str(model / "plans.json")], nnunet["env"])
+    assert (out / "summary.json").is_file()
 
 
 def test_predict_command_refuses_an_untrained_sampler_before_writing(nnunet):
