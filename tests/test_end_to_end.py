@@ -88,7 +88,7 @@ def test_diffusion_trainer_3d_and_resume(nnunet):
     model = train_predict_evaluate(nnunet, "nnUNetTrainerDiffusion")
     # sampler settings are stored with the model
     stored = json.loads((model / "plans.json").read_text())["configurations"]["3d_fullres"]["diffusion"]
-    assert stored["sampler"] == {"kind": "ddim", "steps": 10, "num_samples": 1, "seed": 0}
+    assert stored["sampler"] == {"kind": "ddim", "steps": 2, "num_samples": 1, "seed": 0}
     # --c resumes from the checkpoint: one more epoch on top of the first
     env = {**nnunet["env"], "NNUNET_DIFFUSION_EPOCHS": "2"}
     run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerDiffusion", "-device", "cpu",

@@ -45,11 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--not_on_device", action="store_true", help="keep the case's result arrays in CPU memory")
     ours = parser.add_argument_group("nnunet-diffusion")
     ours.add_argument("--uncertainty", action="store_true",
-                      help="also write <case>_uncertainty (predictive entropy, nats) and <case>_mutual_information "
-                           "(disagreement between mirrored copies and samples) in the input's geometry")
+                      help="also write uncertainty/<case>_uncertainty (predictive entropy, nats) and "
+                           "uncertainty/<case>_mutual_information (disagreement between mirrored copies and "
+                           "samples) in the output folder, in the input's geometry")
     ours.add_argument("--max_batch", type=int, default=DEFAULT_MAX_BATCH,
-                      help=f"most members (mirrored copies x samples) per network call; lower it if memory runs "
-                           f"out (default {DEFAULT_MAX_BATCH})")
+                      help=f"most members (windows x mirrored copies x samples) per network call; lower it if "
+                           f"memory runs out (default {DEFAULT_MAX_BATCH})")
     ours.add_argument("--sampler", choices=["ddim", "ddpm"], help="override the stored sampler kind")
     ours.add_argument("--steps", type=int, help="override the stored number of reverse steps")
     ours.add_argument("--samples", type=int, help="samples per window (their spread feeds --uncertainty)")
@@ -62,7 +63,8 @@ def make_predictor(args: argparse.Namespace) -> DiffusionPredictor:
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     if not 0 <= args.part_id < args.num_parts:
-        raise SystemExit(f"-part_id must be in 0..{args.num_parts - 1} (-num_parts {args.num_parts}), got {args.part_id}")
+        raise SystemExit(f"-part_id must be in 0..{args.num_parts - 1} (-num_parts {args.num_parts}), "
+                         f"got {args.part_id}")
     folds = [f if f == "all" else int(f) for f in args.f]
     overrides = {name: getattr(args, name) for name in SAMPLER_FLAGS if getattr(args, name) is not None}
     for name, value in overrides.items():  # read, and checked against the trained model, when the network is built

@@ -7,8 +7,8 @@ What it overrides, and why:
   the network once per window and once more per mirrored copy; a diffusion network would run its whole sampler
   each time. Here several windows, all their mirrored copies and every sample go through one sampler run as one
   batch, of at most ``max_batch`` members.
-- ``predict_sliding_window_return_logits``: with uncertainty on, the sliding window accumulates the maps as extra
-  channels beside the logits (same Gaussian weighting, same fold averaging).
+  With uncertainty on, the sliding window also accumulates the maps (same Gaussian weighting, float32), returned
+  as extra channels after the logits (so fold averaging treats them alike).
 - ``predict_from_data_iterator``: export through ``export.export_case`` (staged, then renamed) and the maps.
 - ``_manage_input_and_output_lists``: a case is done only when all its files are (for --continue_prediction).
 - ``_internal_get_data_iterator_from_lists_of_filenames``: ``-npp 0`` preprocesses in this process.
@@ -38,25 +38,10 @@ from nnunet_diffusion.inference.export import case_complete, check_maps_writable
 DEFAULT_MAX_BATCH = 8
 
 
-class _WithMapChannels:
-    """nnU-Net's label manager, but with room for the uncertainty maps: the sliding window allocates
-    ``num_segmentation_heads`` channels and we need the maps accumulated beside the logits."""
-
-    def __init__(self, label_manager, extra: int):
-        self._label_manager, self._extra = label_manager, extra
-
-    @property
-    def num_segmentation_heads(self) -> int:
-        return self._label_manager.num_segmentation_heads + self._extra
-
-    def __getattr__(self, name):
-        return getattr(self._label_manager, name)
-
-
 class DiffusionPredictor(nnUNetPredictor):
-    """nnUNetPredictor plus: ``uncertainty`` (write <case>_uncertainty and <case>_mutual_information maps),
-    ``max_batch`` (members, i.e. windows x mirrored copies x samples, per network call). Works with any nnU-Net network; for a network without a sampler
-    (the stock trainer's) the members are the mirrored copies and nothing else changes."""
+    """nnUNetPredictor plus: ``uncertainty`` (write the maps of ``ensemble.uncertainty_maps`` per case) and
+    ``max_batch`` (members, i.e. windows x mirrored copies x samples, per network call). Works with any nnU-Net
+    network; for a network without a sampler (the stock trainer's) the members are the mirrored copies."""
 
     def __init__(self, *args, uncertainty: bool = False, max_batch: int = DEFAULT_MAX_BATCH, **kwargs):
         super().__init__(*args, **kwargs)
@@ -92,24 +77,42 @@ class DiffusionPredictor(nnUNetPredictor):
         and small windows (2d) keep a CPU or GPU busy only in batches."""
         results_device = self.device if do_on_device else torch.device("cpu")
         data = data.to(results_device)
-        predicted = torch.zeros((self.label_manager.num_segmentation_heads, *data.shape[1:]), dtype=torch.half,
-                                device=results_device)
-        weights = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
-        gaussian = compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
-                                    value_scaling_factor=10, device=results_device) if self.use_gaussian else 1
+        heads, shape = self.label_manager.num_segmentation_heads, data.shape[1:]
+        logits = torch.zeros((heads, *shape), dtype=torch.half, device=results_device)
+        weights = torch.zeros(shape, dtype=torch.half, device=results_device)
+        gaussian = self._gaussian(torch.half, results_device)
+        if self.uncertainty:
+            # logits accumulate in half precision as in nnU-Net (so segmentations match nnUNetv2_predict's); the maps
+            # cannot: at a 3d window's corners the Gaussian weights (~1e-10) fall below half's subnormals and the
+            # weighted mean comes out wrong (seen: entropy 2.0 > log 5). They accumulate in float32.
+            maps = torch.zeros((len(UNCERTAINTY_MAPS), *shape), dtype=torch.float32, device=results_device)
+            map_weights = torch.zeros(shape, dtype=torch.float32, device=results_device)
+            map_gaussian = self._gaussian(torch.float32, results_device)
         per_call = self.windows_per_call()
         with tqdm(total=len(slicers), disable=not self.allow_tqdm) as bar:
             for start in range(0, len(slicers), per_call):
                 group = slicers[start:start + per_call]
                 windows = torch.stack([data[sl] for sl in group]).to(self.device)
                 for sl, output in zip(group, self._internal_maybe_mirror_and_predict(windows).to(results_device)):
-                    predicted[sl] += output * gaussian
+                    logits[sl] += output[:heads] * gaussian
                     weights[sl[1:]] += gaussian
+                    if self.uncertainty:
+                        maps[sl] += output[heads:] * map_gaussian
+                        map_weights[sl[1:]] += map_gaussian
                 bar.update(len(group))
-        torch.div(predicted, weights, out=predicted)
-        if torch.isinf(predicted).any():
+        torch.div(logits, weights, out=logits)
+        if torch.isinf(logits).any():
             raise RuntimeError("Encountered inf in the predicted array (half-precision accumulation overflowed).")
-        return predicted
+        if not self.uncertainty:
+            return logits
+        return torch.cat([logits.float(), maps / map_weights])
+
+    def _gaussian(self, dtype: torch.dtype, device: torch.device):
+        """nnU-Net's window weights (or 1 without Gaussian weighting)."""
+        if not self.use_gaussian:
+            return 1
+        return compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
+                                value_scaling_factor=10, dtype=dtype, device=device)
 
     @torch.inference_mode()
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,32 +154,20 @@ class DiffusionPredictor(nnUNetPredictor):
                 members.append(probabilities)
         return torch.cat(logits), torch.cat(members)
 
-    # ---- sliding window with the maps as extra channels ----------------------------------------------------------
-
-    @torch.inference_mode()
-    def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
-        if not self.uncertainty:
-            return super().predict_sliding_window_return_logits(input_image)
-        label_manager = self.label_manager
-        self.label_manager = _WithMapChannels(label_manager, len(UNCERTAINTY_MAPS))
-        try:
-            return super().predict_sliding_window_return_logits(input_image)
-        finally:
-            self.label_manager = label_manager
-
     # ---- which cases to predict, and how they are read and written -------------------------------------------
 
-    def _manage_input_and_output_lists(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+    def _manage_input_and_output_lists(self, list_of_lists_or_source_folder, output_files,
                                        folder_with_segs_from_prev_stage=None, overwrite=True, part_id=0, num_parts=1,
                                        save_probabilities=False):
         inputs, outputs, previous = super()._manage_input_and_output_lists(
-            list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
-            folder_with_segs_from_prev_stage, True, part_id, num_parts, save_probabilities)
+            list_of_lists_or_source_folder, output_files, folder_with_segs_from_prev_stage, True, part_id, num_parts,
+            save_probabilities)
         if overwrite or outputs is None:
             return inputs, outputs, previous
         todo = [i for i, out in enumerate(outputs) if not case_complete(
             out, self.dataset_json["file_ending"], save_probabilities, self.uncertainty)]
-        print(f"--continue_prediction: {len(outputs) - len(todo)} cases are complete, predicting the other {len(todo)}.")
+        print(f"--continue_prediction: {len(outputs) - len(todo)} cases are complete, "
+              f"predicting the other {len(todo)}.")
         return [inputs[i] for i in todo], [outputs[i] for i in todo], [previous[i] for i in todo]
 
     def _internal_get_data_iterator_from_lists_of_filenames(self, input_list_of_lists, seg_from_prev_stage_files,
@@ -200,11 +191,11 @@ class DiffusionPredictor(nnUNetPredictor):
             yield {"data": torch.from_numpy(data), "data_properties": properties,
                    "ofile": outputs[i] if outputs is not None else None}
 
-    def predict_from_files_sequential(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
-                                      save_probabilities=False, overwrite=True, folder_with_segs_from_prev_stage=None):
+    def predict_from_files_sequential(self, list_of_lists_or_source_folder, output_files, save_probabilities=False,
+                                      overwrite=True, folder_with_segs_from_prev_stage=None):
         """nnU-Net's no-multiprocessing path, through our export: ``predict_from_files`` with -npp 0 -nps 0."""
-        return self.predict_from_files(list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
-                                       save_probabilities, overwrite, 0, 0, folder_with_segs_from_prev_stage)
+        return self.predict_from_files(list_of_lists_or_source_folder, output_files, save_probabilities, overwrite,
+                                       0, 0, folder_with_segs_from_prev_stage)
 
     def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
                                    num_processes_segmentation_export: int = default_num_processes):

@@ -117,7 +117,8 @@ def test_sliding_window_with_batched_windows_equals_nnunets(max_batch, configura
     stock, ours = predictors(network, (0, 1), max_batch=max_batch)
     for predictor in (stock, ours):
         predictor.configuration_manager = configuration_manager(2, patch=[8, 8])
-        predictor.label_manager = LabelManager({"background": 0, **{f"c{i}": i for i in range(1, C)}}, regions_class_order=None)
+        labels = {"background": 0, **{f"c{i}": i for i in range(1, C)}}
+        predictor.label_manager = LabelManager(labels, regions_class_order=None)
     assert ours.windows_per_call() == max(1, max_batch // 4)
     image = torch.randn(1, 2, 16, 16)  # (C_img, z, x, y): 2 slices of 16 x 16, 8 x 8 windows at step 0.5
     torch.testing.assert_close(ours.predict_sliding_window_return_logits(image).float(),
