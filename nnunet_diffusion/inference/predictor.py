@@ -63,12 +63,17 @@ class DiffusionPredictor(nnUNetPredictor):
 
     # ---- windows: several per network call, every mirrored copy and sample of them in one batch --------------
 
+    def mirror_combinations(self):
+        """The flips of each window's copies (``ensemble.mirror_combinations``): () alone without mirroring."""
+        return mirror_combinations(self.allowed_mirroring_axes if self.use_mirroring else None)
+
+    def samples_per_copy(self) -> int:
+        segmenter = self.segmenter
+        return segmenter.sampler.num_samples if segmenter is not None else 1
+
     def windows_per_call(self) -> int:
         """How many sliding windows go through the network together: as many as fit ``max_batch`` members."""
-        segmenter = self.segmenter
-        samples = segmenter.sampler.num_samples if segmenter is not None else 1
-        copies = len(mirror_combinations(self.allowed_mirroring_axes if self.use_mirroring else None))
-        return max(1, self.max_batch // (copies * samples))
+        return max(1, self.max_batch // (len(self.mirror_combinations()) * self.samples_per_copy()))
 
     @torch.inference_mode()
     def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
@@ -118,7 +123,7 @@ class DiffusionPredictor(nnUNetPredictor):
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
         """(G, C_img, *P) windows -> (G, C [+ maps], *P): each window's copies' logits averaged as nnU-Net averages
         them (the mean of each copy's logits), then, with ``uncertainty``, the maps over all its members."""
-        combinations = mirror_combinations(self.allowed_mirroring_axes if self.use_mirroring else None)
+        combinations = self.mirror_combinations()
         if self.use_mirroring and combinations[-1] and max(combinations[-1]) > x.ndim - 1:
             raise ValueError(f"mirror axes {self.allowed_mirroring_axes} do not fit a {x.ndim - 2}d window")
         copies, windows = len(combinations), x.shape[0]
@@ -132,12 +137,12 @@ class DiffusionPredictor(nnUNetPredictor):
         return torch.cat([logits, maps.to(logits.dtype)], dim=1)
 
     def _predict_batch(self, batch: torch.Tensor):
-        """(N, C_img, *P) windows and copies -> their logits (N, C, *P) and member probabilities (N, M, C, *P), in
-        chunks of at most ``max_batch`` members. Every window and copy starts from the seed's noise, as each of
-        nnU-Net's one-window calls does, so a deterministic sampler gives what nnU-Net's loop gives."""
+        """(N, C_img, *P) windows and copies -> their logits (N, C, *P) and member probabilities (N, M, C, *P; None
+        for a plain network without ``uncertainty``), in chunks of at most ``max_batch`` members. Every window and
+        copy starts from the seed's noise, as each of nnU-Net's one-window calls does, so a deterministic sampler
+        gives what nnU-Net's loop gives."""
         segmenter = self.segmenter
-        samples = segmenter.sampler.num_samples if segmenter is not None else 1
-        chunks = list(torch.split(batch, max(1, self.max_batch // samples)))
+        chunks = list(torch.split(batch, max(1, self.max_batch // self.samples_per_copy())))
         logits, members = [], []
         steps = segmenter.sampler.steps if segmenter is not None else 0
         with tqdm(total=steps * len(chunks), desc="sampler steps", leave=False, position=1,
@@ -146,13 +151,14 @@ class DiffusionPredictor(nnUNetPredictor):
                 if segmenter is None:
                     out = self.network(part)
                     logits.append(out)
-                    members.append(torch.softmax(out.float(), dim=1)[:, None])
+                    if self.uncertainty:  # only the maps need a plain network's members
+                        members.append(torch.softmax(out.float(), dim=1)[:, None])
                     continue
                 probabilities = segmenter.member_probabilities(part, copies=part.shape[0],
                                                                on_step=lambda k, x0_hat: bar.update())
                 logits.append(log_mean_probabilities(probabilities))
                 members.append(probabilities)
-        return torch.cat(logits), torch.cat(members)
+        return torch.cat(logits), (torch.cat(members) if members else None)
 
     # ---- which cases to predict, and how they are read and written -------------------------------------------
 
