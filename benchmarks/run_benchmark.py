@@ -97,6 +97,7 @@ def benchmark_trainer(trainer: str, args, env: dict, raw: Path) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     return {"trainer": trainer, "iterations": timing["iterations"], "s_per_it": timing["seconds_per_iteration"],
             "s_per_case": predict_seconds / len(cases), "train_peak_mib": train_peak,
+            "train_peak_gpu_mib": timing.get("peak_gpu_mib"),
             "predict_peak_mib": predict_peak, "dice": {k: v["Dice"] for k, v in summary["mean"].items()},
             "mean_dice": summary["foreground_mean"]["Dice"],
             "curve": pseudo_dice_curve(model / "fold_0" / "checkpoint_final.pth")}
@@ -109,6 +110,7 @@ def ratio(value: float, stock: float) -> str:
 def write_table(rows: list[dict], labels: dict, args, command: str, elapsed: float) -> str:
     names = {str(v): k for k, v in labels.items() if v != 0}
     stock = next(r for r in rows if r["trainer"] == STOCK)
+    gpu = int(stock.get("train_peak_gpu_mib") is not None)  # CUDA runs: torch.cuda.max_memory_allocated too
     lines = [f"# Benchmark: equal wall-clock training budget on the example data ({args.device})", "",
              f"Command: `{command}`", "",
              f"Budget: {args.budget} s of training per trainer (fold 0, {args.configuration}, plans {args.plans}, "
@@ -119,8 +121,9 @@ def write_table(rows: list[dict], labels: dict, args, command: str, elapsed: flo
              f"along axes {args.mirror_axes} only (NNUNET_DIFFUSION_MIRROR_AXES). "
              f"Whole run: {elapsed / 60:.0f} min. Ratios are against the stock trainer in this run.", "",
              "| trainer | iterations | mean Dice | " + " | ".join(names[k] for k in sorted(names, key=int)) +
-             " | s/iteration | s/predicted case | peak MiB train | peak MiB predict |",
-             "|---" * (7 + len(names)) + "|"]
+             " | s/iteration | s/predicted case | peak MiB train | peak MiB predict |" +
+             (" peak GPU MiB train |" if gpu else ""),
+             "|---" * (7 + len(names) + gpu) + "|"]
     for r in rows:
         dice = " | ".join(f"{r['dice'].get(k, float('nan')):.3f}" for k in sorted(names, key=int))
         lines.append(
@@ -128,7 +131,9 @@ def write_table(rows: list[dict], labels: dict, args, command: str, elapsed: flo
             f" | {dice} | {r['s_per_it']:.2f} ({ratio(r['s_per_it'], stock['s_per_it'])})"
             f" | {r['s_per_case']:.1f} ({ratio(r['s_per_case'], stock['s_per_case'])})"
             f" | {r['train_peak_mib']:.0f} ({ratio(r['train_peak_mib'], stock['train_peak_mib'])})"
-            f" | {r['predict_peak_mib']:.0f} ({ratio(r['predict_peak_mib'], stock['predict_peak_mib'])}) |")
+            f" | {r['predict_peak_mib']:.0f} ({ratio(r['predict_peak_mib'], stock['predict_peak_mib'])}) |" +
+            (f" {r['train_peak_gpu_mib']:.0f} ({ratio(r['train_peak_gpu_mib'], stock['train_peak_gpu_mib'])}) |"
+             if gpu else ""))
     lines += ["", f"{STOCK} is the stock nnUNetTrainer with the NNUNET_DIFFUSION_* run-length variables. "
               "Diffusion trainers predict with their stored default sampler.", "",
               f"Pseudo-Dice against training time: `{Path(args.out).with_suffix('.png').name}`.", ""]
@@ -162,6 +167,9 @@ def main(argv=None):
     results = work / f"results_{time.strftime('%Y%m%d_%H%M%S')}"  # never train over an earlier run's results
     env = {**os.environ, "nnUNet_raw": str(work / "raw"), "nnUNet_preprocessed": str(work / "preprocessed"),
            "nnUNet_results": str(results), "nnUNet_extTrainer": trainer_path(), "nnUNet_def_n_proc": "1",
+           # nnU-Net compiles the stock network on CUDA (ours are not compiled): its ~50 s of compilation would be
+           # charged to the stock trainer's budget (seen on an H100: 1 iteration in a 20 s budget)
+           "nnUNet_compile": os.environ.get("nnUNet_compile", "f"),
            # the nnUNetv2_* commands of the Python running this script, even if its venv is not activated
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):

@@ -183,7 +183,10 @@ class TrainingBudgetMixin:
             with open(join(self.output_folder, "training_time.json"), "w") as f:
                 json.dump({"iterations": iterations, "iteration_seconds": iteration_seconds,
                            "seconds_per_iteration": iteration_seconds / max(iterations, 1),
-                           "device": str(self.device)}, f, indent=1)
+                           "device": str(self.device),
+                           # peak GPU memory of the whole run (model, optimizer, activations), for benchmarks
+                           "peak_gpu_mib": (torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+                                            if self.device.type == "cuda" else None)}, f, indent=1)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if os.environ.get(ENV_FINAL_VALIDATION, "1").strip() == "0":
