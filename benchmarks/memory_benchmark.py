@@ -106,6 +106,8 @@ def measure_one(trainer_name: str, plans_file: str, dataset_json_file: str, conf
     trainer = trainer_class(plans, configuration, 0, dataset_json, device=torch.device(device))
     trainer.initialize()
     trainer.network.train()
+    if hasattr(trainer, "condition_pretrain_fraction"):
+        trainer.condition_pretrain_fraction = 0.0  # UniSegDiff: measure the DNet phase, not CFENet's pre-training
     generator = torch.Generator().manual_seed(0)
     batches = [synthetic_batch(trainer, generator) for _ in range(2)]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -88,7 +88,7 @@ def test_diffusion_trainer_3d_and_resume(nnunet):
     model = train_predict_evaluate(nnunet, "nnUNetTrainerDiffusion")
     # sampler settings are stored with the model
     stored = json.loads((model / "plans.json").read_text())["configurations"]["3d_fullres"]["diffusion"]
-    assert stored["sampler"] == {"kind": "ddim", "steps": 2, "num_samples": 1, "seed": 0}
+    assert stored["sampler"] == {"kind": "ddim", "steps": 2, "num_samples": 1, "seed": 0, "fusion": "mean"}
     # --c resumes from the checkpoint: one more epoch on top of the first
     env = {**nnunet["env"], "NNUNET_DIFFUSION_EPOCHS": "2"}
     run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerDiffusion", "-device", "cpu",
@@ -260,3 +260,85 @@ def test_predict_command_refuses_an_untrained_sampler_before_writing(nnunet):
                                                                "--steps", "7")], nnunet["env"], check=False)
     assert result.returncode != 0 and "Cannot respace a 1000-step schedule to 7 steps" in result.stderr
     assert not out.exists()
+
+
+# ---- UniSegDiff -------------------------------------------------------------------------------------------------
+
+
+def unisegdiff_env(nnunet, results: str, **extra):
+    """A results folder of its own (whether a stock model exists there decides where CFENet comes from), and 2
+    masks per patch instead of 20."""
+    folder = nnunet["root"] / results
+    folder.mkdir(exist_ok=True)
+    return {**nnunet["env"], "nnUNet_results": str(folder), "NNUNET_DIFFUSION_SAMPLES": "2", **extra}
+
+
+def training_log(model):
+    return "".join(p.read_text() for p in (model / "fold_0").glob("training_log_*.txt"))
+
+
+def test_unisegdiff_3d_pre_trains_its_condition_network_resumes_and_predicts(nnunet):
+    """No stock model: epoch 0 pre-trains CFENet, epoch 1 trains DNet with CFENet frozen; the final validation
+    runs the staged sampler; --c resumes; nnunet-diffusion predict writes the STAPLE-fused segmentation and maps."""
+    trainer = "nnUNetTrainerUniSegDiff"
+    env = unisegdiff_env(nnunet, "results_unisegdiff", NNUNET_DIFFUSION_EPOCHS="2")
+    run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env)
+    model = Path(env["nnUNet_results"]) / nnunet["raw"].name / f"{trainer}__nnUNetPlans__3d_fullres"
+    log = training_log(model)
+    assert "Condition network (CFENet): pre-trained in this run for the first 30% of training" in log
+    assert "CFENet pre-training done at epoch 1" in log
+    assert "Final validation sampler: staged, 2 steps, 2 sample(s), staple fusion" in log
+    stored = json.loads((model / "plans.json").read_text())["configurations"]["3d_fullres"]["diffusion"]
+    assert stored["sampler"] == {"kind": "staged", "steps": 10, "num_samples": 20, "seed": 0, "fusion": "staple"}
+    assert stored["condition_source"].startswith("pre-trained in this run")
+    run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu", "--c"],
+        {**env, "NNUNET_DIFFUSION_EPOCHS": "3", "NNUNET_DIFFUSION_FINAL_VALIDATION": "0"})
+    checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["current_epoch"] == 3
+    out = nnunet["root"] / "pred_unisegdiff_3d"
+    run(["nnunet-diffusion", "predict", *predict_args(nnunet, trainer, "3d_fullres", out, "--uncertainty",
+                                                      "--disable_tta")], env)
+    for image in sorted((nnunet["raw"] / "imagesTs").glob("*_0000.nii.gz")):
+        case = image.name[:-len("_0000.nii.gz")]
+        assert read(out / f"{case}.nii.gz").shape == read(image).shape
+        assert (out / "uncertainty" / f"{case}_mutual_information.nii.gz").is_file()
+
+
+def test_unisegdiff_2d_uses_a_stock_checkpoint_and_refuses_a_bad_one(nnunet):
+    """With NNUNET_DIFFUSION_CONDITION_CHECKPOINT naming a trained stock model, CFENet is that model, frozen, from
+    the first step; a checkpoint of another configuration stops the trainer before it makes its folder."""
+    env = unisegdiff_env(nnunet, "results_unisegdiff_stock", NNUNET_DIFFUSION_FINAL_VALIDATION="0")
+    run(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", "nnUNetTrainerBudget", "-device", "cpu"], env)
+    results = Path(env["nnUNet_results"]) / nnunet["raw"].name
+    stock = results / "nnUNetTrainerBudget__nnUNetPlans__2d" / "fold_0" / "checkpoint_final.pth"
+    trainer = "nnUNetTrainerUniSegDiff"
+    run(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer, "-device", "cpu"],
+        {**env, "NNUNET_DIFFUSION_CONDITION_CHECKPOINT": str(stock)})
+    model = results / f"{trainer}__nnUNetPlans__2d"
+    assert f"Condition network (CFENet): stock nnU-Net checkpoint {stock}, frozen" in training_log(model)
+    weights = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    stock_weights = torch.load(stock, map_location="cpu", weights_only=False)["network_weights"]
+    for key in ("encoder.stages.0.0.convs.0.conv.weight", "decoder.seg_layers.1.weight"):
+        torch.testing.assert_close(weights["network_weights"][f"denoiser.cfenet.{key}"], stock_weights[key])
+    out = nnunet["root"] / "pred_unisegdiff_2d"
+    run(["nnUNetv2_predict", *predict_args(nnunet, trainer, "2d", out, "--disable_tta")], env)
+    assert len(list(out.glob("*.nii.gz"))) == 2
+    result = run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "4", "-tr", trainer, "-device", "cpu"],
+                 {**env, "NNUNET_DIFFUSION_CONDITION_CHECKPOINT": str(stock)}, check=False)
+    assert result.returncode != 0 and "configuration '2d'; this model needs 'nnUNetPlans', '3d_fullres'" in result.stderr
+    assert not (results / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_4").exists()
+
+
+@pytest.mark.parametrize("variant", ["nnUNetTrainerUniSegDiff_uniformNoise", "nnUNetTrainerUniSegDiff_oneStep",
+                                     "nnUNetTrainerUniSegDiff_noPretraining"])
+def test_unisegdiff_variant_trains_and_predicts_through_the_cli(nnunet, variant):
+    """The ablations with their own code paths: one eps decoder with DDIM, one x0 decoder sampled in one step, and
+    a condition encoder trained jointly. One iteration, one held-out case."""
+    env = unisegdiff_env(nnunet, "results_unisegdiff_variants", NNUNET_DIFFUSION_ITERATIONS="1",
+                         NNUNET_DIFFUSION_FINAL_VALIDATION="0")
+    env.pop("NNUNET_DIFFUSION_STEPS")  # each variant's own sampler (uniform: 112 DDIM steps -> 2 below)
+    run(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", variant, "-device", "cpu"], env)
+    out = nnunet["root"] / f"pred_{variant}"
+    steps = [] if variant.endswith("oneStep") else ["--steps", "2"]
+    run(["nnunet-diffusion", "predict", *predict_args(nnunet, variant, "2d", out, "--disable_tta", *steps)], env)
+    assert len(list(out.glob("*.nii.gz"))) == 2

@@ -16,7 +16,8 @@ from torch import nn
 from nnunet_diffusion.diffusion.gaussian import eps_from_x0, q_sample, x0_from_eps
 from nnunet_diffusion.diffusion.masks import probabilities_from_x0, x0_from_logits
 from nnunet_diffusion.diffusion.objectives import recycled_noisy_mask
-from nnunet_diffusion.diffusion.samplers import (SamplerSettings, TrainingCoverage, check_sampler_coverage,
+from nnunet_diffusion.diffusion.fusion import staple_probabilities
+from nnunet_diffusion.diffusion.samplers import (SAMPLERS, SamplerSettings, TrainingCoverage, check_sampler_coverage,
                                                   run_reverse_process, sampling_schedule, trained_index_count,
                                                   training_coverage)
 from nnunet_diffusion.diffusion.schedules import NoiseSchedule, respace
@@ -74,6 +75,9 @@ class DiffusionSegmenter(nn.Module):
         """Validate and use ``sampler``. A sampler that visits timesteps the model was never trained on is refused
         with the valid step counts in the message; ``allow_untrained=True`` skips that (analysis only)."""
         sampler = sampler.validated(self.schedule.num_steps)
+        if sampler.kind not in SAMPLERS:
+            raise ValueError(f"Sampler '{sampler.kind}' is for UniSegDiff's staged models; this model samples with "
+                             f"{list(SAMPLERS)} ({sampler.ENV_PREFIX}SAMPLER).")
         if not allow_untrained:
             check_sampler_coverage(self.schedule, sampler, self.training_coverage())
         self.sampler = sampler
@@ -161,7 +165,19 @@ class DiffusionSegmenter(nn.Module):
         probabilities. Training (x0 given): a :class:`TrainingPass` (through forward so DDP sees it)."""
         if x0 is not None:
             return self.training_pass(image, x0)
-        return log_mean_probabilities(self.member_probabilities(image))
+        return self.fuse(self.member_probabilities(image))
+
+    def fuse(self, member_probabilities: torch.Tensor) -> torch.Tensor:
+        """(B, M, C, *S) probabilities of each patch's M samples -> (B, C, *S) logits (log-probabilities) of their
+        fusion: the mean of their probabilities, or STAPLE on their label maps (``sampler.fusion``)."""
+        if self.sampler.fusion == "mean" or member_probabilities.shape[1] == 1:
+            return log_mean_probabilities(member_probabilities)
+        fused = torch.stack([staple_probabilities(m.argmax(dim=1), m.shape[1]) for m in member_probabilities])
+        return torch.log(fused.clamp_min(1e-8)).to(member_probabilities.dtype)
+
+    def network_calls(self) -> int:
+        """Sequential denoiser evaluations of one reverse run (progress bars, cost tables)."""
+        return self.sampler.steps
 
     def member_probabilities(self, image: torch.Tensor, copies: int = 1,
                              on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:

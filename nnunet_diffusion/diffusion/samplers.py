@@ -35,39 +35,54 @@ def ddim_step(schedule: NoiseSchedule, x_t: torch.Tensor, k: int, x0_hat: torch.
 
 
 SAMPLERS = ("ddpm", "ddim")
+STAGED = "staged"  # UniSegDiff's staged inference (diffusion.staged); only its staged models sample with it
+SAMPLER_KINDS = SAMPLERS + (STAGED,)
+FUSIONS = ("mean", "staple")  # how the samples of a patch become class probabilities (DiffusionSegmenter.fuse)
 
 
 @dataclass(frozen=True)
 class SamplerSettings:
     """How the reverse process runs at prediction time. Stored with the trained model (plans.json).
 
-    kind: 'ddpm' (ancestral, posterior variance) or 'ddim' (deterministic, eta = 0).
+    kind: 'ddpm' (ancestral, posterior variance), 'ddim' (deterministic, eta = 0), or 'staged' (UniSegDiff's
+        staged inference; staged models only).
     steps: K, the number of reverse steps: the training schedule of T steps is respaced to K
-        ((T-1) % (K-1) == 0, or K = 1 for a single x0 prediction from pure noise).
-    num_samples: reverse runs per patch, batched together; their class probabilities are averaged.
+        ((T-1) % (K-1) == 0, or K = 1 for a single x0 prediction from pure noise). 'staged': the DDIM steps of
+        its middle stage (the segmenter checks them against its thresholds).
+    num_samples: reverse runs per patch, batched together ('staged': masks per patch, half per branch).
     seed: seeds the start noise and DDPM noise of every patch: same seed, same prediction.
+    fusion: how the samples of a patch become class probabilities: 'mean' (average of their probabilities) or
+        'staple' (SimpleITK's STAPLE on their label maps, ``diffusion.fusion``).
     """
 
     kind: str = "ddim"
     steps: int = 10
     num_samples: int = 1
     seed: int = 0
+    fusion: str = "mean"
 
     ENV_PREFIX = "NNUNET_DIFFUSION_"
 
     def validated(self, train_steps: int) -> "SamplerSettings":
-        if self.kind not in SAMPLERS:
-            raise ValueError(f"Unknown sampler '{self.kind}'. Choose one of {list(SAMPLERS)} "
+        if self.kind not in SAMPLER_KINDS:
+            raise ValueError(f"Unknown sampler '{self.kind}'. Choose one of {list(SAMPLER_KINDS)} "
                              f"(environment variable {self.ENV_PREFIX}SAMPLER).")
-        check_respacing(train_steps, self.steps)
+        if self.kind != STAGED:
+            check_respacing(train_steps, self.steps)
+        elif self.steps < 1:
+            raise ValueError(f"the staged sampler needs >= 1 middle DDIM step, got {self.steps} "
+                             f"({self.ENV_PREFIX}STEPS).")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples} ({self.ENV_PREFIX}SAMPLES).")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"Unknown fusion '{self.fusion}'. Choose one of {list(FUSIONS)} "
+                             f"(environment variable {self.ENV_PREFIX}FUSION).")
         return self
 
     def with_env_overrides(self, environ=os.environ) -> "SamplerSettings":
         """Apply NNUNET_DIFFUSION_{SAMPLER,STEPS,SAMPLES,SEED} from the environment, if set."""
         fields = {"SAMPLER": ("kind", str), "STEPS": ("steps", int), "SAMPLES": ("num_samples", int),
-                  "SEED": ("seed", int)}
+                  "SEED": ("seed", int), "FUSION": ("fusion", str)}
         changes = {}
         for suffix, (field, cast) in fields.items():
             raw = environ.get(self.ENV_PREFIX + suffix)
@@ -82,14 +97,16 @@ class SamplerSettings:
     @classmethod
     def env_variables_set(cls, environ=os.environ) -> dict:
         """The NNUNET_DIFFUSION_{SAMPLER,STEPS,SAMPLES,SEED} variables that are set (non-empty): name -> value."""
-        names = [cls.ENV_PREFIX + suffix for suffix in ("SAMPLER", "STEPS", "SAMPLES", "SEED")]
+        names = [cls.ENV_PREFIX + suffix for suffix in ("SAMPLER", "STEPS", "SAMPLES", "SEED", "FUSION")]
         return {name: environ[name] for name in names if environ.get(name, "").strip()}
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "steps": self.steps, "num_samples": self.num_samples, "seed": self.seed}
+        return {"kind": self.kind, "steps": self.steps, "num_samples": self.num_samples, "seed": self.seed,
+                "fusion": self.fusion}
 
     def describe(self) -> str:
-        return f"{self.kind}, {self.steps} steps, {self.num_samples} sample(s), seed {self.seed}"
+        fusion = f", {self.fusion} fusion" if self.num_samples > 1 else ""
+        return f"{self.kind}, {self.steps} steps, {self.num_samples} sample(s){fusion}, seed {self.seed}"
 
 
 def run_reverse_process(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_start: torch.Tensor,

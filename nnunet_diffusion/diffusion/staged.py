@@ -95,3 +95,31 @@ def staged_inference_steps(targets: StagedTargets = StagedTargets(), interval: i
     steps += [StagedStep(t, t - interval, t, "chain") for t in middle]
     steps.append(StagedStep(targets.lower, -1, 0, "eps"))
     return steps
+
+
+def per_sample_dice_ce(logits: torch.Tensor, labels: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """(B, C, *S) logits, (B, 1, *S) integer labels -> (B,) cross-entropy + (1 - soft Dice) per sample.
+
+    nnU-Net's Dice + CE (soft Dice over the foreground classes, ``smooth`` 1e-5, not batch Dice), per sample so
+    that each sample can carry its own stage weight (eq. 1). Computed in float32: sums over a patch overflow
+    float16.
+    """
+    logits, labels = logits.float(), labels[:, 0].long()
+    spatial = tuple(range(2, logits.ndim))
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none").flatten(1).mean(1)
+    probabilities = torch.softmax(logits, dim=1)
+    onehot = torch.zeros_like(probabilities).scatter_(1, labels[:, None], 1.0)
+    tp = (probabilities * onehot).sum(spatial)
+    fp = (probabilities * (1 - onehot)).sum(spatial)
+    fn = ((1 - probabilities) * onehot).sum(spatial)
+    dice = (2 * tp + smooth) / (2 * tp + fp + fn + smooth).clamp_min(1e-8)
+    return ce + 1 - dice[:, 1:].mean(1)
+
+
+def staged_loss(eps_hat: torch.Tensor, noise: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 per sample, averaged over the batch: alpha_b * L_noise,b + beta_b * (L_dice,b + L_ce,b), with L_noise
+    the eps MSE. Both terms always enter the graph (a weight of 0 included), so every parameter of both decoders
+    takes part in every step (DDP). eps_hat, noise, logits: (B, C, *S); labels (B, 1, *S); alpha, beta (B,)."""
+    mse = ((eps_hat.float() - noise.float()) ** 2).flatten(1).mean(1)
+    return (alpha * mse + beta * per_sample_dice_ce(logits, labels)).mean()

@@ -8,11 +8,11 @@ import os
 
 import torch
 
-from nnunet_diffusion.diffusion.samplers import SamplerSettings
+from nnunet_diffusion.diffusion.samplers import FUSIONS, SAMPLER_KINDS, SamplerSettings
 from nnunet_diffusion.inference.predictor import DEFAULT_MAX_BATCH, DiffusionPredictor
 
 # our sampler flags set the variables every diffusion trainer's network reads when it is built (and validates)
-SAMPLER_FLAGS = {"sampler": "SAMPLER", "steps": "STEPS", "samples": "SAMPLES", "seed": "SEED"}
+SAMPLER_FLAGS = {"sampler": "SAMPLER", "steps": "STEPS", "samples": "SAMPLES", "seed": "SEED", "fusion": "FUSION"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--max_batch", type=int, default=DEFAULT_MAX_BATCH,
                       help=f"most members (windows x mirrored copies x samples) per network call; lower it if "
                            f"memory runs out (default {DEFAULT_MAX_BATCH})")
-    ours.add_argument("--sampler", choices=["ddim", "ddpm"], help="override the stored sampler kind")
+    ours.add_argument("--sampler", choices=list(SAMPLER_KINDS), help="override the stored sampler kind ('staged': "
+                      "UniSegDiff's staged models only)")
+    ours.add_argument("--fusion", choices=list(FUSIONS), help="how a window's samples become probabilities: mean of "
+                      "their probabilities, or STAPLE on their label maps")
     ours.add_argument("--steps", type=int, help="override the stored number of reverse steps")
     ours.add_argument("--samples", type=int, help="samples per window (their spread feeds --uncertainty)")
     ours.add_argument("--seed", type=int, help="seed of the start noise (same seed, same segmentation)")

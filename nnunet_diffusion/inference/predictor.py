@@ -29,7 +29,7 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 from tqdm import tqdm
 
-from nnunet_diffusion.architectures.segmenter import DiffusionSegmenter, log_mean_probabilities
+from nnunet_diffusion.architectures.segmenter import DiffusionSegmenter
 from nnunet_diffusion.inference.ensemble import (UNCERTAINTY_MAPS, mirror_combinations, stack_mirrored,
                                                  uncertainty_maps, unflip)
 from nnunet_diffusion.inference.export import case_complete, check_maps_writable, export_case
@@ -144,7 +144,7 @@ class DiffusionPredictor(nnUNetPredictor):
         segmenter = self.segmenter
         chunks = list(torch.split(batch, max(1, self.max_batch // self.samples_per_copy())))
         logits, members = [], []
-        steps = segmenter.sampler.steps if segmenter is not None else 0
+        steps = segmenter.network_calls() if segmenter is not None else 0
         with tqdm(total=steps * len(chunks), desc="sampler steps", leave=False, position=1,
                   disable=not self.allow_tqdm or segmenter is None) as bar:
             for part in chunks:
@@ -156,7 +156,7 @@ class DiffusionPredictor(nnUNetPredictor):
                     continue
                 probabilities = segmenter.member_probabilities(part, copies=part.shape[0],
                                                                on_step=lambda k, x0_hat: bar.update())
-                logits.append(log_mean_probabilities(probabilities))
+                logits.append(segmenter.fuse(probabilities))
                 members.append(probabilities)
         return torch.cat(logits), (torch.cat(members) if members else None)
 

@@ -21,7 +21,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from nnunet_diffusion.architectures.conditional_unet import ImageConditionedDenoiser
 from nnunet_diffusion.architectures.segmenter import DiffusionSegmenter, TrainingPass
 from nnunet_diffusion.diffusion.masks import labels_to_x0
-from nnunet_diffusion.diffusion.samplers import SamplerSettings
+from nnunet_diffusion.diffusion.samplers import STAGED, SamplerSettings
 from nnunet_diffusion.diffusion.schedules import make_schedule, respace
 from nnunet_diffusion.trainers.budget import TrainingBudgetMixin
 
@@ -93,6 +93,11 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
     def stored_settings(cls, configuration_manager: ConfigurationManager) -> dict:
         """Settings the model was trained with (plans.json), falling back to the class defaults."""
         return {**cls.diffusion_settings(), **configuration_manager.configuration.get(PLANS_KEY, {})}
+
+    @classmethod
+    def staged_sampler(cls) -> bool:
+        """Whether this trainer's default sampler is UniSegDiff's staged one."""
+        return cls.default_sampler.kind == STAGED
 
     @staticmethod
     def sampler_from(settings: dict, apply_env: bool = True) -> SamplerSettings:
@@ -216,7 +221,10 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
 
     def diffusion_loss(self, result: TrainingPass, target: torch.Tensor) -> torch.Tensor:
         """eps models: MSE to the noise (Ho et al. 2020); x0 models: nnU-Net's Dice + CE on the logits.
-        An auxiliary prior segmentation (APDS) adds nnU-Net's Dice + CE on its logits."""
+        An auxiliary prior segmentation (APDS) adds nnU-Net's Dice + CE on its logits. A pass that carries its own
+        loss (UniSegDiff's staged eq. 1: ``loss(labels)``) uses it."""
+        if hasattr(result, "loss"):
+            return result.loss(target)
         if result.regression_target is not None:
             loss = torch.mean((result.output.float() - result.regression_target.float()) ** 2)
         else:

@@ -124,6 +124,12 @@ class TrainingBudgetMixin:
             self.inference_allowed_mirroring_axes = mirror_axes
         return rotation, dummy_2d, initial_patch_size, mirror_axes
 
+    def training_progress(self) -> float:
+        """How far training is, in [0, 1]: the elapsed fraction of the time budget, else epochs done / epochs."""
+        if isinstance(self.lr_scheduler, BudgetDrivenSchedule):
+            return self.lr_scheduler.fraction
+        return self.current_epoch / max(self.num_epochs, 1)
+
     def _budget_elapsed(self, started: float, offset: float) -> float:
         """Seconds of training so far (earlier runs of a --c resume included). Under DDP, rank 0's value for
         every rank: the learning rate and the stop must be the same on all ranks (a rank that stops alone

@@ -21,28 +21,46 @@ def stock_checkpoint_path(results: str, dataset_name: str, plans_identifier: str
             / checkpoint)
 
 
-def load_frozen_condition_network(network: nn.Module, checkpoint_path: os.PathLike, dataset_id: str,
-                                  plans_identifier: str, configuration: str, fold) -> nn.Module:
-    """Load a stock nnU-Net checkpoint into ``network`` (built from the same plans and configuration), strictly,
-    and freeze it (no parameter requires a gradient). Every problem is a ValueError that names the expected file
-    and the command that makes it."""
+def make_condition_command(dataset_id: str, plans_identifier: str, configuration: str, fold) -> str:
+    return (f"nnUNetv2_train {dataset_id} {configuration} {fold} -p {plans_identifier} "
+            f"(the stock nnUNetTrainer, same dataset, plans, configuration and fold)")
+
+
+def read_condition_checkpoint(checkpoint_path: os.PathLike, dataset_id: str, plans_identifier: str,
+                              configuration: str, fold) -> dict:
+    """The network weights of a stock nnU-Net checkpoint, after checking that it exists and was trained with these
+    plans and configuration. Every problem is a ValueError that names the file and the command that makes it."""
     path = Path(checkpoint_path)
-    make_it = (f"nnUNetv2_train {dataset_id} {configuration} {fold} -p {plans_identifier} "
-               f"(the stock nnUNetTrainer, same dataset, plans, configuration and fold)")
+    make_it = make_condition_command(dataset_id, plans_identifier, configuration, fold)
     if not path.is_file():
         raise ValueError(f"The pre-trained condition network needs {path}, which does not exist. Make it with: "
                          f"{make_it}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    init_args = checkpoint.get("init_args", {})
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated or foreign file: say which and how to remake it
+        raise ValueError(f"{path} cannot be read as a checkpoint ({type(error).__name__}: {error}). Make it again "
+                         f"with: {make_it}") from None
+    init_args = checkpoint.get("init_args", {}) if isinstance(checkpoint, dict) else {}
     trained_for = (init_args.get("plans", {}).get("plans_name"), init_args.get("configuration"))
     if trained_for != (plans_identifier, configuration):
         raise ValueError(f"{path} was trained with plans {trained_for[0]!r}, configuration {trained_for[1]!r}; "
                          f"this model needs {plans_identifier!r}, {configuration!r}. Make it with: {make_it}")
+    return checkpoint["network_weights"]
+
+
+def load_frozen_condition_network(network: nn.Module, checkpoint_path: os.PathLike, dataset_id: str,
+                                  plans_identifier: str, configuration: str, fold,
+                                  weights: dict | None = None) -> nn.Module:
+    """Load a stock nnU-Net checkpoint (or its already read ``weights``) into ``network`` (built from the same plans
+    and configuration), strictly, and freeze it (no parameter requires a gradient). Every problem is a ValueError
+    that names the expected file and the command that makes it."""
+    if weights is None:
+        weights = read_condition_checkpoint(checkpoint_path, dataset_id, plans_identifier, configuration, fold)
     try:
-        network.load_state_dict(checkpoint["network_weights"], strict=True)
+        network.load_state_dict(weights, strict=True)
     except RuntimeError as error:
-        raise ValueError(f"{path} does not fit the condition network of these plans ({error}). Make it with: "
-                         f"{make_it}") from None
+        raise ValueError(f"{checkpoint_path} does not fit the condition network of these plans ({error}). Make it "
+                         f"with: {make_condition_command(dataset_id, plans_identifier, configuration, fold)}") from None
     for parameter in network.parameters():
         parameter.requires_grad_(False)
     return network

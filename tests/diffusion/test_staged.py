@@ -60,3 +60,31 @@ def test_staged_inference_follows_the_papers_description():
     assert len(steps) == 12  # network evaluations per chain (the paper's Table 4 says 11)
     with pytest.raises(ValueError, match="interval 40 must divide"):
         staged_inference_steps(interval=40)
+
+
+def test_per_sample_dice_ce_equals_nnunets_dice_and_ce_for_each_sample():
+    """Independent reference: nnU-Net's DC_and_CE_loss (soft Dice without background, not batch Dice, smooth 1e-5)
+    returns CE + (-Dice); ours is CE + 1 - Dice, per sample."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import SoftDiceLoss
+    from nnunet_diffusion.diffusion.staged import per_sample_dice_ce
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 4, 6, 5, 4), torch.randint(0, 4, (3, 1, 6, 5, 4))
+    reference = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                               weight_ce=1, weight_dice=1, ignore_label=None, dice_class=SoftDiceLoss)
+    ours = per_sample_dice_ce(logits, labels)
+    for b in range(3):
+        torch.testing.assert_close(ours[b], reference(logits[b:b + 1], labels[b:b + 1]) + 1, rtol=1e-5, atol=1e-5)
+
+
+def test_staged_loss_weights_each_sample_by_its_stage():
+    """Hand case: two samples, alpha/beta picked per sample; the loss is the batch mean of the weighted sums."""
+    from nnunet_diffusion.diffusion.staged import per_sample_dice_ce, staged_loss
+    torch.manual_seed(1)
+    eps_hat, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    logits, labels = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 1, 4, 4))
+    alpha, beta = StagedTargets().loss_weights(torch.tensor([999, 100]))  # rapid (1:3), refinement (3:1)
+    mse = ((eps_hat - noise) ** 2).mean(dim=(1, 2, 3))
+    mask = per_sample_dice_ce(logits, labels)
+    expected = ((0.25 * mse[0] + 0.75 * mask[0]) + (0.75 * mse[1] + 0.25 * mask[1])) / 2
+    torch.testing.assert_close(staged_loss(eps_hat, noise, logits, labels, alpha, beta), expected)

@@ -33,7 +33,7 @@ def test_ignore_label_is_refused_with_the_fix(tmp_path, monkeypatch):
 
 def test_unknown_sampler_is_refused_at_trainer_start(tmp_path, monkeypatch):
     monkeypatch.setenv("NNUNET_DIFFUSION_SAMPLER", "euler")
-    with pytest.raises(ValueError, match="Unknown sampler 'euler'. Choose one of \\['ddpm', 'ddim'\\]"):
+    with pytest.raises(ValueError, match="Unknown sampler 'euler'. Choose one of \\['ddpm', 'ddim', 'staged'\\]"):
         make(nnUNetTrainerDiffusion, {"background": 0, "organ": 1}, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 

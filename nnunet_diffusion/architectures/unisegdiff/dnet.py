@@ -1,0 +1,144 @@
+"""UniSegDiff's networks (Sec. 2.1, 2.3): CFENet, the condition network, and DNet, the denoiser.
+
+CFENet is nnU-Net's own U-Net for the plans (PlainConvUNet): pre-trained for segmentation (the stock nnU-Net
+checkpoint, or a first phase of our trainer) and frozen when the network is built, so DDP never expects its
+gradients. Its encoder's per-stage features are the conditions CF_i. The ablation without pre-training uses a
+plain encoder trained jointly with DNet (a frozen-or-unused decoder would be dead weight under DDP).
+
+DNet: a noise encoder on the noisy mask x_t with the plans' layout (as CFENet, so CF_i and DF_i have the same
+channels at every stage), a timestep embedding added at every stage, the conditions fused at every stage, and
+one decoder per prediction head ('eps', 'x0'; each a UNetDecoder over the same skips). Fusion: DCA (dual
+cross-attention, ``dca.py``) at the stages whose voxel count at the planned patch is at most ``max_tokens``
+(the coarse ones: attention memory grows with the square of the voxels), and addition (Diff-UNet's feature
+fusion) at the others and everywhere in the ablation without DCA. ``DCA_MAX_TOKENS`` says why 1024.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple, Type
+
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from torch import nn
+
+from nnunet_diffusion.architectures.conditional_unet import TimestepMLP, keep_last_seg_layer
+from nnunet_diffusion.architectures.unisegdiff.dca import DualCrossAttention
+
+HEADS = ("eps", "x0")
+CONDITIONS = ("pretrained", "joint")
+# DCA only where a stage has at most this many voxels at the planned patch. Measured on the example's 2d plan
+# (40 x 40 patch, 2 cores): DCA at the full-resolution stage too (1600 voxels) made a DNet call 3.2x slower than
+# none, DCA at the three coarser stages 1.9x. In 3d it keeps attention to the coarse stages (e.g. 10 x 12 x 8).
+DCA_MAX_TOKENS = 1024
+
+
+def stage_voxels(patch_size: Sequence[int], strides) -> List[int]:
+    """Voxels of each encoder stage's feature map for a patch: the patch divided by the cumulative strides."""
+    shape, voxels = list(patch_size), []
+    for stride in strides:
+        stride = [stride] * len(shape) if isinstance(stride, int) else stride
+        shape = [max(1, s // k) for s, k in zip(shape, stride)]
+        voxels.append(math.prod(shape))
+    return voxels
+
+
+def build_cfenet(image_channels: int, num_classes: int, condition: str, encoder_kwargs: dict,
+                 n_conv_per_stage_decoder) -> nn.Module:
+    """'pretrained': nnU-Net's PlainConvUNet of the plans (loads a stock checkpoint strictly: the decoder heads that
+    ``keep_last_seg_layer`` drops are discarded on load), frozen. 'joint': only an encoder, trained with DNet."""
+    if condition == "joint":
+        return PlainConvEncoder(image_channels, **encoder_kwargs, return_skips=True)
+    kwargs = {k: v for k, v in encoder_kwargs.items() if k != "n_conv_per_stage"}
+    network = PlainConvUNet(image_channels, n_conv_per_stage=encoder_kwargs["n_conv_per_stage"],
+                            num_classes=num_classes, n_conv_per_stage_decoder=n_conv_per_stage_decoder,
+                            deep_supervision=False, **kwargs)
+    keep_last_seg_layer(network.decoder)
+    for parameter in network.parameters():  # frozen at build: DDP registers only DNet's parameters
+        parameter.requires_grad_(False)
+    return network
+
+
+class UniSegDiffDenoiser(nn.Module):
+    """CFENet + DNet. ``encode_image`` (once per patch) -> CF_i; ``forward(x_t, t, CF)`` -> one tensor per head.
+
+    Args mirror PlainConvUNet (the plans' arch_kwargs pass through) plus: ``heads`` (('eps', 'x0') for the staged
+    model, one of them for the uniform ablations; a single head returns a tensor, two a tuple), ``condition``
+    ('pretrained' or 'joint'), ``use_dca``, ``patch_size`` (decides where DCA fits) and ``max_tokens``.
+    """
+
+    def __init__(self, image_channels: int, num_classes: int, n_stages: int, features_per_stage: Sequence[int],
+                 conv_op: Type[nn.Module], kernel_sizes, strides, n_conv_per_stage, n_conv_per_stage_decoder,
+                 conv_bias: bool = True, norm_op=None, norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None,
+                 nonlin=None, nonlin_kwargs=None, heads: Tuple[str, ...] = HEADS, condition: str = "pretrained",
+                 use_dca: bool = True, patch_size: Sequence[int] = (), max_tokens: int = DCA_MAX_TOKENS,
+                 time_embed_dim: int = 128):
+        super().__init__()
+        if not heads or any(h not in HEADS for h in heads) or len(set(heads)) != len(heads):
+            raise ValueError(f"heads must be distinct names out of {HEADS}, got {heads}")
+        if condition not in CONDITIONS:
+            raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
+        encoder_kwargs = dict(n_stages=n_stages, features_per_stage=features_per_stage, conv_op=conv_op,
+                              kernel_sizes=kernel_sizes, strides=strides, n_conv_per_stage=n_conv_per_stage,
+                              conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs,
+                              dropout_op=dropout_op, dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin,
+                              nonlin_kwargs=nonlin_kwargs)
+        self.num_classes, self.heads, self.condition = num_classes, tuple(heads), condition
+        self.spatial_dims = convert_conv_op_to_dim(conv_op)
+        self.cfenet = build_cfenet(image_channels, num_classes, condition, encoder_kwargs, n_conv_per_stage_decoder)
+        self.noise_encoder = PlainConvEncoder(num_classes, **encoder_kwargs, return_skips=True)
+        self.time_mlp = TimestepMLP(time_embed_dim)
+        self.time_projections = nn.ModuleList(nn.Linear(time_embed_dim, f) for f in self.noise_encoder.output_channels)
+        voxels = stage_voxels(patch_size, strides) if patch_size else [math.inf] * n_stages
+        self.dca_stages = tuple(s for s, n in enumerate(voxels) if use_dca and n <= max_tokens)
+        self.dca = nn.ModuleDict({str(s): DualCrossAttention(self.noise_encoder.output_channels[s],
+                                                             max_tokens=max_tokens) for s in self.dca_stages})
+        self.decoders = nn.ModuleDict({
+            head: keep_last_seg_layer(UNetDecoder(self.noise_encoder, num_classes, n_conv_per_stage_decoder,
+                                                  deep_supervision=False)) for head in self.heads})
+
+    @property
+    def cfenet_encoder(self) -> nn.Module:
+        return self.cfenet if self.condition == "joint" else self.cfenet.encoder
+
+    def cfenet_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.cfenet.parameters())
+
+    def encode_image(self, image: torch.Tensor) -> List[torch.Tensor]:
+        """(B, image_channels, *S) -> CF_i, [(B, F_s, *S_s)] per stage. A frozen CFENet runs without a graph."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfenet_frozen()):
+            return self.cfenet_encoder(image)
+
+    def repeat_condition(self, features: List[torch.Tensor], n: int) -> List[torch.Tensor]:
+        return [f.repeat_interleave(n, dim=0) for f in features]
+
+    def segment(self, image: torch.Tensor) -> torch.Tensor:
+        """CFENet's own segmentation logits (B, num_classes, *S): what its pre-training phase trains."""
+        if self.condition == "joint":
+            raise RuntimeError("the jointly trained condition encoder has no segmentation decoder")
+        return self.cfenet(image)
+
+    def fused_skips(self, x_t: torch.Tensor, t: torch.Tensor, condition: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Noise-encoder stages with the time embedding, each fused with CF_s (DCA or addition)."""
+        emb = self.time_mlp(t)
+        skips, x = [], x_t
+        for s, stage in enumerate(self.noise_encoder.stages):
+            time = self.time_projections[s](emb).reshape(*emb.shape[:1], -1, *([1] * self.spatial_dims))
+            denoising = stage(x) + time
+            x = (self.dca[str(s)](condition[s], denoising) if s in self.dca_stages
+                 else denoising + condition[s])
+            skips.append(x)
+        return skips
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: List[torch.Tensor],
+                head: Optional[str] = None):
+        """x_t (B, num_classes, *S), t (B,), CF from encode_image -> per head (B, num_classes, *S): eps, or class
+        logits for 'x0'. One head (or ``head`` named: only that decoder runs, for samplers): that tensor; two: a
+        tuple in ``heads`` order."""
+        skips = self.fused_skips(x_t, t, condition)
+        if head is not None:
+            return self.decoders[head](skips)
+        outputs = tuple(self.decoders[name](skips) for name in self.heads)
+        return outputs[0] if len(outputs) == 1 else outputs

@@ -1,0 +1,149 @@
+"""UniSegDiff's staged segmenter: staged training draws and the staged reverse run (Sec. 2.2), on the
+two-headed ``UniSegDiffDenoiser``. The maths (stages, weights, jumps, the evaluation plan) is in
+``diffusion.staged``; this module only runs the network along it.
+
+Our choices where the paper is vague (README, UniSegDiff):
+- The replaced timesteps (999 in the rapid stage, 0 in the refinement stage) are what the network is
+  *conditioned* on; x_t is noised at the drawn t, so the network sees every noise level of a stage, as it does
+  at inference (pure noise at 999, x_299 in the last jump). Noising at 0 too would train the eps head only on
+  almost clean masks, never on the x_299 it gets at inference.
+- "The two noisy masks at t = 299 are each sampled ten times ... directly from X_299 to X_0": a one-step jump
+  is deterministic, so each of a branch's samples re-draws the noise of the branch's last move into t = 299
+  (x_299 = sqrt(abar_299) x0_hat + sqrt(1 - abar_299) z, z fresh per sample) and then jumps to the mask with
+  the eps head: the spread of the samples is the model's uncertainty at that noise level.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from nnunet_diffusion.architectures.segmenter import DiffusionSegmenter
+from nnunet_diffusion.diffusion.gaussian import q_sample, x0_from_eps
+from nnunet_diffusion.diffusion.masks import x0_from_logits
+from nnunet_diffusion.diffusion.samplers import STAGED, SamplerSettings
+from nnunet_diffusion.diffusion.schedules import NoiseSchedule
+from nnunet_diffusion.diffusion.staged import StagedTargets, ddim_jump, staged_inference_steps, staged_loss
+from nnunet_diffusion.diffusion.timesteps import sample_timesteps
+
+
+class StagedTrainingPass(NamedTuple):
+    """One staged training draw. eps_hat / noise: (B, C, *S) the eps head and its target; logits: (B, C, *S) the
+    x0 head; alpha, beta: (B,) the weights of L_noise and of L_dice + L_ce (eq. 1); x0_hat: the x0 head's mask
+    estimate in [-1, 1], for the per-epoch pseudo-Dice."""
+    eps_hat: torch.Tensor
+    noise: torch.Tensor
+    logits: torch.Tensor
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    x0_hat: torch.Tensor
+
+    @property
+    def output(self) -> torch.Tensor:
+        """Both heads' raw outputs (B, 2C, *S), as TrainingPass.output holds the one head's."""
+        return torch.cat([self.eps_hat, self.logits], dim=1)
+
+    def loss(self, labels: torch.Tensor) -> torch.Tensor:
+        """Eq. 1 with this draw's per-sample stage weights; labels (B, 1, *S)."""
+        return staged_loss(self.eps_hat, self.noise, self.logits, labels, self.alpha, self.beta)
+
+
+class StagedDiffusionSegmenter(DiffusionSegmenter):
+    """Staged training and inference on a denoiser with heads ('eps', 'x0')."""
+
+    def __init__(self, denoiser, schedule: NoiseSchedule, sampler: Optional[SamplerSettings],
+                 targets: StagedTargets = StagedTargets()):
+        self.targets = targets
+        super().__init__(denoiser, schedule, "x0", sampler)
+
+    def set_sampler(self, sampler: SamplerSettings, allow_untrained: bool = False) -> None:
+        sampler = sampler.validated(self.schedule.num_steps)
+        span = self.targets.upper - self.targets.lower
+        if sampler.kind != STAGED:
+            raise ValueError(f"A staged UniSegDiff model samples with sampler '{STAGED}' only, got '{sampler.kind}' "
+                             f"({sampler.ENV_PREFIX}SAMPLER). Its uniform-sampling ablations are separate trainers "
+                             f"(nnUNetTrainerUniSegDiff_uniformNoise, _uniformMask).")
+        if span % sampler.steps:
+            valid = [k for k in range(1, span + 1) if span % k == 0]
+            raise ValueError(f"The staged sampler's middle stage spans t = {self.targets.upper} to "
+                             f"{self.targets.lower}: {sampler.steps} DDIM steps do not divide it. Valid "
+                             f"{sampler.ENV_PREFIX}STEPS: {valid} (10 = the paper's interval of 30).")
+        if sampler.num_samples % 2:
+            raise ValueError(f"The staged sampler draws the same number of masks from each of its two branches: "
+                             f"{sampler.ENV_PREFIX}SAMPLES must be even, got {sampler.num_samples} (paper: 20).")
+        self.sampler = sampler
+
+    def network_calls(self) -> int:
+        return len(self.inference_plan())
+
+    def inference_plan(self):
+        return staged_inference_steps(self.targets, (self.targets.upper - self.targets.lower) // self.sampler.steps,
+                                      self.schedule.num_steps)
+
+    # ---- training -------------------------------------------------------------------------------------------
+
+    def training_pass(self, image: torch.Tensor, x0: torch.Tensor) -> StagedTrainingPass:
+        """t uniform in 0..T-1, x_t noised at t, the network conditioned on the stage's timestep; both heads."""
+        features = self.denoiser.encode_image(image)
+        t = sample_timesteps(image.shape[0], self.schedule.num_steps, image.device)
+        noise = torch.randn_like(x0)
+        x_t = q_sample(self.schedule, x0, t, noise)
+        eps_hat, logits = self.denoiser(x_t, self.targets.model_timesteps(t, self.schedule.num_steps), features)
+        alpha, beta = self.targets.loss_weights(t)
+        return StagedTrainingPass(eps_hat, noise, logits, alpha, beta, x0_from_logits(logits))
+
+    # ---- staged inference -----------------------------------------------------------------------------------
+
+    def sample_x0(self, image: torch.Tensor, start_index: Optional[int] = None,
+                  on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
+                  x_start: Optional[torch.Tensor] = None, copies: int = 1) -> torch.Tensor:
+        """(B, C_img, *S) -> (B, num_samples, C, *S) masks in [-1, 1]: the first half from the mask branch, the
+        second from the noise branch. One x0 jump from pure noise, the middle DDIM steps with both branches in
+        one batch, and every branch's samples in one last batch: ``network_calls()`` sequential evaluations.
+        ``copies`` as in DiffusionSegmenter.sample_x0 (each copy starts from the same seeded noise)."""
+        if start_index is not None or x_start is not None:
+            raise ValueError("the staged sampler always starts from pure noise at t = T - 1")
+        if image.shape[0] % copies:
+            raise ValueError(f"a batch of {image.shape[0]} patches cannot hold {copies} equal copies")
+        b, per_branch = image.shape[0], self.sampler.num_samples // 2
+        condition = self.denoiser.encode_image(image)
+        generator = torch.Generator().manual_seed(self.sampler.seed)
+
+        def seeded_noise(*leading):
+            """Noise of shape (*leading, b // copies, C, *S), drawn once and repeated for every copy (dim -2 - S)."""
+            shape = (*leading, b // copies, self.num_classes, *image.shape[2:])
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(image.device)
+            return torch.cat([noise] * copies, dim=len(leading))  # copy-major patches, as ``image``
+
+        def timesteps(value, n):
+            return torch.full((n,), value, dtype=torch.long, device=image.device)
+
+        first, *middle, last = self.inference_plan()
+        x = seeded_noise()
+        x0_hat = x0_from_logits(self.denoiser(x, timesteps(first.model_t, b), condition, head="x0"))
+        if on_step is not None:
+            on_step(first.t_from, x0_hat)
+        x = ddim_jump(self.schedule, x, timesteps(first.t_from, b), first.t_to, x0_hat)
+        # middle stage: the mask chain (x0 head) and the noise chain (eps head), one batch of 2B, branch-major
+        chains, both = torch.cat([x, x]), [torch.cat([f, f]) for f in condition]
+        for step in middle:
+            eps_hat, logits = self.denoiser(chains, timesteps(step.model_t, 2 * b), both)
+            t_from = timesteps(step.t_from, 2 * b)
+            x0_hat = torch.cat([x0_from_logits(logits[:b]),
+                                x0_from_eps(self.schedule, chains[b:], t_from[b:], eps_hat[b:].float()).clamp(-1, 1)])
+            if on_step is not None:
+                on_step(step.t_from, x0_hat)
+            chains = ddim_jump(self.schedule, chains, t_from, step.t_to, x0_hat)
+        # last: each branch's mask estimate re-noised to t = lower with fresh noise per sample (the same for every
+        # copy), then one eps-head jump; batch order (branch, patch, sample)
+        branch_x0 = x0_hat.reshape(2, b, *x0_hat.shape[1:]).repeat_interleave(per_branch, dim=1).flatten(0, 1)
+        noise = seeded_noise(2, per_branch).transpose(1, 2).flatten(0, 2)  # (2, P, b, ...) -> (2 * b * P, ...)
+        n = branch_x0.shape[0]
+        x_last = q_sample(self.schedule, branch_x0, timesteps(last.t_from, n), noise)
+        last_condition = [torch.cat([f, f]).repeat_interleave(per_branch, dim=0) for f in condition]
+        eps_hat = self.denoiser(x_last, timesteps(last.model_t, n), last_condition, head="eps")
+        masks = x0_from_eps(self.schedule, x_last, timesteps(last.t_from, n), eps_hat.float()).clamp(-1, 1)
+        if on_step is not None:
+            on_step(0, masks)
+        masks = masks.reshape(2, b, per_branch, *masks.shape[1:]).transpose(0, 1)  # (B, branch, sample, C, *S)
+        return masks.flatten(1, 2)

@@ -1,0 +1,179 @@
+"""nnUNetTrainerUniSegDiff: staged diffusion with a frozen, segmentation-pre-trained condition network, dual
+decoders, DCA and STAPLE fusion of 20 samples (UniSegDiff, ``../shared/papers/unisegdiff.txt``).
+
+The condition network (CFENet) is nnU-Net's own U-Net for the plans. Where it comes from, in this order:
+  1. NNUNET_DIFFUSION_CONDITION_CHECKPOINT=<file>: that stock nnU-Net checkpoint (an error if it is missing);
+  2. the stock nnUNetTrainer's checkpoint_final.pth of the same dataset, plans, configuration and fold in
+     nnUNet_results (what nnU-Net users already have);
+  3. otherwise this trainer pre-trains it as a first phase (``condition_pretrain_fraction`` of the training:
+     epochs, or the time budget), with nnU-Net's Dice + CE, then freezes it.
+The log says which. Its weights are part of this trainer's checkpoint: prediction needs nothing else.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from nnunet_diffusion.architectures.segmenter import TrainingPass
+from nnunet_diffusion.architectures.unisegdiff.dnet import HEADS, UniSegDiffDenoiser
+from nnunet_diffusion.architectures.unisegdiff.segmenter import StagedDiffusionSegmenter
+from nnunet_diffusion.diffusion.masks import x0_from_logits
+from nnunet_diffusion.diffusion.samplers import STAGED, SamplerSettings
+from nnunet_diffusion.diffusion.staged import StagedTargets
+from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
+from nnunet_diffusion.trainers.pretrained_condition import (load_frozen_condition_network, read_condition_checkpoint,
+                                                            stock_checkpoint_path)
+
+ENV_CONDITION_CHECKPOINT = "NNUNET_DIFFUSION_CONDITION_CHECKPOINT"
+
+
+class nnUNetTrainerUniSegDiff(nnUNetTrainerDiffusionBase):
+    """The full model: staged training (thresholds 599 / 299, alpha:beta 1:3, 1:1, 3:1), pre-trained frozen CFENet,
+    DCA, staged inference (12 network calls) and STAPLE fusion of 20 masks. Ablations: variants_unisegdiff.py."""
+
+    noise_schedule = "linear"
+    num_train_timesteps = 1000
+    prediction = "x0"  # the uniform ablations' head; the staged model trains both heads
+    staged: Optional[StagedTargets] = StagedTargets()  # None: uniform training of the one head in ``heads``
+    heads = HEADS
+    use_dca = True
+    condition_network = "pretrained"  # or 'joint': an encoder trained with DNet (the ablation without pre-training)
+    condition_trainer = "nnUNetTrainer"  # whose checkpoint in nnUNet_results is the pre-trained CFENet
+    # share of training spent pre-training CFENet when no stock checkpoint exists: our choice (the paper pre-trains
+    # it separately); 0.3 gave CFENet time to segment while leaving most of the run to DNet
+    condition_pretrain_fraction = 0.3
+    default_sampler = SamplerSettings(kind=STAGED, steps=10, num_samples=20, fusion="staple")
+
+    # ---- settings stored with the model ---------------------------------------------------------------------
+
+    @classmethod
+    def diffusion_settings(cls) -> dict:
+        staged = (None if cls.staged is None else
+                  {"upper": cls.staged.upper, "lower": cls.staged.lower, "ratios": [list(r) for r in cls.staged.ratios]})
+        return {**super().diffusion_settings(), "staged": staged, "heads": list(cls.heads), "dca": cls.use_dca,
+                "condition_network": cls.condition_network}
+
+    @staticmethod
+    def staged_targets(stored: dict) -> StagedTargets:
+        staged = stored["staged"]
+        return StagedTargets(staged["upper"], staged["lower"], tuple(tuple(r) for r in staged["ratios"]))
+
+    # ---- network --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def build_denoiser(cls, configuration_manager, num_input_channels: int, num_classes: int) -> nn.Module:
+        return UniSegDiffDenoiser(num_input_channels, num_classes, **cls.plans_unet_kwargs(configuration_manager),
+                                  heads=cls.heads, condition=cls.condition_network, use_dca=cls.use_dca,
+                                  patch_size=configuration_manager.patch_size)
+
+    @classmethod
+    def build_segmenter(cls, denoiser, schedule, sampler, stored: dict) -> nn.Module:
+        if stored.get("staged") is None:
+            return super().build_segmenter(denoiser, schedule, sampler, stored)
+        return StagedDiffusionSegmenter(denoiser, schedule, sampler, cls.staged_targets(stored))
+
+    # ---- where the condition network comes from -------------------------------------------------------------
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # decided (and a named checkpoint read and checked) before nnU-Net makes any folder
+        self.condition_checkpoint, self._condition_weights = self._find_condition_checkpoint(plans, configuration, fold)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.condition_source = self._describe_condition_source()
+        self.plans_manager.plans["configurations"][configuration]["diffusion"]["condition_source"] = \
+            self.condition_source
+        self._pretraining_wrapper: Optional[nn.Module] = None
+
+    def _find_condition_checkpoint(self, plans: dict, configuration: str, fold):
+        if self.condition_network != "pretrained":
+            return None, None
+        results = os.environ.get("nnUNet_results")  # read now (nnunetv2.paths reads it once, at import)
+        explicit = os.environ.get(ENV_CONDITION_CHECKPOINT, "").strip()
+        if explicit:
+            path = Path(explicit)
+        elif results:
+            path = stock_checkpoint_path(results, plans["dataset_name"], plans["plans_name"], configuration,
+                                         fold, self.condition_trainer)
+        else:
+            return None, None
+        if not explicit and not path.is_file():
+            return None, None  # no stock model: pre-train CFENet in this run
+        try:
+            weights = read_condition_checkpoint(path, plans["dataset_name"], plans["plans_name"], configuration, fold)
+        except ValueError as error:
+            source = f"{ENV_CONDITION_CHECKPOINT}={explicit}" if explicit else "the stock model in nnUNet_results"
+            raise ValueError(f"{self.__class__.__name__}: {source}: {error}") from None
+        return path, weights
+
+    def _describe_condition_source(self) -> str:
+        if self.condition_network == "joint":
+            return "an encoder trained jointly with DNet (no pre-training)"
+        if self.condition_checkpoint is not None:
+            return f"stock nnU-Net checkpoint {self.condition_checkpoint}, frozen"
+        return (f"pre-trained in this run for the first {self.condition_pretrain_fraction:.0%} of training "
+                f"(nnU-Net's Dice + CE), then frozen")
+
+    def initialize(self):
+        super().initialize()
+        if self._condition_weights is not None:
+            denoiser = self._segmenter().denoiser
+            load_frozen_condition_network(denoiser.cfenet, self.condition_checkpoint, self.plans_manager.dataset_name,
+                                          self.plans_manager.plans_name, self.configuration_name, self.fold,
+                                          weights=self._condition_weights)
+            self._condition_weights = None  # the network holds them now
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.print_to_log_file(f"Condition network (CFENet): {self.condition_source}.")
+
+    # ---- the pre-training phase of CFENet -------------------------------------------------------------------
+
+    def pretraining_condition(self) -> bool:
+        """Whether this step pre-trains CFENet (no stock checkpoint, first share of training)."""
+        return (self.condition_network == "pretrained" and self.condition_checkpoint is None
+                and self.training_progress() < self.condition_pretrain_fraction)
+
+    def _condition_for_pretraining(self) -> nn.Module:
+        """CFENet with its parameters trainable. It was frozen when the network was built, so the DDP of the whole
+        network never registered it: under DDP it gets its own wrapper for this phase."""
+        cfenet = self._segmenter().denoiser.cfenet
+        if self._pretraining_wrapper is None:
+            for parameter in cfenet.parameters():
+                parameter.requires_grad_(True)
+            self._pretraining_wrapper = cfenet
+            if self.is_ddp:
+                self._pretraining_wrapper = DistributedDataParallel(
+                    cfenet, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+        return self._pretraining_wrapper
+
+    def _end_condition_pretraining(self) -> None:
+        if self._pretraining_wrapper is None:
+            return
+        for parameter in self._segmenter().denoiser.cfenet.parameters():
+            parameter.requires_grad_(False)
+        self._pretraining_wrapper = None
+        self.print_to_log_file(f"CFENet pre-training done at epoch {self.current_epoch} "
+                               f"({self.training_progress():.0%} of training): frozen, DNet trains from now on.")
+
+    def train_step(self, batch: dict) -> dict:
+        if not self.pretraining_condition():
+            self._end_condition_pretraining()
+        return super().train_step(batch)
+
+    # ---- one training draw ----------------------------------------------------------------------------------
+
+    def _training_pass(self, batch: dict):
+        if not self.pretraining_condition():
+            return super()._training_pass(batch)
+        image = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        network = self._condition_for_pretraining() if torch.is_grad_enabled() else self._segmenter().denoiser.cfenet
+        with self._autocast():
+            logits = network(image)
+            loss = self.loss(logits, target)
+        return loss, TrainingPass(logits, None, x0_from_logits(logits)), target

@@ -1,0 +1,170 @@
+"""UniSegDiff's networks and staged segmenter: where DCA goes, what is frozen, the staged sampler's calls and values."""
+import pytest
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+from nnunet_diffusion.architectures.unisegdiff.dnet import UniSegDiffDenoiser, stage_voxels
+from nnunet_diffusion.architectures.unisegdiff.segmenter import StagedDiffusionSegmenter
+from nnunet_diffusion.diffusion.gaussian import eps_from_x0
+from nnunet_diffusion.diffusion.masks import labels_to_x0
+from nnunet_diffusion.diffusion.samplers import SamplerSettings
+from nnunet_diffusion.diffusion.schedules import make_schedule
+from nnunet_diffusion.diffusion.staged import StagedTargets
+from nnunet_diffusion.trainers.unisegdiff import nnUNetTrainerUniSegDiff
+from nnunet_diffusion.trainers.variants_unisegdiff import nnUNetTrainerUniSegDiff_noPretraining
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+C = 3
+
+
+def test_stage_voxels_divides_the_patch_by_the_cumulative_strides():
+    assert stage_voxels((40, 224, 224), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]) == [
+        40 * 224 * 224, 40 * 112 * 112, 20 * 56 * 56, 10 * 28 * 28]
+    assert stage_voxels((40, 40), [1, 2, 2]) == [1600, 400, 100]
+
+
+def denoiser(configuration_manager, dim=2, features=(4, 8, 16), **kwargs):
+    cm = configuration_manager(dim, features=features)
+    return UniSegDiffDenoiser(1, C, **nnUNetTrainerUniSegDiff.plans_unet_kwargs(cm), **kwargs)
+
+
+def test_dca_only_at_stages_small_enough(configuration_manager):
+    # strides (1, 2, 2) on a 32 x 32 patch: 1024, 256, 64 voxels
+    net = denoiser(configuration_manager, patch_size=(32, 32), max_tokens=256)
+    assert net.dca_stages == (1, 2) and set(net.dca) == {"1", "2"}
+    assert denoiser(configuration_manager, patch_size=(32, 32), use_dca=False).dca_stages == ()
+
+
+def test_pretrained_cfenet_is_frozen_at_build_and_joint_encoder_is_not(configuration_manager):
+    net = denoiser(configuration_manager, patch_size=(16, 16))
+    assert net.cfenet_frozen() and not any(p.requires_grad for p in net.cfenet.parameters())
+    assert all(p.requires_grad for name, p in net.named_parameters() if not name.startswith("cfenet."))
+    joint = denoiser(configuration_manager, patch_size=(16, 16), condition="joint")
+    assert all(p.requires_grad for p in joint.parameters())
+
+
+def staged_segmenter(configuration_manager, sampler=SamplerSettings("staged", 10, 4, 0, "mean")):
+    torch.manual_seed(0)
+    net = nnUNetTrainerUniSegDiff.build_network_architecture(
+        None, ConfigurationManager(configuration_manager(2, features=(4, 8)).configuration), 1, C, False)
+    net.set_sampler(sampler)
+    return net
+
+
+def test_a_staged_training_step_trains_dnet_and_leaves_the_frozen_cfenet_unchanged(configuration_manager):
+    net = staged_segmenter(configuration_manager).train()
+    before = {k: v.clone() for k, v in net.denoiser.cfenet.state_dict().items()}
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=1e-2)  # decay would move frozen weights
+    labels = torch.randint(0, C, (2, 1, 16, 16))
+    result = net(torch.randn(2, 1, 16, 16), labels_to_x0(labels, C))
+    result.loss(labels).backward()
+    assert all(p.grad is None for p in net.denoiser.cfenet.parameters())
+    trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+    assert [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert any(n.startswith("denoiser.decoders.eps.") for n in trainable)
+    assert any(n.startswith("denoiser.decoders.x0.") for n in trainable)
+    optimizer.step()
+    for key, value in net.denoiser.cfenet.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def count_calls(net):
+    calls = []
+    net.denoiser.register_forward_hook(lambda module, args, kwargs_or_out: calls.append(args[0].shape[0]))
+    return calls
+
+
+def test_staged_sampler_makes_twelve_sequential_calls_and_twenty_masks(configuration_manager):
+    net = staged_segmenter(configuration_manager, SamplerSettings("staged", 10, 20, 0, "mean")).eval()
+    calls = count_calls(net)
+    with torch.no_grad():
+        masks = net.sample_x0(torch.randn(2, 1, 16, 16))
+    # one x0 jump (B), ten middle DDIM steps (both branches: 2B), one last batch (2 branches x 10 samples x B)
+    assert calls == [2] + [4] * 10 + [40]
+    assert net.network_calls() == 12
+    assert masks.shape == (2, 20, C, 16, 16) and masks.min() >= -1 and masks.max() <= 1
+
+
+class PerfectDenoiser(torch.nn.Module):
+    """Knows the mask M: the x0 head returns logits whose softmax is M's one-hot, the eps head the noise that M
+    implies for x_t at the noise level the staged sampler uses for the conditioning timestep (0 means t = lower)."""
+
+    def __init__(self, mask, schedule, lower):
+        super().__init__()
+        self.mask, self.schedule, self.lower, self.num_classes = mask, schedule, lower, mask.shape[1]
+
+    def encode_image(self, image):
+        return [image]
+
+    def repeat_condition(self, features, n):
+        return [f.repeat_interleave(n, 0) for f in features]
+
+    def forward(self, x_t, t, condition, head=None):
+        noise_level = torch.where(t == 0, torch.full_like(t, self.lower), t)
+        mask = self.mask.expand(x_t.shape[0], *self.mask.shape[1:])
+        out = {"x0": (mask + 1) * 50.0,  # softmax of +-50-logit gaps: the one-hot exactly, in float32
+               "eps": eps_from_x0(self.schedule, x_t, noise_level, mask)}
+        return out[head] if head else (out["eps"], out["x0"])
+
+
+def test_staged_sampler_with_a_perfect_denoiser_returns_the_mask_in_every_sample():
+    """Every jump, the re-noising to t = lower and the final x0 use the right noise levels: any slip (e.g. x0 from
+    eps at the conditioning t = 0 instead of t = 299) moves the masks away from M."""
+    schedule = make_schedule("linear", 1000)
+    labels = torch.randint(0, C, (1, 1, 8, 8))
+    mask = labels_to_x0(labels, C)
+    net = StagedDiffusionSegmenter(PerfectDenoiser(mask, schedule, 299), schedule,
+                                   SamplerSettings("staged", 10, 6, 0, "mean"), StagedTargets())
+    masks = net.sample_x0(torch.randn(2, 1, 8, 8))
+    torch.testing.assert_close(masks, mask[:, None].expand(2, 6, C, 8, 8), atol=1e-4, rtol=0)
+
+
+def test_mirrored_copies_share_their_noise(configuration_manager):
+    net = staged_segmenter(configuration_manager).eval()
+    image = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        alone = net.sample_x0(image)
+        batched = net.sample_x0(torch.cat([image, image]), copies=2)
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(alone[0, 0], alone[0, 1])  # the samples differ from each other
+
+
+@pytest.mark.parametrize("sampler, message", [
+    (SamplerSettings("ddim", 10, 20), "staged"),
+    (SamplerSettings("staged", 7, 20), "Valid NNUNET_DIFFUSION_STEPS"),
+    (SamplerSettings("staged", 10, 5), "must be even"),
+    (SamplerSettings("staged", 10, 4, fusion="vote"), "Unknown fusion"),
+])
+def test_staged_sampler_settings_are_validated_with_the_fix_in_the_message(configuration_manager, sampler, message):
+    with pytest.raises(ValueError, match=message):
+        staged_segmenter(configuration_manager, sampler)
+
+
+def test_the_staged_sampler_is_refused_by_other_models(configuration_manager):
+    from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
+    net = nnUNetTrainerDiffusion.build_network_architecture(
+        None, ConfigurationManager(configuration_manager(2, features=(4, 8)).configuration), 1, C, False)
+    with pytest.raises(ValueError, match="UniSegDiff"):
+        net.set_sampler(SamplerSettings("staged", 10, 2))
+
+
+def test_staple_fusion_follows_the_consensus_of_the_samples(configuration_manager):
+    """Five samples of which four agree: STAPLE's fused labels are theirs wherever they agree."""
+    net = staged_segmenter(configuration_manager, SamplerSettings("staged", 10, 4, 0, "staple"))
+    labels = torch.randint(0, C, (5, 8, 8))
+    labels[1:4] = labels[0]
+    labels[4] = (labels[0] + 1) % C
+    members = torch.nn.functional.one_hot(labels, C).permute(0, 3, 1, 2).float()[None]  # (1, 5, C, 8, 8)
+    fused = net.fuse(members)
+    assert fused.shape == (1, C, 8, 8)
+    assert torch.equal(fused.argmax(1)[0], labels[0])
+    torch.testing.assert_close(fused.exp().sum(1), torch.ones(1, 8, 8))
+
+
+def test_joint_ablation_trains_its_condition_encoder(configuration_manager):
+    net = nnUNetTrainerUniSegDiff_noPretraining.build_network_architecture(
+        None, ConfigurationManager(configuration_manager(2, features=(4, 8)).configuration), 1, C, False).train()
+    labels = torch.randint(0, C, (2, 1, 16, 16))
+    net(torch.randn(2, 1, 16, 16), labels_to_x0(labels, C)).loss(labels).backward()
+    assert all(p.grad is not None for p in net.denoiser.cfenet.parameters())
