@@ -10,7 +10,7 @@
 set -uo pipefail
 OUT="${OUT:-/tmp/device_out}"; mkdir -p "$OUT"
 steps="${1:-123}"
-trainers="${TRAINERS:-nnUNetTrainerDiffusion nnUNetTrainerDiffSegRecycling nnUNetTrainerCrossTimestep}"
+trainers="${TRAINERS:-nnUNetTrainerDiffusion nnUNetTrainerDiffSegRecycling nnUNetTrainerCrossTimestep nnUNetTrainerUniSegDiff}"
 tar xJf .dev/devsite.tar.xz -C /tmp
 sed -i "1s|.*|#!$(command -v python3)|" /tmp/devsite/bin/*
 mkdir -p /tmp/bin
@@ -23,7 +23,7 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 work=/tmp/bench; mkdir -p $work/raw && cp -r .dev/raw/* $work/raw/
 if [[ $steps == *1* ]]; then
   echo "== 1. memory at the planned patch and batch"
-  python3 benchmarks/memory_benchmark.py --device cuda --iterations 5 --out "$OUT/memory_gpu.md" \
+  python3 benchmarks/memory_benchmark.py --device cuda --iterations "${ITERATIONS:-5}" --out "$OUT/memory_gpu.md" \
     --trainers nnUNetTrainer $trainers 2>&1 | grep -v "^{'data_identifier\|^Plans were\|^$" | tail -n 40
 fi
 if [[ $steps == *2* ]]; then
@@ -36,7 +36,7 @@ if [[ $steps == *3* ]]; then
   echo "== 3. 2d on CUDA: final validation, --c, nnunet-diffusion predict"
   export nnUNet_raw=$work/raw nnUNet_preprocessed=$work/preprocessed nnUNet_results=$work/results_2d
   env -u nnUNet_n_proc_DA nnUNetv2_plan_and_preprocess -d 503 -c 2d -np 8 >/dev/null 2>&1  # planning fails with 0
-  for tr in ${CHECK_2D:-nnUNetTrainerCrossTimestep}; do
+  for tr in ${CHECK_2D:-nnUNetTrainerUniSegDiff}; do
     NNUNET_DIFFUSION_TIME_BUDGET=10 NNUNET_DIFFUSION_VAL_ITERATIONS=2 NNUNET_DIFFUSION_MIRROR_AXES=1 \
       nnUNetv2_train 503 2d 0 -tr $tr -device cuda 2>&1 | grep -E "Epoch [0-9]+$|budget|sampler|Mean Validation|Error|error" | tail -n 8
     NNUNET_DIFFUSION_TIME_BUDGET=10 nnUNetv2_train 503 2d 0 -tr $tr -device cuda --c 2>&1 | tail -n 3

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 STOCK = "nnUNetTrainer"
-DEFAULT_TRAINERS = [STOCK, "nnUNetTrainerDiffusion", "nnUNetTrainerDiffSegRecycling", "nnUNetTrainerCrossTimestep"]
+DEFAULT_TRAINERS = [STOCK, "nnUNetTrainerDiffusion", "nnUNetTrainerDiffSegRecycling", "nnUNetTrainerCrossTimestep",
+                    "nnUNetTrainerUniSegDiff"]
 DATASET_ID = 998
 
 

@@ -86,21 +86,48 @@ def benchmark_trainer(trainer: str, args, env: dict, raw: Path) -> dict:
                                   "-p", args.plans, "-device", args.device], train_env)
     model = Path(env["nnUNet_results"]) / raw.name / f"{trainer}__{args.plans}__{args.configuration}"
     timing = json.loads((model / "fold_0" / "training_time.json").read_text())
-    out = Path(args.work) / "predictions" / trainer
+    row = {"trainer": trainer, "iterations": timing["iterations"], "s_per_it": timing["seconds_per_iteration"],
+           "train_peak_mib": train_peak, "train_peak_gpu_mib": timing.get("peak_gpu_mib"),
+           "curve": pseudo_dice_curve(model / "fold_0" / "checkpoint_final.pth")}
+    return {**row, **predict_and_evaluate(trainer, trainer, args, env, raw)}
+
+
+def network_calls(model: Path, configuration: str, sampler_env: dict) -> int:
+    """Sequential network calls per window of the model's sampler (stored settings, overrides applied): 1 for a
+    plain network, K for K reverse steps, K + 2 for UniSegDiff's staged sampler (K middle DDIM steps)."""
+    stored = json.loads((model / "plans.json").read_text())["configurations"][configuration].get("diffusion")
+    if stored is None:
+        return 1
+    kind = sampler_env.get("NNUNET_DIFFUSION_SAMPLER", stored["sampler"]["kind"])
+    steps = int(sampler_env.get("NNUNET_DIFFUSION_STEPS", stored["sampler"]["steps"]))
+    return steps + 2 if kind == "staged" else steps
+
+
+def predict_and_evaluate(label: str, trainer: str, args, env: dict, raw: Path, sampler_env: dict | None = None) -> dict:
+    """Predict the held-out cases without mirroring (``--predict-with``: nnUNetv2_predict, one window per network
+    call, or nnunet-diffusion predict, windows batched) and evaluate them."""
+    sampler_env = sampler_env or {}
+    model = Path(env["nnUNet_results"]) / raw.name / f"{trainer}__{args.plans}__{args.configuration}"
+    out = Path(args.work) / "predictions" / f"{Path(env['nnUNet_results']).name}_{label}"
     cases = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))
+    command = ["nnUNetv2_predict"] if args.predict_with == "nnUNetv2_predict" else ["nnunet-diffusion", "predict"]
     predict_seconds, predict_peak = run_measured(
-        ["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(args.dataset_id), "-c",
+        [*command, "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(args.dataset_id), "-c",
          args.configuration, "-tr", trainer, "-p", args.plans, "-f", "0", "-device", args.device, "-npp", "0", "-nps", "0",
-         "--disable_tta"], env)
+         "--disable_tta"], {**env, **sampler_env})
     run_measured(["nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(out), "-djfile", str(model / "dataset.json"),
                   "-pfile", str(model / "plans.json")], env)
     summary = json.loads((out / "summary.json").read_text())
-    return {"trainer": trainer, "iterations": timing["iterations"], "s_per_it": timing["seconds_per_iteration"],
-            "s_per_case": predict_seconds / len(cases), "train_peak_mib": train_peak,
-            "train_peak_gpu_mib": timing.get("peak_gpu_mib"),
-            "predict_peak_mib": predict_peak, "dice": {k: v["Dice"] for k, v in summary["mean"].items()},
-            "mean_dice": summary["foreground_mean"]["Dice"],
-            "curve": pseudo_dice_curve(model / "fold_0" / "checkpoint_final.pth")}
+    return {"s_per_case": predict_seconds / len(cases), "predict_peak_mib": predict_peak,
+            "network_calls": network_calls(model, args.configuration, sampler_env),
+            "dice": {k: v["Dice"] for k, v in summary["mean"].items()}, "mean_dice": summary["foreground_mean"]["Dice"]}
+
+
+def parse_predict_variant(text: str):
+    """'label=TRAINER:NAME=VALUE,NAME=VALUE' -> (label, trainer, {NAME: VALUE})."""
+    label, rest = text.split("=", 1)
+    trainer, _, assignments = rest.partition(":")
+    return label, trainer, dict(a.split("=", 1) for a in assignments.split(",") if a)
 
 
 def ratio(value: float, stock: float) -> str:
@@ -121,14 +148,14 @@ def write_table(rows: list[dict], labels: dict, args, command: str, elapsed: flo
              f"along axes {args.mirror_axes} only (NNUNET_DIFFUSION_MIRROR_AXES). "
              f"Whole run: {elapsed / 60:.0f} min. Ratios are against the stock trainer in this run.", "",
              "| trainer | iterations | mean Dice | " + " | ".join(names[k] for k in sorted(names, key=int)) +
-             " | s/iteration | s/predicted case | peak MiB train | peak MiB predict |" +
+             " | s/iteration | network calls per window | s/predicted case | peak MiB train | peak MiB predict |" +
              (" peak GPU MiB train |" if gpu else ""),
-             "|---" * (7 + len(names) + gpu) + "|"]
+             "|---" * (8 + len(names) + gpu) + "|"]
     for r in rows:
         dice = " | ".join(f"{r['dice'].get(k, float('nan')):.3f}" for k in sorted(names, key=int))
         lines.append(
             f"| {r['trainer']} | {r['iterations']} | {r['mean_dice']:.3f} ({ratio(r['mean_dice'], stock['mean_dice'])})"
-            f" | {dice} | {r['s_per_it']:.2f} ({ratio(r['s_per_it'], stock['s_per_it'])})"
+            f" | {dice} | {r['s_per_it']:.2f} ({ratio(r['s_per_it'], stock['s_per_it'])}) | {r.get('network_calls', '')}"
             f" | {r['s_per_case']:.1f} ({ratio(r['s_per_case'], stock['s_per_case'])})"
             f" | {r['train_peak_mib']:.0f} ({ratio(r['train_peak_mib'], stock['train_peak_mib'])})"
             f" | {r['predict_peak_mib']:.0f} ({ratio(r['predict_peak_mib'], stock['predict_peak_mib'])}) |" +
@@ -158,6 +185,13 @@ def main(argv=None):
     parser.add_argument("--num-test", type=int, default=6)
     parser.add_argument("--iterations-per-epoch", type=int, default=25)
     parser.add_argument("--val-iterations", type=int, default=3)
+    parser.add_argument("--predict-with", choices=["nnUNetv2_predict", "nnunet-diffusion"], default="nnUNetv2_predict",
+                        help="nnunet-diffusion predict batches windows (same result for deterministic samplers)")
+    parser.add_argument("--condition-from-stock", action="store_true", help="UniSegDiff trainers take this run's "
+                        f"{STOCK} model as their pre-trained CFENet (NNUNET_DIFFUSION_CONDITION_CHECKPOINT)")
+    parser.add_argument("--predict-variants", nargs="*", default=[], metavar="LABEL=TRAINER:VAR=VALUE,...",
+                        help="extra rows: re-predict a trained model with sampler variables, e.g. "
+                             "'UniSegDiff_mean=nnUNetTrainerUniSegDiff:NNUNET_DIFFUSION_FUSION=mean'")
     args = parser.parse_args(argv)
     if STOCK not in args.trainers:
         parser.error(f"--trainers must include {STOCK}: every figure is a ratio to it")
@@ -187,13 +221,30 @@ def main(argv=None):
     rows, failed = [], {}
     for trainer in args.trainers:
         print(f"[benchmark] {trainer}", flush=True)
+        trainer_env = env
+        if args.condition_from_stock and "UniSegDiff" in trainer:
+            stock_model = Path(env["nnUNet_results"]) / raw.name / f"{STOCK}__{args.plans}__{args.configuration}"
+            trainer_env = {**env, "NNUNET_DIFFUSION_CONDITION_CHECKPOINT":
+                           str(stock_model / "fold_0" / "checkpoint_final.pth")}
         try:
-            rows.append(benchmark_trainer(trainer, args, env, raw))
+            rows.append(benchmark_trainer(trainer, args, trainer_env, raw))
         except RuntimeError as error:  # one broken trainer must not cost the others' measurements
             failed[trainer] = str(error)[-2000:]
             print(f"[benchmark] {trainer} FAILED:\n{failed[trainer]}", flush=True)
             continue
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
+    for variant in args.predict_variants:
+        label, trainer, sampler_env = parse_predict_variant(variant)
+        trained = next((r for r in rows if r["trainer"] == trainer), None)
+        if trained is None:
+            failed[label] = f"{trainer} was not trained in this run"
+            continue
+        print(f"[benchmark] {label}: {trainer} predicted with {sampler_env}", flush=True)
+        try:
+            rows.append({**trained, "trainer": label, **predict_and_evaluate(label, trainer, args, env, raw,
+                                                                             sampler_env)})
+        except RuntimeError as error:
+            failed[label] = str(error)[-2000:]
     labels = json.loads((raw / "dataset.json").read_text())["labels"]
     table = write_table(rows, labels, args, command, time.perf_counter() - started)
     Path(args.out).write_text(table)
