@@ -6,7 +6,8 @@ from nnunet_diffusion.trainers.unisegdiff import nnUNetTrainerUniSegDiff
 __all__ = ["nnUNetTrainerUniSegDiff_uniformNoise", "nnUNetTrainerUniSegDiff_uniformMask",
            "nnUNetTrainerUniSegDiff_oneStep", "nnUNetTrainerUniSegDiff_noPretraining",
            "nnUNetTrainerUniSegDiff_noDCA", "nnUNetTrainerUniSegDiff_noFusion", "nnUNetTrainerUniSegDiff_baseline",
-           "nnUNetTrainerUniSegDiff_low200", "nnUNetTrainerUniSegDiff_low400", "nnUNetTrainerUniSegDiff_high700"]
+           "nnUNetTrainerUniSegDiff_low200", "nnUNetTrainerUniSegDiff_low400", "nnUNetTrainerUniSegDiff_high700",
+           "nnUNetTrainerUniSegDiff_noCheckpointing"]
 
 # the paper's 100 uniform DDIM steps do not respace T = 1000 evenly ((T - 1) % (K - 1) == 0); 112 is the nearest
 # step count that does
@@ -61,3 +62,8 @@ class nnUNetTrainerUniSegDiff_low400(nnUNetTrainerUniSegDiff):
 class nnUNetTrainerUniSegDiff_high700(nnUNetTrainerUniSegDiff):
     """Table 5: high threshold 700 (t > 699 is the rapid stage)."""
     staged = StagedTargets(upper=699, lower=299)
+
+
+class nnUNetTrainerUniSegDiff_noCheckpointing(nnUNetTrainerUniSegDiff):
+    """Keeps the decoders' activations (faster backward, more memory: benchmarks/memory_*)."""
+    checkpoint_decoders = False
