@@ -137,3 +137,49 @@ def test_checkpoints_with_the_removed_seg_layers_still_load(trainer_cls, configu
     image = torch.randn(1, 1, *PATCH)
     with torch.no_grad():
         torch.testing.assert_close(net(image), old(image), rtol=0, atol=0)
+
+
+def _unisegdiff_pretraining_under_ddp(rank: int, port: int, configuration: dict, out_dir: str) -> None:
+    """UniSegDiff's two phases as its trainer runs them under DDP: the whole network wrapped once (CFENet frozen
+    at build, so that DDP never registers it); the CFENet pre-training phase through the trainer's own wrapper
+    (``_condition_for_pretraining``), then frozen again (``_end_condition_pretraining``) and DNet steps through
+    the first DDP."""
+    from nnunet_diffusion.trainers.unisegdiff import nnUNetTrainerUniSegDiff
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60))
+    try:
+        net = build(nnUNetTrainerUniSegDiff, configuration).train()
+        network = DistributedDataParallel(net)
+        trainer = SimpleNamespace(is_ddp=True, device=torch.device("cpu"), local_rank=rank, current_epoch=0,
+                                  _pretraining_wrapper=None, _segmenter=lambda: net, print_to_log_file=print,
+                                  training_progress=lambda: 0.5)
+        optimizer = torch.optim.SGD(net.parameters(), lr=1e-2)
+        loss_owner = nnunet_loss(ddp=True)
+        torch.manual_seed(1 + rank)
+        for step in range(2):  # phase 1: CFENet's segmentation loss through its own DDP
+            optimizer.zero_grad(set_to_none=True)
+            cfenet = nnUNetTrainerUniSegDiff._condition_for_pretraining(trainer)
+            labels = torch.randint(0, C, (2, 1, *PATCH))
+            loss_owner.loss(cfenet(torch.randn(2, 1, *PATCH)), labels).backward()
+            optimizer.step()
+        nnUNetTrainerUniSegDiff._end_condition_pretraining(trainer)
+        assert net.denoiser.cfenet_frozen()
+        for step in range(2):  # phase 2: DNet through the first DDP
+            optimizer.zero_grad(set_to_none=True)
+            training_loss(network, loss_owner).backward()
+            optimizer.step()
+        torch.save({k: v.detach() for k, v in net.named_parameters()}, os.path.join(out_dir, f"pretraining.{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unisegdiff_condition_pretraining_phase_under_ddp(configuration, tmp_path):
+    from nnunet_diffusion.trainers.unisegdiff import nnUNetTrainerUniSegDiff
+    mp.spawn(_unisegdiff_pretraining_under_ddp, args=(_free_port(), configuration, str(tmp_path)), nprocs=WORLD_SIZE)
+    ranks = [torch.load(tmp_path / f"pretraining.{rank}.pt") for rank in range(WORLD_SIZE)]
+    initial = dict(build(nnUNetTrainerUniSegDiff, configuration).named_parameters())
+    for prefix in ("denoiser.cfenet.", "denoiser.decoders."):  # both phases trained
+        assert any(not torch.equal(ranks[0][k], initial[k]) for k in initial if k.startswith(prefix)), prefix
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), f"{key} differs across ranks"

@@ -75,7 +75,7 @@ def test_env_at_training_does_not_change_the_cross_timestep_training_chain(tmp_p
     trainer = make(nnUNetTrainerCrossTimestep, tmp_path, monkeypatch)
     stored = trainer.configuration_manager.configuration["diffusion"]
     assert stored["training_chain"] == {"kind": "ddim", "steps": 10}
-    assert stored["sampler"] == {"kind": "ddim", "steps": 10, "num_samples": 1, "seed": 0}
+    assert stored["sampler"] == {"kind": "ddim", "steps": 10, "num_samples": 1, "seed": 0, "fusion": "mean"}
     network = initialize(trainer, monkeypatch)
     assert network.training_chain == SamplerSettings("ddim", 10)
     assert network.chain_schedule.timesteps.tolist() == list(range(0, 1000, 111))
