@@ -32,6 +32,7 @@ import os
 from os.path import join
 from time import perf_counter
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -44,6 +45,7 @@ ENV_INT_SETTINGS = {"NNUNET_DIFFUSION_EPOCHS": "num_epochs",
 ENV_TIME_BUDGET = "NNUNET_DIFFUSION_TIME_BUDGET"
 ENV_FINAL_VALIDATION = "NNUNET_DIFFUSION_FINAL_VALIDATION"
 ENV_MIRROR_AXES = "NNUNET_DIFFUSION_MIRROR_AXES"
+MAX_NON_FINITE_STEPS = 3  # consecutive non-finite training losses before a run stops (fp16 may skip a step or two)
 ELAPSED_LOG_KEY = "budget_elapsed_s"  # per-epoch training seconds, kept in the checkpoint's logging (for --c)
 
 
@@ -124,6 +126,34 @@ class TrainingBudgetMixin:
             self.inference_allowed_mirroring_axes = mirror_axes
         return rotation, dummy_2d, initial_patch_size, mirror_axes
 
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's, written to a temporary file beside ``filename`` and renamed into place (atomic on POSIX): a
+        kill during the write leaves the previous checkpoint under the final name, never a truncated one."""
+        folder, name = os.path.split(filename)
+        partial = os.path.join(folder, f".{name}.partial")
+        super().save_checkpoint(partial)
+        if os.path.exists(partial):  # rank 0 only, and not with checkpointing disabled
+            os.replace(partial, filename)
+
+    def check_finite_loss(self, loss) -> None:
+        """Stop after ``MAX_NON_FINITE_STEPS`` consecutive non-finite losses, before the epoch's checkpoints are
+        written, so that the last checkpoints stay those of a finite model."""
+        if loss is None:
+            return
+        finite = torch.tensor([float(np.isfinite(loss).all())], device=self.device)
+        if self.is_ddp:  # every rank decides alike: a rank that stops alone hangs the others in their all-reduce
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item():
+            self._non_finite_steps = 0
+            return
+        self._non_finite_steps = getattr(self, "_non_finite_steps", 0) + 1
+        if self._non_finite_steps >= MAX_NON_FINITE_STEPS:
+            raise FloatingPointError(
+                f"{self.__class__.__name__}: the training loss was not finite (NaN or inf) in "
+                f"{self._non_finite_steps} consecutive iterations (epoch {self.current_epoch}); stopping. The "
+                f"checkpoints in {self.output_folder} are from before (never overwritten by this model). Try a "
+                f"lower learning rate, or float32 (train on CPU, or with autocast off), then resume with --c.")
+
     def training_progress(self) -> float:
         """How far training is, in [0, 1]: the elapsed fraction of the time budget, else epochs done / epochs."""
         if isinstance(self.lr_scheduler, BudgetDrivenSchedule):
@@ -166,6 +196,7 @@ class TrainingBudgetMixin:
                     self.lr_scheduler.set_fraction(elapsed / self.time_budget_s)
                 tic = perf_counter()
                 train_outputs.append(self.train_step(next(self.dataloader_train)))
+                self.check_finite_loss(train_outputs[-1].get("loss"))
                 iteration_seconds += perf_counter() - tic
                 iterations += 1
                 if budgeted:

@@ -1,5 +1,6 @@
 """Budgeted runs: the learning rate follows nnU-Net's poly schedule over the elapsed fraction of the budget,
 the stop and the rate survive a --c resume, and the loop keeps nnU-Net's hooks."""
+import numpy as np
 import pytest
 import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -122,3 +123,48 @@ def test_mirror_axes_setting(raw, expected):
 def test_bad_mirror_axes_are_refused_with_the_valid_range(raw):
     with pytest.raises(ValueError, match=r"must be 'none' or comma-separated axes in 0..2"):
         budget.read_mirror_axes(3, {budget.ENV_MIRROR_AXES: raw})
+
+
+class _NanTrainer(_Budgeted):
+    """Training losses from a list (NaN, inf or finite), one per step."""
+
+    def __init__(self, losses):
+        super().__init__([0.0], None)
+        self.losses, self.output_folder = iter(losses), "/results/fold_0"
+
+    def train_step(self, batch):
+        super().train_step(batch)
+        return {"loss": np.array(next(self.losses))}
+
+
+def test_training_stops_after_three_consecutive_non_finite_losses_before_the_epoch_checkpoint():
+    trainer = _NanTrainer([1.0, float("nan"), float("inf"), 0.5, float("nan"), float("nan"), float("nan"), 1.0])
+    with pytest.raises(FloatingPointError, match=r"not finite \(NaN or inf\) in 3 consecutive iterations \(epoch 1\)"
+                                                 r".*never overwritten.*lower learning rate, or float32"):
+        trainer.run_training()
+    assert trainer.current_epoch == 1  # epoch 0 (one NaN, one inf, then finite) ended; epoch 1 never did
+
+
+def test_checkpoints_are_renamed_into_place_and_a_killed_write_leaves_the_old_one(tmp_path):
+    class Writer:
+        def save_checkpoint(self, filename):
+            with open(filename, "wb") as f:
+                f.write(b"new" * 10)
+                if self.killed:
+                    raise KeyboardInterrupt  # the process dies mid-write
+
+    class Trainer(TrainingBudgetMixin, Writer):
+        def __init__(self):
+            self.killed = False
+
+    target = tmp_path / "checkpoint_latest.pth"
+    target.write_bytes(b"old")
+    trainer = Trainer()
+    trainer.killed = True
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(str(target))
+    assert target.read_bytes() == b"old"
+    trainer.killed = False
+    trainer.save_checkpoint(str(target))
+    assert target.read_bytes() == b"new" * 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_latest.pth"]
