@@ -142,7 +142,7 @@ def test_checkpoints_with_the_removed_seg_layers_still_load(trainer_cls, configu
 def _unisegdiff_pretraining_under_ddp(rank: int, port: int, configuration: dict, out_dir: str) -> None:
     """UniSegDiff's two phases as its trainer runs them under DDP: the whole network wrapped once (CFENet frozen
     at build, so that DDP never registers it); the CFENet pre-training phase through the trainer's own wrapper
-    (``_condition_for_pretraining``), then frozen again (``_end_condition_pretraining``) and DNet steps through
+    (``_part_for_pretraining``), then frozen again (``_end_pretraining``) and DNet steps through
     the first DDP."""
     from nnunet_diffusion.trainers.unisegdiff import nnUNetTrainerUniSegDiff
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -152,18 +152,19 @@ def _unisegdiff_pretraining_under_ddp(rank: int, port: int, configuration: dict,
         net = build(nnUNetTrainerUniSegDiff, configuration).train()
         network = DistributedDataParallel(net)
         trainer = SimpleNamespace(is_ddp=True, device=torch.device("cpu"), local_rank=rank, current_epoch=0,
-                                  _pretraining_wrapper=None, _segmenter=lambda: net, print_to_log_file=print,
+                                  _pretraining_wrapper=None, pretrained_part=lambda: net.denoiser.cfenet,
+                                  print_to_log_file=print, pretrained_part_name='CFENet',
                                   training_progress=lambda: 0.5)
         optimizer = torch.optim.SGD(net.parameters(), lr=1e-2)
         loss_owner = nnunet_loss(ddp=True)
         torch.manual_seed(1 + rank)
         for step in range(2):  # phase 1: CFENet's segmentation loss through its own DDP
             optimizer.zero_grad(set_to_none=True)
-            cfenet = nnUNetTrainerUniSegDiff._condition_for_pretraining(trainer)
+            cfenet = nnUNetTrainerUniSegDiff._part_for_pretraining(trainer)
             labels = torch.randint(0, C, (2, 1, *PATCH))
             loss_owner.loss(cfenet(torch.randn(2, 1, *PATCH)), labels).backward()
             optimizer.step()
-        nnUNetTrainerUniSegDiff._end_condition_pretraining(trainer)
+        nnUNetTrainerUniSegDiff._end_pretraining(trainer)
         assert net.denoiser.cfenet_frozen()
         for step in range(2):  # phase 2: DNet through the first DDP
             optimizer.zero_grad(set_to_none=True)

@@ -113,7 +113,7 @@ def run_reverse_process(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.T
                         schedule: NoiseSchedule, kind: str, prediction: str, generator: torch.Generator,
                         start_index: Optional[int] = None,
                         on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
-                        end_index: int = 0) -> torch.Tensor:
+                        end_index: int = 0, clip: float = 1.0) -> torch.Tensor:
     """The reverse loop, from step ``start_index`` (default K-1) down to ``end_index`` (default 0).
 
     Args:
@@ -124,8 +124,9 @@ def run_reverse_process(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.T
         generator: CPU generator for the DDPM noise (drawn on the CPU so CPU and CUDA agree).
         on_step: called as on_step(k, x0_hat) after every model evaluation (analysis, e.g. collapse curves).
         end_index: stop after the model evaluation at this step (training on short unrolled chains).
+        clip: x0 estimates are clipped to [-clip, clip] (1: masks; latent diffusion passes its latent's range).
     Returns:
-        (B, C, *S) the x0 estimate of the last step evaluated, clipped to [-1, 1].
+        (B, C, *S) the x0 estimate of the last step evaluated, clipped to [-clip, clip].
     """
     if kind not in SAMPLERS or prediction not in PREDICTIONS:
         raise ValueError(f"kind must be one of {SAMPLERS} and prediction one of {PREDICTIONS}")
@@ -137,7 +138,7 @@ def run_reverse_process(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.T
         out = model_fn(x, schedule.timesteps[t_k].to(x.device))
         x0_hat = out if prediction == "x0" else x0_from_eps(schedule, x, t_k, out)
         # masks live in [-1, 1]; clipping the estimate (and re-deriving eps from it) keeps steps in range
-        x0_hat = x0_hat.clamp(-1, 1)
+        x0_hat = x0_hat.clamp(-clip, clip)
         if on_step is not None:
             on_step(k, x0_hat)
         if k == end_index:

@@ -62,7 +62,8 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
         plans = copy.deepcopy(plans)
         if configuration in plans.get("configurations", {}):
             # stored with the model: on_train_start copies these plans into the results folder
-            plans["configurations"][configuration][PLANS_KEY] = settings
+            plans["configurations"][configuration][PLANS_KEY] = {
+                **settings, **self.dataset_settings(plans, configuration, dataset_json)}
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False
         if self.learning_rate is not None:
@@ -88,6 +89,12 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
         """What a training run uses and stores: the class's settings plus training-time variables of subclasses
         (read here only, never at prediction, where the stored values count)."""
         return cls.diffusion_settings()
+
+    def dataset_settings(self, plans: dict, configuration: str, dataset_json: dict) -> dict:
+        """Settings that depend on the dataset (e.g. TextDiffSeg's class prompts), stored with the model beside
+        ``training_settings``; called before nnU-Net's __init__, so it may raise on bad input before any folder
+        is made."""
+        return {}
 
     @classmethod
     def stored_settings(cls, configuration_manager: ConfigurationManager) -> dict:

@@ -17,7 +17,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from nnunet_diffusion.architectures.segmenter import TrainingPass
 from nnunet_diffusion.architectures.unisegdiff.dnet import HEADS, UniSegDiffDenoiser
@@ -26,13 +25,14 @@ from nnunet_diffusion.diffusion.masks import x0_from_logits
 from nnunet_diffusion.diffusion.samplers import STAGED, SamplerSettings
 from nnunet_diffusion.diffusion.staged import StagedTargets
 from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
+from nnunet_diffusion.trainers.pretraining_phase import PretrainingPhaseMixin
 from nnunet_diffusion.trainers.pretrained_condition import (load_frozen_condition_network, read_condition_checkpoint,
                                                             stock_checkpoint_path)
 
 ENV_CONDITION_CHECKPOINT = "NNUNET_DIFFUSION_CONDITION_CHECKPOINT"
 
 
-class nnUNetTrainerUniSegDiff(nnUNetTrainerDiffusionBase):
+class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase):
     """The full model: staged training (thresholds 599 / 299, alpha:beta 1:3, 1:1, 3:1), pre-trained frozen CFENet,
     DCA, staged inference (12 network calls) and STAPLE fusion of 20 masks. Ablations: variants_unisegdiff.py."""
 
@@ -91,7 +91,6 @@ class nnUNetTrainerUniSegDiff(nnUNetTrainerDiffusionBase):
         self.condition_source = self._describe_condition_source()
         self.plans_manager.plans["configurations"][configuration]["diffusion"]["condition_source"] = \
             self.condition_source
-        self._pretraining_wrapper: Optional[nn.Module] = None
 
     def _find_condition_checkpoint(self, plans: dict, configuration: str, fold):
         if self.condition_network != "pretrained":
@@ -135,48 +134,26 @@ class nnUNetTrainerUniSegDiff(nnUNetTrainerDiffusionBase):
         super().on_train_start()
         self.print_to_log_file(f"Condition network (CFENet): {self.condition_source}.")
 
-    # ---- the pre-training phase of CFENet -------------------------------------------------------------------
+    # ---- the pre-training phase of CFENet (PretrainingPhaseMixin) -------------------------------------------
 
-    def pretraining_condition(self) -> bool:
+    pretrained_part_name = "CFENet"
+
+    def pretrained_part(self) -> nn.Module:
+        return self._segmenter().denoiser.cfenet
+
+    def pretraining(self) -> bool:
         """Whether this step pre-trains CFENet (no stock checkpoint, first share of training)."""
         return (self.condition_network == "pretrained" and self.condition_checkpoint is None
                 and self.training_progress() < self.condition_pretrain_fraction)
 
-    def _condition_for_pretraining(self) -> nn.Module:
-        """CFENet with its parameters trainable. It was frozen when the network was built, so the DDP of the whole
-        network never registered it: under DDP it gets its own wrapper for this phase."""
-        cfenet = self._segmenter().denoiser.cfenet
-        if self._pretraining_wrapper is None:
-            for parameter in cfenet.parameters():
-                parameter.requires_grad_(True)
-            self._pretraining_wrapper = cfenet
-            if self.is_ddp:
-                self._pretraining_wrapper = DistributedDataParallel(
-                    cfenet, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
-        return self._pretraining_wrapper
-
-    def _end_condition_pretraining(self) -> None:
-        if self._pretraining_wrapper is None:
-            return
-        for parameter in self._segmenter().denoiser.cfenet.parameters():
-            parameter.requires_grad_(False)
-        self._pretraining_wrapper = None
-        self.print_to_log_file(f"CFENet pre-training done at epoch {self.current_epoch} "
-                               f"({self.training_progress():.0%} of training): frozen, DNet trains from now on.")
-
-    def train_step(self, batch: dict) -> dict:
-        if not self.pretraining_condition():
-            self._end_condition_pretraining()
-        return super().train_step(batch)
-
     # ---- one training draw ----------------------------------------------------------------------------------
 
     def _training_pass(self, batch: dict):
-        if not self.pretraining_condition():
+        if not self.pretraining():
             return super()._training_pass(batch)
         image = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
-        network = self._condition_for_pretraining() if torch.is_grad_enabled() else self._segmenter().denoiser.cfenet
+        network = self._part_for_pretraining() if torch.is_grad_enabled() else self.pretrained_part()
         with self._autocast():
             logits = network(image)
             loss = self.loss(logits, target)

@@ -65,7 +65,7 @@ def test_the_stock_checkpoint_in_nnunet_results_becomes_the_frozen_cfenet(tmp_pa
     cfenet = trainer.network.denoiser.cfenet
     for (name, a), b in zip(reference.state_dict().items(), cfenet.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
-    assert not trainer.pretraining_condition() and cfenet.parameters().__next__().requires_grad is False
+    assert not trainer.pretraining() and cfenet.parameters().__next__().requires_grad is False
     stored = trainer.plans_manager.plans["configurations"]["3d_fullres"]["diffusion"]
     assert stored["condition_source"] == trainer.condition_source and stored["staged"]["upper"] == 599
 

@@ -1,0 +1,97 @@
+"""Latent label diffusion (TextDiffSeg): the DiffusionSegmenter's training draw and reverse run, in the label
+latent instead of on the one-hot mask.
+
+Training: z0 = label_encoder(labels); z_t = q(z0, t); eps_hat = denoiser(concat(condition, z_t), t). The loss
+(eq. 6) is the trainer's: L1 (CE + gamma Dice) on the decoded labels plus lambda * L2 (the eps MSE).
+Sampling: the condition once per patch; DDIM (10 steps by default) from N(0, I) in the latent, the samples and
+mirrored copies in one batch; the label decoder once at the end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from nnunet_diffusion.architectures.segmenter import DiffusionSegmenter
+from nnunet_diffusion.diffusion.gaussian import q_sample, x0_from_eps
+from nnunet_diffusion.diffusion.samplers import run_reverse_process
+from nnunet_diffusion.diffusion.timesteps import sample_timesteps
+
+# x0 estimates of an eps model divide by sqrt(abar_t) (0.006 at t = 999) and blow up early in the reverse run; the
+# latent is normalised per sample to mean 0 and std 1, so its values are clipped to +-LATENT_CLIP standard deviations
+LATENT_CLIP = 5.0
+
+
+@dataclass
+class LatentTrainingPass:
+    """One training draw. eps_hat / noise: (B, k, *L); reconstruction_logits: (B, N, *S) the decoder's output on
+    the encoded ground truth (L1 of eq. 4); z_t, t: the noisy latent and its indices, for ``x0_hat``."""
+    eps_hat: torch.Tensor
+    noise: torch.Tensor
+    reconstruction_logits: torch.Tensor
+    z_t: torch.Tensor
+    t: torch.Tensor
+    segmenter: "LatentDiffusionSegmenter"
+
+    @property
+    def output(self) -> torch.Tensor:
+        return self.eps_hat
+
+    @property
+    def x0_hat(self) -> torch.Tensor:
+        """(B, N, *S) the decoded one-step estimate in [-1, 1] (per-epoch pseudo-Dice; decoded only when asked)."""
+        z0_hat = x0_from_eps(self.segmenter.schedule, self.z_t, self.t, self.eps_hat.float())
+        logits = self.segmenter.denoiser.decode_labels(z0_hat.clamp(-LATENT_CLIP, LATENT_CLIP))
+        return torch.softmax(logits.float(), dim=1) * 2 - 1
+
+
+class LatentDiffusionSegmenter(DiffusionSegmenter):
+    """DiffusionSegmenter whose diffused variable is the label latent of a ``TextDiffSegDenoiser`` (eps-prediction)."""
+
+    def __init__(self, denoiser, schedule, sampler):
+        super().__init__(denoiser, schedule, "eps", sampler)
+
+    def training_pass(self, image: torch.Tensor, x0: torch.Tensor) -> LatentTrainingPass:
+        """image (B, C_img, *S); x0 (B, N, *S) the ground truth one-hot in [-1, 1]."""
+        z0 = self.denoiser.encode_labels((x0 + 1) / 2)
+        condition = self.denoiser.encode_image(image)
+        t = sample_timesteps(image.shape[0], self.schedule.num_steps, image.device)
+        noise = torch.randn_like(z0)
+        z_t = q_sample(self.schedule, z0, t, noise)
+        eps_hat = self.denoise(z_t, self.model_timesteps(t), condition)
+        return LatentTrainingPass(eps_hat, noise, self.denoiser.decode_labels(z0), z_t, t, self)
+
+    def sample_latent(self, image: torch.Tensor, copies: int = 1,
+                      on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+        """(B, C_img, *S) -> (B * num_samples, k, *L) latents (patch-major, samples inner). ``copies`` as in
+        DiffusionSegmenter.sample_x0: each copy starts from the noise a run of that copy alone draws."""
+        n = self.sampler.num_samples
+        if image.shape[0] % copies:
+            raise ValueError(f"a batch of {image.shape[0]} patches cannot hold {copies} equal copies")
+        condition = self.denoiser.repeat_condition(self.denoiser.encode_image(image), n)
+        generator = torch.Generator().manual_seed(self.sampler.seed)
+        latent = self.denoiser.latent_shape(image.shape[2:])
+        shape = (image.shape[0] // copies * n, self.denoiser.latent_channels, *latent)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(image.device)
+        x_start = noise.repeat(copies, *[1] * (noise.ndim - 1))
+        return run_reverse_process(lambda z, t: self.estimate(z, t, condition).float(), x_start,
+                                   self.sampling_schedule, self.sampler.kind, "eps", generator,
+                                   on_step=on_step, clip=LATENT_CLIP)
+
+    def member_probabilities(self, image: torch.Tensor, copies: int = 1,
+                             on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+        """(B, C_img, *S) -> (B, num_samples, N, *S) class probabilities: the sampled latents, decoded once."""
+        z0 = self.sample_latent(image, copies, on_step)
+        probabilities = torch.softmax(self.denoiser.decode_labels(z0).float(), dim=1)
+        return probabilities.reshape(image.shape[0], self.sampler.num_samples, *probabilities.shape[1:])
+
+    def sample_x0(self, image: torch.Tensor, start_index: Optional[int] = None,
+                  on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
+                  x_start: Optional[torch.Tensor] = None, copies: int = 1) -> torch.Tensor:
+        """(B, C_img, *S) -> (B, num_samples, N, *S) decoded masks in [-1, 1] (analysis tools' interface; they start
+        from pure noise: a latent model has no mask-space state to start from)."""
+        if start_index is not None or x_start is not None:
+            raise ValueError("latent diffusion samples from pure noise in the latent; start_index / x_start are "
+                             "mask-space states it has none of")
+        return self.member_probabilities(image, copies, on_step) * 2 - 1

@@ -1,0 +1,34 @@
+"""TextDiffSeg ablations (Table II) and choices measured against the full model; each changes one thing."""
+from __future__ import annotations
+
+from nnunet_diffusion.trainers.textdiffseg import nnUNetTrainerTextDiffSeg
+
+__all__ = ["nnUNetTrainerTextDiffSeg_concatFusion", "nnUNetTrainerTextDiffSeg_downsampleImage",
+           "nnUNetTrainerTextDiffSeg_reduceLabels", "nnUNetTrainerTextDiffSeg_noText",
+           "nnUNetTrainerTextDiffSeg_pretrainedLabelAE"]
+
+
+class nnUNetTrainerTextDiffSeg_concatFusion(nnUNetTrainerTextDiffSeg):
+    """zeta_1: the class embeddings concatenated to the image features instead of the cross-attention of eq. 2."""
+    text_fusion = "concat"
+
+
+class nnUNetTrainerTextDiffSeg_downsampleImage(nnUNetTrainerTextDiffSeg):
+    """zeta_2: average pooling to the latent grid instead of the image encoder."""
+    image_branch = "downsample"
+
+
+class nnUNetTrainerTextDiffSeg_reduceLabels(nnUNetTrainerTextDiffSeg):
+    """zeta_3: a fixed pooling + projection instead of the learned label encoder (the decoder still learns)."""
+    label_encoder = "reduction"
+
+
+class nnUNetTrainerTextDiffSeg_noText(nnUNetTrainerTextDiffSeg):
+    """Learned class tokens in place of the prompts' embeddings: what the text itself adds."""
+    text_source = "learned"
+
+
+class nnUNetTrainerTextDiffSeg_pretrainedLabelAE(nnUNetTrainerTextDiffSeg):
+    """The label autoencoder trained alone for the first 20% of training, then frozen (instead of eq. 6's joint
+    training)."""
+    label_autoencoder_training = "pretrained"
