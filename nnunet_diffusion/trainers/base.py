@@ -229,9 +229,10 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
     def diffusion_loss(self, result: TrainingPass, target: torch.Tensor) -> torch.Tensor:
         """eps models: MSE to the noise (Ho et al. 2020); x0 models: nnU-Net's Dice + CE on the logits.
         An auxiliary prior segmentation (APDS) adds nnU-Net's Dice + CE on its logits. A pass that carries its own
-        loss (UniSegDiff's staged eq. 1: ``loss(labels)``) uses it."""
+        loss (UniSegDiff's staged eq. 1, TextDiffSeg's eq. 6: ``loss(labels, segmentation_loss)``) uses it, with
+        this trainer's Dice + CE as ``segmentation_loss``."""
         if hasattr(result, "loss"):
-            return result.loss(target)
+            return result.loss(target, self.loss)
         if result.regression_target is not None:
             loss = torch.mean((result.output.float() - result.regression_target.float()) ** 2)
         else:

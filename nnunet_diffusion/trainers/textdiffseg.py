@@ -17,7 +17,7 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunet_diffusion.architectures.textdiffseg.network import TextDiffSegDenoiser
-from nnunet_diffusion.architectures.textdiffseg.segmenter import LatentDiffusionSegmenter, LatentTrainingPass
+from nnunet_diffusion.architectures.textdiffseg.segmenter import LatentDiffusionSegmenter
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.planning.text_embeddings import class_text_embeddings
 from nnunet_diffusion.text.encoders import ENV_TEXT_MODEL
@@ -106,7 +106,7 @@ class nnUNetTrainerTextDiffSeg(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase
 
     @classmethod
     def build_segmenter(cls, denoiser, schedule, sampler, stored: dict) -> nn.Module:
-        return LatentDiffusionSegmenter(denoiser, schedule, sampler)
+        return LatentDiffusionSegmenter(denoiser, schedule, sampler, stored["prediction"], cls.eps_loss_weight)
 
     def initialize(self):
         super().initialize()
@@ -151,12 +151,6 @@ class nnUNetTrainerTextDiffSeg(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase
         return DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5, "do_bg": False,
                                "ddp": self.is_ddp}, {}, weight_ce=1, weight_dice=self.dice_weight,
                               ignore_label=self.label_manager.ignore_label, dice_class=MemoryEfficientSoftDiceLoss)
-
-    def diffusion_loss(self, result: LatentTrainingPass, target: torch.Tensor) -> torch.Tensor:
-        """Eq. 6: L1 on the decoded ground-truth latent + lambda * L2, the eps MSE (in float32: a sum over a patch
-        can exceed float16's range)."""
-        mse = torch.mean((result.eps_hat.float() - result.noise.float()) ** 2)
-        return self.loss(result.reconstruction_logits, target) + self.eps_loss_weight * mse
 
     # ---- the label autoencoder's pre-training phase (label_autoencoder_training = 'pretrained') ----------------
 

@@ -5,7 +5,7 @@ from nnunet_diffusion.trainers.textdiffseg import nnUNetTrainerTextDiffSeg
 
 __all__ = ["nnUNetTrainerTextDiffSeg_concatFusion", "nnUNetTrainerTextDiffSeg_downsampleImage",
            "nnUNetTrainerTextDiffSeg_reduceLabels", "nnUNetTrainerTextDiffSeg_noText",
-           "nnUNetTrainerTextDiffSeg_pretrainedLabelAE"]
+           "nnUNetTrainerTextDiffSeg_pretrainedLabelAE", "nnUNetTrainerTextDiffSeg_x0"]
 
 
 class nnUNetTrainerTextDiffSeg_concatFusion(nnUNetTrainerTextDiffSeg):
@@ -32,3 +32,9 @@ class nnUNetTrainerTextDiffSeg_pretrainedLabelAE(nnUNetTrainerTextDiffSeg):
     """The label autoencoder trained alone for the first 20% of training, then frozen (instead of eq. 6's joint
     training)."""
     label_autoencoder_training = "pretrained"
+
+
+class nnUNetTrainerTextDiffSeg_x0(nnUNetTrainerTextDiffSeg):
+    """The denoiser predicts the clean latent instead of the noise (as nnUNetTrainerDiffusion_x0 does in mask
+    space, where eps models collapsed when sampling from pure noise)."""
+    prediction = "x0"

@@ -2,7 +2,8 @@
 latent instead of on the one-hot mask.
 
 Training: z0 = label_encoder(labels); z_t = q(z0, t); eps_hat = denoiser(concat(condition, z_t), t). The loss
-(eq. 6) is the trainer's: L1 (CE + gamma Dice) on the decoded labels plus lambda * L2 (the eps MSE).
+(eq. 6, ``LatentTrainingPass.loss``): L1, the trainer's CE + gamma Dice on the decoded labels, plus lambda * L2,
+the eps MSE.
 Sampling: the condition once per patch; DDIM (10 steps by default) from N(0, I) in the latent, the samples and
 mirrored copies in one batch; the label decoder once at the end.
 """
@@ -25,32 +26,42 @@ LATENT_CLIP = 5.0
 
 @dataclass
 class LatentTrainingPass:
-    """One training draw. eps_hat / noise: (B, k, *L); reconstruction_logits: (B, N, *S) the decoder's output on
-    the encoded ground truth (L1 of eq. 4); z_t, t: the noisy latent and its indices, for ``x0_hat``."""
-    eps_hat: torch.Tensor
-    noise: torch.Tensor
+    """One training draw. output / regression_target: (B, k, *L) the denoiser's output and what it regresses onto
+    (the noise for 'eps' models, eq. 5; the clean latent for 'x0' models); reconstruction_logits: (B, N, *S) the
+    decoder's output on the encoded ground truth (L1 of eq. 4); z_t, t: the noisy latent and its indices."""
+    output: torch.Tensor
+    regression_target: torch.Tensor
     reconstruction_logits: torch.Tensor
     z_t: torch.Tensor
     t: torch.Tensor
     segmenter: "LatentDiffusionSegmenter"
 
-    @property
-    def output(self) -> torch.Tensor:
-        return self.eps_hat
+    def loss(self, labels: torch.Tensor, segmentation_loss) -> torch.Tensor:
+        """Eq. 6: segmentation_loss (CE + gamma Dice, eq. 4) of the decoded ground-truth latent against labels
+        (B, 1, *S), plus lambda * the MSE of eq. 5 (in float32: a sum over a patch can exceed float16's range)."""
+        mse = torch.mean((self.output.float() - self.regression_target.float()) ** 2)
+        return segmentation_loss(self.reconstruction_logits, labels) + self.segmenter.regression_weight * mse
 
     @property
     def x0_hat(self) -> torch.Tensor:
         """(B, N, *S) the decoded one-step estimate in [-1, 1] (per-epoch pseudo-Dice; decoded only when asked)."""
-        z0_hat = x0_from_eps(self.segmenter.schedule, self.z_t, self.t, self.eps_hat.float())
+        z0_hat = self.output.float()
+        if self.segmenter.prediction == "eps":
+            z0_hat = x0_from_eps(self.segmenter.schedule, self.z_t, self.t, z0_hat)
         logits = self.segmenter.denoiser.decode_labels(z0_hat.clamp(-LATENT_CLIP, LATENT_CLIP))
         return torch.softmax(logits.float(), dim=1) * 2 - 1
 
 
 class LatentDiffusionSegmenter(DiffusionSegmenter):
-    """DiffusionSegmenter whose diffused variable is the label latent of a ``TextDiffSegDenoiser`` (eps-prediction)."""
+    """DiffusionSegmenter whose diffused variable is the label latent of a ``TextDiffSegDenoiser``. prediction:
+    'eps' (the paper's) or 'x0' (the denoiser returns the clean latent)."""
 
-    def __init__(self, denoiser, schedule, sampler):
-        super().__init__(denoiser, schedule, "eps", sampler)
+    def __init__(self, denoiser, schedule, sampler, prediction: str = "eps", regression_weight: float = 1.0):
+        self.regression_weight = regression_weight  # lambda of eq. 6
+        super().__init__(denoiser, schedule, prediction, sampler)
+
+    def estimate(self, x_t: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
+        return self.denoise(x_t, t, condition)  # eps, or the latent itself for 'x0' (no mask-space conversion)
 
     def training_pass(self, image: torch.Tensor, x0: torch.Tensor) -> LatentTrainingPass:
         """image (B, C_img, *S); x0 (B, N, *S) the ground truth one-hot in [-1, 1]."""
@@ -59,8 +70,9 @@ class LatentDiffusionSegmenter(DiffusionSegmenter):
         t = sample_timesteps(image.shape[0], self.schedule.num_steps, image.device)
         noise = torch.randn_like(z0)
         z_t = q_sample(self.schedule, z0, t, noise)
-        eps_hat = self.denoise(z_t, self.model_timesteps(t), condition)
-        return LatentTrainingPass(eps_hat, noise, self.denoiser.decode_labels(z0), z_t, t, self)
+        output = self.denoise(z_t, self.model_timesteps(t), condition)
+        target = noise if self.prediction == "eps" else z0
+        return LatentTrainingPass(output, target, self.denoiser.decode_labels(z0), z_t, t, self)
 
     def sample_latent(self, image: torch.Tensor, copies: int = 1,
                       on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
@@ -76,7 +88,7 @@ class LatentDiffusionSegmenter(DiffusionSegmenter):
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(image.device)
         x_start = noise.repeat(copies, *[1] * (noise.ndim - 1))
         return run_reverse_process(lambda z, t: self.estimate(z, t, condition).float(), x_start,
-                                   self.sampling_schedule, self.sampler.kind, "eps", generator,
+                                   self.sampling_schedule, self.sampler.kind, self.prediction, generator,
                                    on_step=on_step, clip=LATENT_CLIP)
 
     def member_probabilities(self, image: torch.Tensor, copies: int = 1,

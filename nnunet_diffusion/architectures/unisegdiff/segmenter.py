@@ -43,8 +43,9 @@ class StagedTrainingPass(NamedTuple):
         """Both heads' raw outputs (B, 2C, *S), as TrainingPass.output holds the one head's."""
         return torch.cat([self.eps_hat, self.logits], dim=1)
 
-    def loss(self, labels: torch.Tensor) -> torch.Tensor:
-        """Eq. 1 with this draw's per-sample stage weights; labels (B, 1, *S)."""
+    def loss(self, labels: torch.Tensor, segmentation_loss=None) -> torch.Tensor:
+        """Eq. 1 with this draw's per-sample stage weights; labels (B, 1, *S). Its Dice + CE is per sample (the
+        stage weights differ per sample), so the trainer's batch ``segmentation_loss`` is not used."""
         return staged_loss(self.eps_hat, self.noise, self.logits, labels, self.alpha, self.beta)
 
 
