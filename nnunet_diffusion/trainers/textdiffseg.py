@@ -137,7 +137,7 @@ class nnUNetTrainerTextDiffSeg(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase
                 f"({trained.get('model')}); this run's text model gives size {current.get('dim')} "
                 f"({current.get('model')}). Resume with the same model ({ENV_TEXT_MODEL}={trained.get('model')}), "
                 f"or start a new training (without --c) for the new model.")
-        super().load_checkpoint(checkpoint)
+        super().load_checkpoint(filename_or_checkpoint)  # nnU-Net 2.8 loads only from a file name
         if trained is not None and self.class_embeddings is not None and trained.get("digest") != current["digest"]:
             self.print_to_log_file(f"Text: the prompts or the text model changed since the checkpoint "
                                    f"({trained.get('model')}: {trained.get('prompts')} -> {current['model']}: "

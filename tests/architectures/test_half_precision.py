@@ -23,6 +23,7 @@ from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
 from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep
 from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
 from nnunet_diffusion.trainers.recycling import nnUNetTrainerDiffSegRecycling
+from nnunet_diffusion.trainers.textdiffseg import nnUNetTrainerTextDiffSeg
 from nnunet_diffusion.trainers.unisegdiff import nnUNetTrainerUniSegDiff
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,17 +120,22 @@ def denoise_clean_mask(net, image: torch.Tensor, labels: torch.Tensor, dtype: to
     reaches it whenever it draws a small t, but a random draw may not, so it is run directly."""
     t = net.model_timesteps(torch.zeros(1, dtype=torch.long))
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        out = net.denoise(labels_to_x0(labels, C), t, net.denoiser.encode_image(image))
+        clean = labels_to_x0(labels, C)
+        if hasattr(net.denoiser, "encode_labels"):  # latent diffusion: the clean state is the labels' latent
+            clean = net.denoiser.encode_labels((clean + 1) / 2)
+        out = net.denoise(clean, t, net.denoiser.encode_image(image))
     return (torch.cat(out, dim=1) if isinstance(out, tuple) else out).float()  # UniSegDiff: both heads
 
 
 @pytest.mark.parametrize("trainer_cls", [nnUNetTrainerDiffusion, nnUNetTrainerDiffSegRecycling,
-                                         nnUNetTrainerCrossTimestep, nnUNetTrainerUniSegDiff],
+                                         nnUNetTrainerCrossTimestep, nnUNetTrainerUniSegDiff,
+                                         nnUNetTrainerTextDiffSeg],
                          ids=lambda cls: cls.__name__)
 def test_float16_on_a_patch_with_more_voxels_than_float16_can_count(trainer_cls, configuration_manager):
     """288 x 288 = 82944 voxels, with the mask's channel sums (~0.85 N) > 65504, in 2D (a 3D patch that size costs
     ~10x more here). One trainer per network (two encoders, one U-Net on [image | x_t], Cross-Timestep with FFT-,
-    SC-tLSTM and APDS, UniSegDiff with DCA and its staged sampler); bfloat16 has float32's range, so only
+    SC-tLSTM and APDS, UniSegDiff with DCA and its staged sampler, TextDiffSeg's latent with its attention and
+    normalisation); bfloat16 has float32's range, so only
     float16 can overflow."""
     net = build(trainer_cls, configuration_manager, dim=2, patch=[288, 288])
     image, labels = torch.randn(1, 1, 288, 288), mostly_background((288, 288))
