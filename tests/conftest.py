@@ -73,3 +73,14 @@ def save_tiny_text_model(folder) -> str:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def initialize_trainer(trainer, tmp_path):
+    """nnU-Net's initialize on a trainer made in a test: it only infers the loader class from the ending of the
+    preprocessed files, so one empty file stands in for the data."""
+    data = tmp_path / "preprocessed_data"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "case.b2nd").touch()
+    trainer.preprocessed_dataset_folder = str(data)
+    trainer.initialize()
+    return trainer

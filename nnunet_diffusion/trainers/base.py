@@ -241,9 +241,12 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
             loss = loss + self.loss(result.prior_logits, target)
         return loss
 
+    def _batch_on_device(self, batch: dict):
+        """(image (B, C_img, *S), labels (B, 1, *S)) of a loader batch, on the training device."""
+        return batch["data"].to(self.device, non_blocking=True), batch["target"].to(self.device, non_blocking=True)
+
     def _training_pass(self, batch: dict):
-        image = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"].to(self.device, non_blocking=True)
+        image, target = self._batch_on_device(batch)
         x0 = labels_to_x0(target, self.label_manager.num_segmentation_heads)
         with self._autocast():
             result = self.network(image, x0)

@@ -166,8 +166,7 @@ class nnUNetTrainerTextDiffSeg(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase
     def _training_pass(self, batch: dict):
         if not self.pretraining():
             return super()._training_pass(batch)
-        image = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"].to(self.device, non_blocking=True)
+        _, target = self._batch_on_device(batch)
         autoencoder = self._part_for_pretraining() if torch.is_grad_enabled() else self.pretrained_part()
         onehot = torch.zeros((target.shape[0], self.label_manager.num_segmentation_heads, *target.shape[2:]),
                              device=self.device).scatter_(1, target.long(), 1)

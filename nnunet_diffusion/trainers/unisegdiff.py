@@ -151,8 +151,7 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
     def _training_pass(self, batch: dict):
         if not self.pretraining():
             return super()._training_pass(batch)
-        image = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"].to(self.device, non_blocking=True)
+        image, target = self._batch_on_device(batch)
         network = self._part_for_pretraining() if torch.is_grad_enabled() else self.pretrained_part()
         with self._autocast():
             logits = network(image)

@@ -2,7 +2,7 @@
 embeddings are stored with the model, and a checkpoint of another text model is handled on --c."""
 import pytest
 import torch
-from conftest import make_configuration
+from conftest import initialize_trainer as initialize, make_configuration
 
 from nnunet_diffusion.planning import text_embeddings
 from nnunet_diffusion.text.encoders import TextModelError
@@ -37,15 +37,6 @@ def make(tmp_path, monkeypatch, dataset=DATASET, dim=5, trainer_cls=nnUNetTraine
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return trainer_cls(dict(PLANS, continue_training=False), "3d_fullres", 0, dataset, device=torch.device("cpu"))
-
-
-def initialize(trainer, tmp_path):
-    data = tmp_path / "preprocessed_data"
-    data.mkdir(exist_ok=True)
-    (data / "case.b2nd").touch()
-    trainer.preprocessed_dataset_folder = str(data)
-    trainer.initialize()
-    return trainer
 
 
 def test_more_classes_than_the_latent_separates_fail_at_start_with_the_fix(tmp_path, monkeypatch):

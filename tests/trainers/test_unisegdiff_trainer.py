@@ -1,7 +1,7 @@
 """nnUNetTrainerUniSegDiff's condition network: where it comes from, the errors, and the pre-training phase."""
 import pytest
 import torch
-from conftest import make_configuration
+from conftest import initialize_trainer as initialize, make_configuration
 
 from nnunet_diffusion.trainers.pretrained_condition import stock_checkpoint_path
 from nnunet_diffusion.trainers.unisegdiff import ENV_CONDITION_CHECKPOINT, nnUNetTrainerUniSegDiff
@@ -18,16 +18,6 @@ def make(tmp_path, monkeypatch, **env):
         monkeypatch.setenv(key, value)
     return nnUNetTrainerUniSegDiff(dict(PLANS, continue_training=False), "3d_fullres", 0, DATASET,
                                    device=torch.device("cpu"))
-
-
-def initialize(trainer, tmp_path):
-    """nnU-Net's initialize, which only infers the loader class from the preprocessed files' ending."""
-    data = tmp_path / "preprocessed"
-    data.mkdir(exist_ok=True)
-    (data / "case.b2nd").touch()
-    trainer.preprocessed_dataset_folder = str(data)
-    trainer.initialize()
-    return trainer
 
 
 def save_stock(tmp_path, network_weights, configuration="3d_fullres"):
