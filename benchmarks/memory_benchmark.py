@@ -94,9 +94,32 @@ def synthetic_batch(trainer, generator):
     return {"data": image, "target": targets}
 
 
+def measure_window(trainer, device: str) -> dict:
+    """One sliding window as nnU-Net's predictor runs it (eval mode, inference_mode, fp16 autocast on CUDA, batch 1,
+    no mirroring): the whole sampler for a diffusion model. Seconds of the second call, and the peak memory so far
+    (measured before any training step, so the process's peak is the prediction's)."""
+    import torch
+    from torch import autocast
+    network = trainer.network.eval()
+    cm = trainer.configuration_manager
+    patch = torch.randn(1, len(trainer.dataset_json["channel_names"]), *cm.patch_size, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.inference_mode(), autocast(device, enabled=device == "cuda"):
+        network(patch)
+        sync()
+        tic = time.perf_counter()
+        logits = network(patch)
+        sync()
+    seconds = time.perf_counter() - tic
+    peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"s_per_window": seconds, "window_peak_mib": peak, "window_finite": bool(torch.isfinite(logits).all())}
+
+
 def measure_one(trainer_name: str, plans_file: str, dataset_json_file: str, configuration: str, device: str,
-                iterations: int) -> dict:
-    """Build ``trainer_name`` as nnUNetv2_train does and time ``iterations`` train steps after one warm-up."""
+                iterations: int, window: bool = False) -> dict:
+    """Build ``trainer_name`` as nnUNetv2_train does and time ``iterations`` train steps after one warm-up; with
+    ``window``, first one prediction window (``measure_window``)."""
     import torch
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     trainer_class = recursive_find_trainer_class_by_name(trainer_name)
@@ -106,6 +129,9 @@ def measure_one(trainer_name: str, plans_file: str, dataset_json_file: str, conf
     plans["continue_training"] = False  # what nnUNetv2_train's get_trainer_from_args adds
     trainer = trainer_class(plans, configuration, 0, dataset_json, device=torch.device(device))
     trainer.initialize()
+    predicted = measure_window(trainer, device) if window else {}
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     trainer.network.train()
     if hasattr(trainer, "condition_pretrain_fraction"):
         trainer.condition_pretrain_fraction = 0.0  # UniSegDiff: measure the DNet phase, not CFENet's pre-training
@@ -125,12 +151,14 @@ def measure_one(trainer_name: str, plans_file: str, dataset_json_file: str, conf
     cm = trainer.configuration_manager
     return {"trainer": trainer_name, "patch": list(cm.patch_size), "batch": cm.batch_size,
             "features": list(cm.network_arch_init_kwargs["features_per_stage"]), "peak_mib": peak,
-            "s_per_it": seconds, "losses": losses, "finite": all(l == l and abs(l) != float("inf") for l in losses)}
+            "s_per_it": seconds, "losses": losses, "finite": all(l == l and abs(l) != float("inf") for l in losses),
+            **predicted}
 
 
 def run_one_process(trainer: str, args, plans: Path, dataset_json: Path, env: dict) -> dict:
     cmd = [sys.executable, __file__, "--one", trainer, "--plans-file", str(plans), "--dataset-json", str(dataset_json),
-           "--configuration", args.configuration, "--device", args.device, "--iterations", str(args.iterations)]
+           "--configuration", args.configuration, "--device", args.device, "--iterations", str(args.iterations),
+           *(["--window"] if args.window else [])]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
@@ -150,15 +178,22 @@ def write_table(rows: list[dict], args, command: str) -> str:
              f"{' x '.join(map(str, args.spacing))} mm ({args.configuration}): patch {planned['patch']}, batch "
              f"{planned['batch']}, features {planned['features']}. Each trainer is built as nnUNetv2_train builds it "
              f"and runs its own train_step {args.iterations} times after a warm-up, on synthetic batches. "
-             f"Peak: {peak_kind}. Ratios against {STOCK} in this run.", "",
-             "| trainer | peak MiB | s/iteration | losses finite |", "|---|---|---|---|"]
+             f"Peak: {peak_kind}. Ratios against {STOCK} in this run."
+             + (" Window: one sliding window of the planned patch as nnU-Net's predictor runs it (batch 1, no "
+                "mirroring, the stored sampler), timed on its second call, measured before the training steps "
+                "(its peak is the process's peak up to then)." if args.window else ""), "",
+             "| trainer | peak MiB | s/iteration | losses finite |" + (" s/window | window peak MiB | window finite |"
+                                                                     if args.window else ""),
+             "|---|---|---|---|" + ("---|---|---|" if args.window else "")]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['trainer']} | {r['error']} | | |")
+            lines.append(f"| {r['trainer']} | {r['error']} | | |" + (" | | |" if args.window else ""))
             continue
         ratio = (lambda k: f" ({r[k] / stock[k]:.2f}x)" if stock else "")
+        window = (f" {r['s_per_window']:.2f}{ratio('s_per_window')} | {r['window_peak_mib']:.0f}"
+                  f"{ratio('window_peak_mib')} | {r['window_finite']} |" if args.window else "")
         lines.append(f"| {r['trainer']} | {r['peak_mib']:.0f}{ratio('peak_mib')} | {r['s_per_it']:.3f}"
-                     f"{ratio('s_per_it')} | {r['finite']} |")
+                     f"{ratio('s_per_it')} | {r['finite']} |" + window)
     return "\n".join(lines) + "\n"
 
 
@@ -171,13 +206,14 @@ def main(argv=None):
     parser.add_argument("--spacing", type=float, nargs="+", default=[5.0, 0.8, 0.8], help="mm (z y x)")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/memory_cpu.md")
+    parser.add_argument("--window", action="store_true", help="also time one prediction window (the sampler)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--plans-file", help=argparse.SUPPRESS)
     parser.add_argument("--dataset-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(measure_one(args.one, args.plans_file, args.dataset_json, args.configuration, args.device,
-                                     args.iterations)))
+                                     args.iterations, args.window)))
         return
     from nnunet_diffusion.cli import trainer_path
     command = "python benchmarks/memory_benchmark.py " + shlex.join(argv if argv is not None else sys.argv[1:])
