@@ -1,2 +1,4 @@
 """DSM's networks (``../shared/papers/dsm_kmeans_mask_mamba.txt``). Built so far: the selective state-space layer
-(``ssm.py``); the kMMM decoder, the anomaly prompt, DQR and the trainers are still to come (issue 9)."""
+(``ssm.py``), the kMMM block (``kmmm.py``), the anomaly prompt (``anomaly.py``), guided feature diffusion
+(``feature_diffusion.py``) and text alignment (``text_alignment.py``); the decoders, the network and the trainers are
+still to come (issue 9)."""
