@@ -1,0 +1,173 @@
+"""DSM's networks: stage 1 (organ queries, kMMM decoder) and stage 2 (tumour queries refined with the anomaly mask
+prompt and diffusion-guided features), on the plans' nnU-Net U-Net.
+
+Queries are matched to classes by index (query k <-> its class k, MaskFormer's fixed matching for semantic
+segmentation): a query's mask logits are ``<query, pixel embedding>`` at every voxel, and nnU-Net's predictor
+receives them as the logits of their classes. Classes a stage has no query for get ``ABSENT_LOGIT``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_diffusion.architectures.dsm.anomaly import anomaly_score, prompt_attention_bias
+from nnunet_diffusion.architectures.dsm.backbone import UNetPixelDecoder
+from nnunet_diffusion.architectures.dsm.feature_diffusion import GuidedFeatureDiffusion
+from nnunet_diffusion.architectures.dsm.kmmm import KMeansMaskMambaLayer
+from nnunet_diffusion.architectures.dsm.text_alignment import TextAlignedClassifier
+
+ABSENT_LOGIT = -30.0  # a class without a query in this stage: never the argmax, sigmoid ~ 1e-13
+
+
+class DSMOutput(NamedTuple):
+    """logits: (B, N, *S) per class (N = all classes of the dataset); responses: per kMMM layer (B, K, *S_l) the organ
+    queries' response logits (deep supervision); class_logits: (B, Q, N_text) every query's class logits (eq. 20,
+    or a linear head without text), Q = the stage's queries in ``query_classes`` order; anomaly: (B, *S) the
+    normalised anomaly score of the final organ masks (eq. 14)."""
+    logits: torch.Tensor
+    responses: list
+    class_logits: torch.Tensor
+    anomaly: torch.Tensor
+
+
+def tokens(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(2).transpose(1, 2)
+
+
+def masks_from_queries(queries: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, Q, D) queries, (B, D, *S) pixel embedding -> (B, Q, *S) mask logits."""
+    return torch.einsum("bqd,bd...->bq...", queries, pixels.to(queries.dtype))
+
+
+class DSMNetwork(nn.Module):
+    """Stage 1. Args: image_channels; num_classes (N, all classes of the dataset); organ_classes: the class indices
+    the organ queries stand for (background first); the plans' U-Net arguments; text_dim: D of the class text
+    embeddings (``text_embeddings`` buffer, (N, D_t), filled by the trainer) or None for a linear class head (the
+    no-text ablation); dim: query width; max_layers: kMMM layers on the coarsest scales (the paper: 4);
+    kmeans: False for the MaskFormer ablation."""
+
+    def __init__(self, image_channels: int, num_classes: int, organ_classes: Sequence[int], *, text_dim: Optional[int],
+                 dim: int = 64, max_layers: int = 4, kmeans: bool = True, **unet_kwargs):
+        super().__init__()
+        self.num_classes = num_classes
+        self.organ_classes = list(organ_classes)
+        self.backbone = UNetPixelDecoder(image_channels, dim, **unet_kwargs)
+        conv_op = unet_kwargs["conv_op"]
+        channels = self.backbone.feature_channels[-max_layers:]
+        self.scales_used = len(channels)
+        self.project = nn.ModuleList([conv_op(c, dim, 1) for c in channels])
+        self.organ_queries = nn.Parameter(torch.randn(len(self.organ_classes), dim) * 0.02)
+        self.layers = nn.ModuleList([KMeansMaskMambaLayer(dim, len(self.organ_classes), kmeans) for _ in channels])
+        if text_dim is not None:
+            self.register_buffer("text_embeddings", torch.zeros(num_classes, text_dim))
+            self.classifier = TextAlignedClassifier(dim, text_dim)
+        else:
+            self.classifier = nn.Linear(dim, num_classes)
+
+    def classify(self, queries: torch.Tensor) -> torch.Tensor:
+        """(B, Q, D) -> (B, Q, N) class logits: eq. 20 against the class prompts, or the linear head."""
+        if isinstance(self.classifier, TextAlignedClassifier):
+            return self.classifier(queries, self.text_embeddings)
+        return self.classifier(queries)
+
+    def query_decoder(self, image: torch.Tensor):
+        """-> organ queries (B, K, D), responses per layer (B, K, *S_l), projected features per layer (B, D, *S_l)
+        coarse to fine, pixel embedding (B, D, *S)."""
+        features, pixels = self.backbone(image)
+        features = [project(f) for project, f in zip(self.project, features[-self.scales_used:])]
+        queries = self.organ_queries.unsqueeze(0).expand(image.shape[0], -1, -1)
+        responses = []
+        for layer, feature in zip(self.layers, features):
+            queries, response = layer(queries, feature)
+            responses.append(response)
+        return queries, responses, features, pixels
+
+    def assemble(self, masks: dict, like: torch.Tensor) -> torch.Tensor:
+        """{class index: (B, *S) logits} -> (B, N, *S), ABSENT_LOGIT for the classes without a query."""
+        logits = torch.full((like.shape[0], self.num_classes, *like.shape[2:]), ABSENT_LOGIT, dtype=like.dtype,
+                            device=like.device)
+        for index, mask in masks.items():
+            logits[:, index] = mask
+        return logits
+
+    def forward(self, image: torch.Tensor, full: bool = False):
+        """(B, C_img, *S) -> logits (B, N, *S) (what nnU-Net's predictor calls), or with ``full`` a DSMOutput."""
+        queries, responses, _, pixels = self.query_decoder(image)
+        organ_masks = masks_from_queries(queries, pixels)
+        logits = self.assemble(dict(zip(self.organ_classes, organ_masks.unbind(1))), organ_masks)
+        if not full:
+            return logits
+        return DSMOutput(logits, responses, self.classify(queries), anomaly_score(organ_masks))
+
+
+class ProjectionFusion(nn.Module):
+    """Table 5's 'no DQR': the feature map through a 1x1 projection, fused with the upsampled deeper map."""
+
+    def __init__(self, dim: int, conv_op):
+        super().__init__()
+        self.project = conv_op(dim, dim, 1)
+        self.fuse = conv_op(2 * dim, dim, 1)
+
+    def forward(self, features: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        upper = F.interpolate(guidance, size=features.shape[2:], mode="nearest")
+        return self.fuse(torch.cat([self.project(features), upper], dim=1))
+
+
+class DSMStage2Network(nn.Module):
+    """Stage 2: the stage-1 network (``stage1``, loaded from its checkpoint) plus tumour queries for
+    ``tumour_classes``, refined per scale: features enhanced by guided diffusion (DQR, eqs. 16-18, guided by the
+    next coarser map), attention of the tumour queries to them biased by the anomaly prompt of the organ responses
+    at that scale (AMVP, eqs. 14-15, 19), then self-attention among organ and tumour queries.
+    amvp=False: the anomaly score concatenated to the features instead of the prompt bias; dqr=False: a projection
+    layer instead of the diffusion (Table 5)."""
+
+    def __init__(self, stage1: DSMNetwork, tumour_classes: Sequence[int], conv_op, heads: int = 8,
+                 amvp: bool = True, dqr: bool = True):
+        super().__init__()
+        self.stage1 = stage1
+        self.tumour_classes = list(tumour_classes)
+        self.amvp, self.heads = amvp, heads
+        dim = stage1.organ_queries.shape[1]
+        n = stage1.scales_used
+        self.tumour_queries = nn.Parameter(torch.randn(len(self.tumour_classes), dim) * 0.02)
+        self.enhance = nn.ModuleList([GuidedFeatureDiffusion(dim, dim, conv_op) if dqr else ProjectionFusion(dim, conv_op)
+                                      for _ in range(n)])
+        self.with_score = nn.ModuleList([nn.Identity() if amvp else conv_op(dim + 1, dim, 1) for _ in range(n)])
+        self.cross = nn.ModuleList([nn.MultiheadAttention(dim, heads, batch_first=True) for _ in range(n)])
+        self.mix = nn.ModuleList([nn.MultiheadAttention(dim, heads, batch_first=True) for _ in range(n)])
+        self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(2 * n)])
+
+    @property
+    def query_classes(self) -> list:
+        return self.stage1.organ_classes + self.tumour_classes
+
+    def forward(self, image: torch.Tensor, full: bool = False):
+        organ, responses, features, pixels = self.stage1.query_decoder(image)
+        tumour = self.tumour_queries.unsqueeze(0).expand(image.shape[0], -1, -1)
+        for level, feature in enumerate(features):
+            guidance = features[max(level - 1, 0)]  # the next coarser map (the coarsest guides itself)
+            enhanced = self.enhance[level](feature, guidance)
+            score = anomaly_score(responses[level])  # (B, *S_l)
+            bias = None
+            if self.amvp:  # (B * heads, T, P): the same bias for every head and tumour query
+                bias = prompt_attention_bias(score).to(enhanced.dtype)[:, None, :]
+                bias = bias.expand(-1, tumour.shape[1], -1).repeat_interleave(self.heads, dim=0)
+            else:
+                enhanced = self.with_score[level](torch.cat([enhanced, score.unsqueeze(1).to(enhanced.dtype)], 1))
+            keys = tokens(enhanced)
+            attended, _ = self.cross[level](tumour, keys, keys, attn_mask=bias, need_weights=False)
+            tumour = self.norms[2 * level](tumour + attended)
+            queries = torch.cat([organ, tumour], dim=1)
+            mixed, _ = self.mix[level](queries, queries, queries, need_weights=False)
+            queries = self.norms[2 * level + 1](queries + mixed)
+            organ, tumour = queries[:, :organ.shape[1]], queries[:, organ.shape[1]:]
+        queries = torch.cat([organ, tumour], dim=1)
+        masks = masks_from_queries(queries, pixels)
+        logits = self.stage1.assemble(dict(zip(self.query_classes, masks.unbind(1))), masks)
+        if not full:
+            return logits
+        organ_masks = masks[:, :organ.shape[1]]
+        return DSMOutput(logits, responses, self.stage1.classify(queries), anomaly_score(organ_masks))
