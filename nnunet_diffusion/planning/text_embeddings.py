@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from nnunet_diffusion.text.encoders import DEFAULT_TEXT_MODEL, load_text_encoder
-from nnunet_diffusion.text.prompts import class_prompts
+from nnunet_diffusion.text.prompts import PROMPT_TEMPLATE, class_prompts
 
 CACHE_FOLDER = "text_embeddings"
 
@@ -47,19 +47,22 @@ def prompts_digest(model: str, prompts) -> str:
     return hashlib.sha256("\n".join([model, *prompts]).encode()).hexdigest()[:12]
 
 
-def cache_path(folder: os.PathLike, model: str) -> Path:
+def cache_path(folder: os.PathLike, model: str, template: str = PROMPT_TEMPLATE) -> Path:
+    """One file per model and prompt template (methods with other templates do not overwrite each other's)."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.strip("/")).strip("_") or "model"
+    if template != PROMPT_TEMPLATE:
+        slug += "__" + hashlib.sha256(template.encode()).hexdigest()[:8]
     return Path(folder) / CACHE_FOLDER / f"{slug}.pt"
 
 
 def class_text_embeddings(dataset_json: dict, folder: os.PathLike, model: str | None = None,
-                          log: Callable[[str], None] = print) -> ClassTextEmbeddings:
+                          log: Callable[[str], None] = print, template: str = PROMPT_TEMPLATE) -> ClassTextEmbeddings:
     """The embeddings of dataset.json's class prompts with ``model`` (None: the offline default), from the cache in
     ``folder`` when it holds the same model and prompts, else computed (the text model is loaded) and cached.
     A cache made with other prompts is replaced, and ``log`` says what changed."""
     model = model or DEFAULT_TEXT_MODEL
-    prompts = tuple(class_prompts(dataset_json))
-    path = cache_path(folder, model)
+    prompts = tuple(class_prompts(dataset_json, template))
+    path = cache_path(folder, model, template)
     if path.is_file():
         stored = torch.load(path, map_location="cpu", weights_only=True)
         if stored.get("model") == model and tuple(stored.get("prompts", ())) == prompts:

@@ -23,8 +23,9 @@ def modality(dataset_json: dict) -> str:
     return " and ".join(dict.fromkeys(names)) or "medical"
 
 
-def class_prompts(dataset_json: dict) -> list[str]:
-    """(N,) prompts in class order. Raises ValueError for an empty description, a description of a label that does
+def class_prompts(dataset_json: dict, template: str = PROMPT_TEMPLATE) -> list[str]:
+    """(N,) prompts in class order (``template`` with {modality} and {label} for classes without a description).
+    Raises ValueError for an empty description, a description of a label that does
     not exist, or two classes with the same prompt (text could not tell them apart)."""
     names = class_names(dataset_json)
     descriptions = dataset_json.get(DESCRIPTIONS_KEY) or {}
@@ -39,9 +40,9 @@ def class_prompts(dataset_json: dict) -> list[str]:
             if not text:
                 raise ValueError(f"dataset.json '{DESCRIPTIONS_KEY}' has an empty description for '{name}'. Write "
                                  f"one sentence about the structure, or remove the entry to use the template "
-                                 f"'{PROMPT_TEMPLATE}'.")
+                                 f"'{template}'.")
         else:
-            text = PROMPT_TEMPLATE.format(modality=modality(dataset_json), label=name.replace("_", " "))
+            text = template.format(modality=modality(dataset_json), label=name.replace("_", " "))
         prompts.append(text)
     seen: dict[str, str] = {}
     for name, text in zip(names, prompts):

@@ -8,7 +8,6 @@ carries them: prediction needs no text model. plans.json stores the model, the p
 """
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import nn
@@ -19,15 +18,12 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunet_diffusion.architectures.textdiffseg.network import TextDiffSegDenoiser
 from nnunet_diffusion.architectures.textdiffseg.segmenter import LatentDiffusionSegmenter
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
-from nnunet_diffusion.planning.text_embeddings import class_text_embeddings
-from nnunet_diffusion.text.encoders import ENV_TEXT_MODEL
 from nnunet_diffusion.trainers.base import PLANS_KEY, nnUNetTrainerDiffusionBase
+from nnunet_diffusion.trainers.class_text import TEXT_KEY, ClassTextMixin
 from nnunet_diffusion.trainers.pretraining_phase import PretrainingPhaseMixin
 
-TEXT_KEY = "text"
 
-
-class nnUNetTrainerTextDiffSeg(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase):
+class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrainerDiffusionBase):
     """The full model. Ablations (Table II and more): ``variants_textdiffseg.py``."""
 
     noise_schedule = "linear"
@@ -74,19 +70,9 @@ class nnUNetTrainerTextDiffSeg(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase
                 f"latent_channels = {max(1, (num_classes - 1).bit_length())}, e.g.\n"
                 f"    class {self.__class__.__name__}_k{(num_classes - 1).bit_length()}({self.__class__.__name__}):\n"
                 f"        latent_channels = {(num_classes - 1).bit_length()}")
-        self._text_log: list[str] = []
         if self.text_source != "prompts":
-            self.class_embeddings = None
             return {TEXT_KEY: {"model": None, "dim": self.text_dim_without_text}}
-        from nnunetv2.paths import nnUNet_preprocessed
-        preprocessed = os.environ.get("nnUNet_preprocessed") or nnUNet_preprocessed
-        if not preprocessed:
-            raise ValueError("nnUNet_preprocessed is not set: the text embeddings are cached beside the "
-                             "preprocessed data. Export it as for nnUNetv2_plan_and_preprocess.")
-        self.class_embeddings = class_text_embeddings(
-            dataset_json, os.path.join(preprocessed, plans["dataset_name"]),
-            os.environ.get(ENV_TEXT_MODEL, "").strip() or None, log=self._text_log.append)
-        return {TEXT_KEY: self.class_embeddings.settings()}
+        return {TEXT_KEY: self.compute_class_text(plans, dataset_json)}
 
     # ---- network --------------------------------------------------------------------------------------------
 
@@ -108,41 +94,10 @@ class nnUNetTrainerTextDiffSeg(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase
     def build_segmenter(cls, denoiser, schedule, sampler, stored: dict) -> nn.Module:
         return LatentDiffusionSegmenter(denoiser, schedule, sampler, stored["prediction"], cls.eps_loss_weight)
 
-    def initialize(self):
-        super().initialize()
-        if self.class_embeddings is not None:
-            self._segmenter().denoiser.text_embeddings.copy_(self.class_embeddings.vectors)
+    settings_key = PLANS_KEY
 
-    def on_train_start(self):
-        super().on_train_start()
-        for line in self._text_log:
-            self.print_to_log_file(line)
-        text = self.configuration_manager.configuration[PLANS_KEY][TEXT_KEY]
-        if text.get("model"):
-            self.print_to_log_file(f"Class prompts ({text['model']}, dim {text['dim']}): {text['prompts']}")
-
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        """nnU-Net's, after checking that the checkpoint's text embeddings fit this run's: another size stops here
-        with the fix; other prompts or another model of the same size are said, and this run's embeddings used."""
-        checkpoint = (torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
-                      if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint)
-        current = self.plans_manager.plans["configurations"][self.configuration_name][PLANS_KEY][TEXT_KEY]
-        try:
-            trained = checkpoint["init_args"]["plans"]["configurations"][self.configuration_name][PLANS_KEY][TEXT_KEY]
-        except (KeyError, TypeError):
-            trained = None
-        if trained is not None and trained.get("dim") != current.get("dim"):
-            raise ValueError(
-                f"The checkpoint was trained with text embeddings of size {trained.get('dim')} "
-                f"({trained.get('model')}); this run's text model gives size {current.get('dim')} "
-                f"({current.get('model')}). Resume with the same model ({ENV_TEXT_MODEL}={trained.get('model')}), "
-                f"or start a new training (without --c) for the new model.")
-        super().load_checkpoint(filename_or_checkpoint)  # nnU-Net 2.8 loads only from a file name
-        if trained is not None and self.class_embeddings is not None and trained.get("digest") != current["digest"]:
-            self.print_to_log_file(f"Text: the prompts or the text model changed since the checkpoint "
-                                   f"({trained.get('model')}: {trained.get('prompts')} -> {current['model']}: "
-                                   f"{current['prompts']}); training continues with the new embeddings.")
-            self._segmenter().denoiser.text_embeddings.copy_(self.class_embeddings.vectors)
+    def text_buffer(self) -> torch.Tensor:
+        return self._segmenter().denoiser.text_embeddings
 
     # ---- loss (eqs. 4-6) ------------------------------------------------------------------------------------
 
