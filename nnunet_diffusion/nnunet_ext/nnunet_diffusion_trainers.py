@@ -10,9 +10,11 @@ try:
     from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep  # noqa: F401
     from nnunet_diffusion.trainers.unisegdiff import nnUNetTrainerUniSegDiff  # noqa: F401
     from nnunet_diffusion.trainers.textdiffseg import nnUNetTrainerTextDiffSeg  # noqa: F401
+    from nnunet_diffusion.trainers.dsm import nnUNetTrainerDSM, nnUNetTrainerDSMStage2  # noqa: F401
     from nnunet_diffusion.trainers.variants import *  # noqa: F401,F403
     from nnunet_diffusion.trainers.variants_unisegdiff import *  # noqa: F401,F403
     from nnunet_diffusion.trainers.variants_textdiffseg import *  # noqa: F401,F403
+    from nnunet_diffusion.trainers.variants_dsm import *  # noqa: F401,F403
     from nnunet_diffusion.trainers.variants_cross_timestep import *  # noqa: F401,F403
     from nnunet_diffusion.trainers.variants_optimizer import *  # noqa: F401,F403
 except ImportError as error:  # the env var outlived the environment the package was installed in

@@ -21,20 +21,24 @@ def stock_checkpoint_path(results: str, dataset_name: str, plans_identifier: str
             / checkpoint)
 
 
-def make_condition_command(dataset_id: str, plans_identifier: str, configuration: str, fold) -> str:
-    return (f"nnUNetv2_train {dataset_id} {configuration} {fold} -p {plans_identifier} "
-            f"(the stock nnUNetTrainer, same dataset, plans, configuration and fold)")
+def make_condition_command(dataset_id: str, plans_identifier: str, configuration: str, fold,
+                           trainer: str = "nnUNetTrainer") -> str:
+    if trainer == "nnUNetTrainer":
+        return (f"nnUNetv2_train {dataset_id} {configuration} {fold} -p {plans_identifier} "
+                f"(the stock nnUNetTrainer, same dataset, plans, configuration and fold)")
+    return f"nnUNetv2_train {dataset_id} {configuration} {fold} -p {plans_identifier} -tr {trainer}"
 
 
 def read_condition_checkpoint(checkpoint_path: os.PathLike, dataset_id: str, plans_identifier: str,
-                              configuration: str, fold) -> dict:
-    """The network weights of a stock nnU-Net checkpoint, after checking that it exists and was trained with these
-    plans and configuration. Every problem is a ValueError that names the file and the command that makes it."""
+                              configuration: str, fold, trainer: str = "nnUNetTrainer",
+                              what: str = "The pre-trained condition network") -> dict:
+    """The network weights of a checkpoint of ``trainer`` (default the stock nnU-Net), after checking that it exists
+    and was trained with these plans and configuration. Every problem is a ValueError that names the file and the
+    command that makes it; ``what`` names the part that needs it."""
     path = Path(checkpoint_path)
-    make_it = make_condition_command(dataset_id, plans_identifier, configuration, fold)
+    make_it = make_condition_command(dataset_id, plans_identifier, configuration, fold, trainer)
     if not path.is_file():
-        raise ValueError(f"The pre-trained condition network needs {path}, which does not exist. Make it with: "
-                         f"{make_it}")
+        raise ValueError(f"{what} needs {path}, which does not exist. Make it with: {make_it}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # truncated or foreign file: say which and how to remake it

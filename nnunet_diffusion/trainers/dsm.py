@@ -1,0 +1,234 @@
+"""DSM as nnU-Net trainers (``../shared/papers/dsm_kmeans_mask_mamba.txt``): ``nnUNetTrainerDSM`` trains stage 1
+(organ queries with the kMMM decoder), ``nnUNetTrainerDSMStage2`` stage 2 (tumour queries with the anomaly mask
+prompt and diffusion-guided refinement) from stage 1's checkpoint in nnUNet_results.
+
+Which classes are 'tumours' (learned by stage 2's queries) and which 'organs' (stage 1's; background is one):
+dataset.json's ``dsm_tumour_labels`` (label names), or NNUNET_DIFFUSION_DSM_TUMOUR_LABELS (comma-separated) at
+training. Stage 1 is trained on the organ classes only: the partial-label loss covers the classes a stage has
+queries for, so tumour voxels are simply no organ's (they are the anomalies stage 2 learns from).
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss, get_tp_fp_fn_tn
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_diffusion.architectures.dsm.network import DSMNetwork, DSMStage2Network
+from nnunet_diffusion.text.prompts import class_names
+from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
+from nnunet_diffusion.trainers.budget import TrainingBudgetMixin
+from nnunet_diffusion.trainers.class_text import TEXT_KEY, ClassTextMixin
+from nnunet_diffusion.trainers.pretrained_condition import read_condition_checkpoint, stock_checkpoint_path
+
+DSM_KEY = "dsm"
+TUMOUR_LABELS_KEY = "dsm_tumour_labels"
+ENV_TUMOUR_LABELS = "NNUNET_DIFFUSION_DSM_TUMOUR_LABELS"
+# DSM's prompt (sec. 4.2.3) with the modality from the channel names
+DSM_PROMPT_TEMPLATE = "A {modality} scan of a {label}."
+
+
+def tumour_labels(dataset_json: dict) -> list[str]:
+    """The label names stage 2 learns: NNUNET_DIFFUSION_DSM_TUMOUR_LABELS, else dataset.json's dsm_tumour_labels."""
+    from_env = os.environ.get(ENV_TUMOUR_LABELS, "").strip()
+    names = [n.strip() for n in from_env.split(",") if n.strip()] if from_env else \
+        list(dataset_json.get(TUMOUR_LABELS_KEY, []))
+    known = class_names(dataset_json)
+    wrong = [n for n in names if n not in known or n == "background"]
+    if wrong:
+        raise ValueError(f"Tumour labels {wrong} ({ENV_TUMOUR_LABELS} or dataset.json '{TUMOUR_LABELS_KEY}') are not "
+                         f"foreground labels of this dataset ({known[1:]}). Name foreground labels of dataset.json.")
+    return names
+
+
+class nnUNetTrainerDSM(ClassTextMixin, TrainingBudgetMixin, nnUNetTrainer):
+    """Stage 1: organ queries (one per organ class and background), kMMM decoder, text-aligned classes."""
+
+    stage = 1
+    query_dim = 64           # the paper does not give the query width; 64 keeps the decoder light beside the U-Net
+    max_kmmm_layers = 4      # the paper: 4 kMMM layers (output strides 32 .. 4)
+    kmeans = True            # False: MaskFormer's cross-attention, no SSM (Table 5, no kMMM)
+    text_alignment = True    # False: a linear class head (Table 5, no CLIP)
+    prompt_template = DSM_PROMPT_TEMPLATE
+    settings_key = DSM_KEY
+    # deep supervision of every kMMM layer's response (kMaX-DeepLab supervises its cluster logits): weight of their
+    # mean beside the final masks' loss; and of the query classification (eq. 20), both our choice (the paper's
+    # loss weights are not given)
+    response_loss_weight = 0.5
+    class_loss_weight = 0.1
+    learning_rate = 1e-3     # AdamW, as the paper (its value is not legible); nnU-Net's poly decay
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        label_manager = PlansManager(plans).get_label_manager(dataset_json)
+        if label_manager.has_regions or label_manager.has_ignore_label:
+            raise ValueError(f"{self.__class__.__name__} needs one integer label per class (no region-based labels, "
+                             f"no 'ignore' label): each class has a query of its own.")
+        names = class_names(dataset_json)
+        tumours = tumour_labels(dataset_json)
+        settings = {"stage": self.stage, "organ_classes": [i for i, n in enumerate(names) if n not in tumours],
+                    "tumour_classes": [names.index(n) for n in tumours], "query_dim": self.query_dim,
+                    "max_kmmm_layers": self.max_kmmm_layers, "kmeans": self.kmeans,
+                    TEXT_KEY: self.compute_class_text(plans, dataset_json) if self.text_alignment else None}
+        self.stage1_weights = self.find_stage1_weights(plans, configuration, fold)
+        plans = copy.deepcopy(plans)
+        plans["configurations"][configuration][DSM_KEY] = {**settings, **self.stage_settings()}
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = False
+        self.initial_lr = self.learning_rate
+
+    def stage_settings(self) -> dict:
+        return {}
+
+    def find_stage1_weights(self, plans: dict, configuration: str, fold):
+        return None
+
+    # ---- network --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        settings = configuration_manager.configuration.get(DSM_KEY)
+        if settings is None:
+            raise ValueError(f"{cls.__name__}: plans.json has no '{DSM_KEY}' entry: this model folder was not "
+                             f"trained by a DSM trainer.")
+        kwargs = nnUNetTrainerDiffusionBase.plans_unet_kwargs(configuration_manager)
+        text = settings.get(TEXT_KEY)
+        stage1 = DSMNetwork(num_input_channels, num_output_channels, settings["organ_classes"],
+                            text_dim=text["dim"] if text else None, dim=settings["query_dim"],
+                            max_layers=settings["max_kmmm_layers"], kmeans=settings["kmeans"], **kwargs)
+        if settings["stage"] == 1:
+            return stage1
+        return DSMStage2Network(stage1, settings["tumour_classes"], kwargs["conv_op"], amvp=settings["amvp"],
+                                dqr=settings["dqr"])
+
+    def _network(self) -> nn.Module:
+        network = self.network.module if self.is_ddp else self.network
+        return getattr(network, "_orig_mod", network)
+
+    def text_buffer(self) -> torch.Tensor:
+        network = self._network()
+        return (network.stage1 if isinstance(network, DSMStage2Network) else network).text_embeddings
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        pass  # the query decoder's layers are supervised by ``dsm_loss``, not nnU-Net's deep supervision
+
+    def _do_i_compile(self):
+        return False
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.network.parameters(), self.initial_lr, weight_decay=1e-2)
+        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    # ---- loss ---------------------------------------------------------------------------------------------------
+
+    def _build_loss(self):
+        """Dice + BCE on each query's sigmoid mask (eqs. 11-13), nnU-Net's implementation."""
+        return DC_and_BCE_loss({}, {"batch_dice": self.configuration_manager.batch_dice, "do_bg": True,
+                                    "smooth": 1e-5, "ddp": self.is_ddp}, dice_class=MemoryEfficientSoftDiceLoss)
+
+    def trained_classes(self) -> list:
+        """The classes this stage has queries for, in query order (the partial-label loss covers these only)."""
+        settings = self.configuration_manager.configuration[DSM_KEY]
+        return settings["organ_classes"] + (settings["tumour_classes"] if self.stage == 2 else [])
+
+    def dsm_loss(self, output, target: torch.Tensor) -> torch.Tensor:
+        """output: DSMOutput; target (B, 1, *S) labels. Masks of the trained classes, every kMMM layer's organ
+        responses against the labels at its scale, and each query's class against its own (eq. 20)."""
+        classes = self.trained_classes()
+        onehot = F.one_hot(target[:, 0].long(), self.label_manager.num_segmentation_heads)
+        onehot = onehot.movedim(-1, 1).float()  # (B, N, *S)
+        loss = self.loss(output.logits[:, classes], onehot[:, classes])
+        organs = self.configuration_manager.configuration[DSM_KEY]["organ_classes"]
+        response_losses = [self.loss(response, F.interpolate(onehot[:, organs], size=response.shape[2:],
+                                                             mode="nearest"))
+                           for response in output.responses]
+        loss = loss + self.response_loss_weight * torch.stack(response_losses).mean()
+        query_targets = torch.tensor(classes, device=target.device).repeat(target.shape[0])
+        class_loss = F.cross_entropy(output.class_logits.flatten(0, 1).float(), query_targets)
+        return loss + self.class_loss_weight * class_loss
+
+    def _autocast(self):
+        from nnunetv2.utilities.helpers import dummy_context
+        return torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
+    def train_step(self, batch: dict) -> dict:
+        image = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.dsm_loss(self.network(image, full=True), target)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        image = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        with torch.no_grad(), self._autocast():
+            output = self.network(image, full=True)
+            loss = self.dsm_loss(output, target)
+        segmentation = output.logits.argmax(1, keepdim=True)
+        onehot = torch.zeros_like(output.logits).scatter_(1, segmentation, 1)
+        tp, fp, fn, _ = get_tp_fp_fn_tn(onehot, target, axes=[0] + list(range(2, onehot.ndim)))
+        return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp.detach().cpu().numpy()[1:],
+                "fp_hard": fp.detach().cpu().numpy()[1:], "fn_hard": fn.detach().cpu().numpy()[1:]}
+
+
+class nnUNetTrainerDSMStage2(nnUNetTrainerDSM):
+    """Stage 2: stage 1's network (loaded from ``stage1_trainer``'s checkpoint_final.pth of the same dataset, plans,
+    configuration and fold in nnUNet_results) plus tumour queries refined with AMVP and DQR, fine-tuned together."""
+
+    stage = 2
+    stage1_trainer = "nnUNetTrainerDSM"
+    amvp = True
+    dqr = True
+
+    def stage_settings(self) -> dict:
+        return {"amvp": self.amvp, "dqr": self.dqr, "stage1_trainer": self.stage1_trainer}
+
+    def find_stage1_weights(self, plans: dict, configuration: str, fold):
+        results = os.environ.get("nnUNet_results")
+        if not results:
+            raise ValueError("nnUNet_results is not set: stage 2 reads stage 1's model from there.")
+        path = stock_checkpoint_path(results, plans["dataset_name"], plans["plans_name"], configuration, fold,
+                                     self.stage1_trainer)
+        self.stage1_checkpoint = path
+        return read_condition_checkpoint(path, plans["dataset_name"], plans["plans_name"], configuration, fold,
+                                         trainer=self.stage1_trainer, what=f"{self.__class__.__name__} (stage 2)")
+
+    def initialize(self):
+        super().initialize()
+        if self.stage1_weights is None:
+            return
+        stage1 = self._network().stage1
+        try:
+            stage1.load_state_dict(self.stage1_weights, strict=True)
+        except RuntimeError as error:
+            raise ValueError(f"{self.stage1_checkpoint} does not fit this stage-2 model (other classes, text model or "
+                             f"settings?): {str(error).splitlines()[0]}. Train stage 1 again with this dataset.json: "
+                             f"nnUNetv2_train {self.plans_manager.dataset_name} {self.configuration_name} {self.fold} "
+                             f"-tr {self.stage1_trainer}") from None
+        if self.class_embeddings is not None:
+            self.text_buffer().copy_(self.class_embeddings.vectors)  # this run's prompts, as stage 1 saw them or newer
+        self.stage1_weights = None
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.print_to_log_file(f"Stage 1 weights: {self.stage1_checkpoint}")
