@@ -1,5 +1,5 @@
 """``nnunet-diffusion predict``: nnUNetv2_predict's arguments (same names, same meaning) on ``DiffusionPredictor``,
-plus --uncertainty, --max_batch and sampler overrides for diffusion trainers."""
+plus --uncertainty, --max_batch and sampler overrides for diffusion trainers, and --prompts for DSM models."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import os
 import torch
 
 from nnunet_diffusion.diffusion.samplers import FUSIONS, SAMPLER_KINDS, SamplerSettings
+from nnunet_diffusion.inference.dsm_predictor import DSMPredictor
 from nnunet_diffusion.inference.predictor import DEFAULT_MAX_BATCH, DiffusionPredictor
 
 # our sampler flags set the variables every diffusion trainer's network reads when it is built (and validates)
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--steps", type=int, help="override the stored number of reverse steps")
     ours.add_argument("--samples", type=int, help="samples per window (their spread feeds --uncertainty)")
     ours.add_argument("--seed", type=int, help="seed of the start noise (same seed, same segmentation)")
+    ours.add_argument("--prompts", nargs="+", metavar="CLASS",
+                      help="DSM models: name classes not seen in training; also write dsm/<case>_anomaly (anomaly "
+                           "score) and dsm/<case>_<class> (its map) in the output folder, in the input's geometry")
     return parser
 
 
@@ -77,11 +81,14 @@ def make_predictor(args: argparse.Namespace) -> DiffusionPredictor:
     elif args.device == "cuda":
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
-    predictor = DiffusionPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
-                                   perform_everything_on_device=not args.not_on_device,
-                                   device=torch.device(args.device), verbose=args.verbose,
-                                   verbose_preprocessing=args.verbose, allow_tqdm=not args.disable_progress_bar,
-                                   uncertainty=args.uncertainty, max_batch=args.max_batch)
+    if args.prompts and args.uncertainty:
+        raise SystemExit("--prompts and --uncertainty: choose one (a DSM model has no samples to measure a spread of)")
+    predictor_class, extra = ((DSMPredictor, {"prompts": args.prompts}) if args.prompts else
+                              (DiffusionPredictor, {"uncertainty": args.uncertainty}))
+    predictor = predictor_class(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
+                                perform_everything_on_device=not args.not_on_device, device=torch.device(args.device),
+                                verbose=args.verbose, verbose_preprocessing=args.verbose,
+                                allow_tqdm=not args.disable_progress_bar, max_batch=args.max_batch, **extra)
     predictor.initialize_from_trained_model_folder(get_output_folder(args.d, args.tr, args.p, args.c), folds,
                                                    checkpoint_name=args.chk)
     if overrides and predictor.segmenter is None:

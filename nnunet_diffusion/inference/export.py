@@ -9,7 +9,7 @@ means every other file of that case is complete.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -63,31 +63,33 @@ def write_float_image(array: np.ndarray, filename: str, properties: dict) -> Non
     sitk.WriteImage(image, filename, True)
 
 
-def case_files(output_file_truncated: str, file_ending: str, save_probabilities: bool, with_maps: bool) -> list:
+def case_files(output_file_truncated: str, file_ending: str, save_probabilities: bool,
+               map_names: Sequence[str] = (), maps_folder: str = MAPS_FOLDER) -> list:
     """Final paths of every file one case writes, the segmentation last (the order they are moved into place).
-    The maps go into the subfolder ``uncertainty/``: beside the segmentations, nnUNetv2_evaluate_folder would take
-    them for segmentations without a reference."""
+    The maps (``map_names``: ``UNCERTAINTY_MAPS`` with --uncertainty) go into the subfolder ``maps_folder``: beside
+    the segmentations, nnUNetv2_evaluate_folder would take them for segmentations without a reference."""
     folder, case = os.path.split(output_file_truncated)
-    maps = [os.path.join(folder, MAPS_FOLDER, f"{case}_{name}{file_ending}") for name in UNCERTAINTY_MAPS]
+    maps = [os.path.join(folder, maps_folder, f"{case}_{name}{file_ending}") for name in map_names]
     probabilities = [output_file_truncated + ".npz", output_file_truncated + ".pkl"]
-    return ((maps if with_maps else []) + (probabilities if save_probabilities else [])
-            + [output_file_truncated + file_ending])
+    return maps + (probabilities if save_probabilities else []) + [output_file_truncated + file_ending]
 
 
 def export_case(logits: np.ndarray, maps: Optional[np.ndarray], properties: dict,
                 configuration_manager: ConfigurationManager, plans_manager: PlansManager, dataset_json: dict,
-                output_file_truncated: str, save_probabilities: bool) -> None:
-    """Segmentation (+ probabilities, + uncertainty maps) of one case, each written to the staging folder and then
-    moved to its final path (``case_files``). logits (C, *S) and maps (M, *S) on the preprocessed grid."""
+                output_file_truncated: str, save_probabilities: bool, map_names: Sequence[str] = UNCERTAINTY_MAPS,
+                maps_folder: str = MAPS_FOLDER) -> None:
+    """Segmentation (+ probabilities, + maps) of one case, each written to the staging folder and then moved to its
+    final path (``case_files``). logits (C, *S) and maps (M, *S) on the preprocessed grid, one per map name."""
     folder, case = os.path.split(output_file_truncated)
     staging = os.path.join(folder, STAGING_FOLDER)
     os.makedirs(staging, exist_ok=True)
     staged = os.path.join(staging, case)
-    finals = case_files(output_file_truncated, dataset_json["file_ending"], save_probabilities, maps is not None)
+    finals = case_files(output_file_truncated, dataset_json["file_ending"], save_probabilities,
+                        map_names if maps is not None else (), maps_folder)
     export_prediction_from_logits(logits, properties, configuration_manager, plans_manager, dataset_json, staged,
                                   save_probabilities)
     if maps is not None:
-        os.makedirs(os.path.join(folder, MAPS_FOLDER), exist_ok=True)
+        os.makedirs(os.path.join(folder, maps_folder), exist_ok=True)
         for final, image in zip(finals, maps_in_input_geometry(maps, properties, configuration_manager,
                                                                plans_manager)):
             write_float_image(image, os.path.join(staging, os.path.basename(final)), properties)
@@ -99,7 +101,8 @@ def export_case(logits: np.ndarray, maps: Optional[np.ndarray], properties: dict
         pass
 
 
-def case_complete(output_file_truncated: str, file_ending: str, save_probabilities: bool, with_maps: bool) -> bool:
+def case_complete(output_file_truncated: str, file_ending: str, save_probabilities: bool,
+                  map_names: Sequence[str] = (), maps_folder: str = MAPS_FOLDER) -> bool:
     """Whether every file this run would write for the case is already in place (--continue_prediction)."""
     return all(os.path.isfile(f) for f in case_files(output_file_truncated, file_ending, save_probabilities,
-                                                     with_maps))
+                                                     map_names, maps_folder))

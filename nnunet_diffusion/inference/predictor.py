@@ -7,8 +7,9 @@ What it overrides, and why:
   the network once per window and once more per mirrored copy; a diffusion network would run its whole sampler
   each time. Here several windows, all their mirrored copies and every sample go through one sampler run as one
   batch, of at most ``max_batch`` members.
-  With uncertainty on, the sliding window also accumulates the maps (same Gaussian weighting, float32), returned
-  as extra channels after the logits (so fold averaging treats them alike).
+  With maps (``map_names``: the uncertainty maps with --uncertainty; DSM's anomaly and prompt maps), the sliding
+  window also accumulates them (same Gaussian weighting, float32), returned as extra channels after the logits (so
+  fold averaging treats them alike).
 - ``predict_from_data_iterator``: export through ``export.export_case`` (staged, then renamed) and the maps.
 - ``_manage_input_and_output_lists``: a case is done only when all its files are (for --continue_prediction).
 - ``_internal_get_data_iterator_from_lists_of_filenames``: ``-npp 0`` preprocesses in this process.
@@ -32,7 +33,7 @@ from tqdm import tqdm
 from nnunet_diffusion.architectures.segmenter import DiffusionSegmenter
 from nnunet_diffusion.inference.ensemble import (UNCERTAINTY_MAPS, mirror_combinations, stack_mirrored,
                                                  uncertainty_maps, unflip)
-from nnunet_diffusion.inference.export import case_complete, check_maps_writable, export_case
+from nnunet_diffusion.inference.export import MAPS_FOLDER, case_complete, check_maps_writable, export_case
 
 # members (windows x mirrored copies x samples) per network call: a 3d window's 8 copies of one sample
 DEFAULT_MAX_BATCH = 8
@@ -50,9 +51,16 @@ class DiffusionPredictor(nnUNetPredictor):
         self.uncertainty = uncertainty
         self.max_batch = max_batch
 
+    maps_folder = MAPS_FOLDER  # the subfolder of the output folder the maps are written to
+
+    @property
+    def map_names(self) -> tuple:
+        """The maps written beside each segmentation, in channel order after the logits (file suffixes)."""
+        return UNCERTAINTY_MAPS if self.uncertainty else ()
+
     def initialize_from_trained_model_folder(self, *args, **kwargs):
         super().initialize_from_trained_model_folder(*args, **kwargs)
-        if self.uncertainty:
+        if self.map_names:
             check_maps_writable(self.plans_manager)
 
     @property
@@ -86,11 +94,11 @@ class DiffusionPredictor(nnUNetPredictor):
         logits = torch.zeros((heads, *shape), dtype=torch.half, device=results_device)
         weights = torch.zeros(shape, dtype=torch.half, device=results_device)
         gaussian = self._gaussian(torch.half, results_device)
-        if self.uncertainty:
+        if self.map_names:
             # logits accumulate in half precision as in nnU-Net (so segmentations match nnUNetv2_predict's); the maps
             # cannot: at a 3d window's corners the Gaussian weights (~1e-10) fall below half's subnormals and the
             # weighted mean comes out wrong (seen: entropy 2.0 > log 5). They accumulate in float32.
-            maps = torch.zeros((len(UNCERTAINTY_MAPS), *shape), dtype=torch.float32, device=results_device)
+            maps = torch.zeros((len(self.map_names), *shape), dtype=torch.float32, device=results_device)
             map_weights = torch.zeros(shape, dtype=torch.float32, device=results_device)
             map_gaussian = self._gaussian(torch.float32, results_device)
         per_call = self.windows_per_call()
@@ -101,14 +109,14 @@ class DiffusionPredictor(nnUNetPredictor):
                 for sl, output in zip(group, self._internal_maybe_mirror_and_predict(windows).to(results_device)):
                     logits[sl] += output[:heads] * gaussian
                     weights[sl[1:]] += gaussian
-                    if self.uncertainty:
+                    if self.map_names:
                         maps[sl] += output[heads:] * map_gaussian
                         map_weights[sl[1:]] += map_gaussian
                 bar.update(len(group))
         torch.div(logits, weights, out=logits)
         if torch.isinf(logits).any():
             raise RuntimeError("Encountered inf in the predicted array (half-precision accumulation overflowed).")
-        if not self.uncertainty:
+        if not self.map_names:
             return logits
         return torch.cat([logits.float(), maps / map_weights])
 
@@ -171,7 +179,7 @@ class DiffusionPredictor(nnUNetPredictor):
         if overwrite or outputs is None:
             return inputs, outputs, previous
         todo = [i for i, out in enumerate(outputs) if not case_complete(
-            out, self.dataset_json["file_ending"], save_probabilities, self.uncertainty)]
+            out, self.dataset_json["file_ending"], save_probabilities, self.map_names, self.maps_folder)]
         print(f"--continue_prediction: {len(outputs) - len(todo)} cases are complete, "
               f"predicting the other {len(todo)}.")
         return [inputs[i] for i in todo], [outputs[i] for i in todo], [previous[i] for i in todo]
@@ -221,14 +229,14 @@ class DiffusionPredictor(nnUNetPredictor):
                 print(f"\nPredicting {os.path.basename(ofile) if ofile else f'image of shape {tuple(data.shape)}'}:")
                 output = self.predict_logits_from_preprocessed_data(data).cpu().numpy()
                 heads = self.label_manager.num_segmentation_heads
-                logits, maps = output[:heads], (output[heads:].astype(np.float32) if self.uncertainty else None)
+                logits, maps = output[:heads], (output[heads:].astype(np.float32) if self.map_names else None)
                 if ofile is None:
                     results.append(convert_predicted_logits_to_segmentation_with_correct_shape(
                         logits, self.plans_manager, self.configuration_manager, self.label_manager, properties,
                         save_probabilities))
                     continue
                 job = (logits, maps, properties, self.configuration_manager, self.plans_manager, self.dataset_json,
-                       ofile, save_probabilities)
+                       ofile, save_probabilities, self.map_names, self.maps_folder)
                 if pool is None:
                     export_case(*job)
                     continue

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from nnunet_diffusion.inference import export
+from nnunet_diffusion.inference.ensemble import UNCERTAINTY_MAPS
 from nnunet_diffusion.inference.export import STAGING_FOLDER, case_complete, case_files, export_case
 
 DATASET = {"file_ending": ".nii.gz"}
@@ -29,9 +30,11 @@ def fake_nnunet_export(fail_after_bytes=None):
 
 
 def test_segmentation_is_moved_into_place_last():
-    assert case_files("out/case", ".nii.gz", True, True) == [
+    assert case_files("out/case", ".nii.gz", True, UNCERTAINTY_MAPS) == [
         "out/uncertainty/case_uncertainty.nii.gz", "out/uncertainty/case_mutual_information.nii.gz",
         "out/case.npz", "out/case.pkl", "out/case.nii.gz"]
+    assert case_files("out/case", ".nii.gz", False, ("anomaly", "cerebellum"), "dsm") == [
+        "out/dsm/case_anomaly.nii.gz", "out/dsm/case_cerebellum.nii.gz", "out/case.nii.gz"]
 
 
 def test_interrupted_export_leaves_no_final_named_file_and_a_rerun_completes(tmp_path, monkeypatch):
@@ -41,14 +44,14 @@ def test_interrupted_export_leaves_no_final_named_file_and_a_rerun_completes(tmp
         export_case(np.zeros((2, 1, 2, 2)), None, {}, None, None, DATASET, truncated, save_probabilities=True)
     assert sorted(os.listdir(tmp_path)) == [STAGING_FOLDER]             # nothing under a final name
     assert os.path.getsize(tmp_path / STAGING_FOLDER / "case_001.nii.gz") == 10  # the partial file is staged
-    assert not case_complete(truncated, ".nii.gz", True, False)
+    assert not case_complete(truncated, ".nii.gz", True)
 
     monkeypatch.setattr(export, "export_prediction_from_logits", fake_nnunet_export())
     export_case(np.zeros((2, 1, 2, 2)), None, {}, None, None, DATASET, truncated, save_probabilities=True)
     assert sorted(os.listdir(tmp_path)) == ["case_001.nii.gz", "case_001.npz", "case_001.pkl"]  # staging removed
     assert os.path.getsize(truncated + ".nii.gz") == 1000
-    assert case_complete(truncated, ".nii.gz", True, False)
-    assert not case_complete(truncated, ".nii.gz", True, True)  # --uncertainty also needs the maps
+    assert case_complete(truncated, ".nii.gz", True)
+    assert not case_complete(truncated, ".nii.gz", True, UNCERTAINTY_MAPS)  # --uncertainty also needs the maps
 
 
 def test_a_failing_uncertainty_map_keeps_the_segmentation_out_too(tmp_path, monkeypatch):

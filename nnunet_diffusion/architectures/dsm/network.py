@@ -93,14 +93,47 @@ class DSMNetwork(nn.Module):
             logits[:, index] = mask
         return logits
 
+    def decode(self, image: torch.Tensor):
+        """-> queries (B, Q, D) in ``query_classes`` order, their mask logits (B, Q, *S), the kMMM responses, and
+        the number of organ queries (the first ones)."""
+        queries, responses, _, pixels = self.query_decoder(image)
+        return queries, masks_from_queries(queries, pixels), responses, queries.shape[1]
+
+    @property
+    def query_classes(self) -> list:
+        return self.organ_classes
+
     def forward(self, image: torch.Tensor, full: bool = False):
         """(B, C_img, *S) -> logits (B, N, *S) (what nnU-Net's predictor calls), or with ``full`` a DSMOutput."""
-        queries, responses, _, pixels = self.query_decoder(image)
-        organ_masks = masks_from_queries(queries, pixels)
-        logits = self.assemble(dict(zip(self.organ_classes, organ_masks.unbind(1))), organ_masks)
-        if not full:
-            return logits
-        return DSMOutput(logits, responses, self.classify(queries), anomaly_score(organ_masks))
+        return forward_queries(self, self, image, full)
+
+
+def forward_queries(network, stage1: DSMNetwork, image: torch.Tensor, full: bool):
+    """The logits (or DSMOutput) of a DSM network from its ``decode``; ``stage1`` assembles and classifies."""
+    queries, masks, responses, organs = network.decode(image)
+    logits = stage1.assemble(dict(zip(network.query_classes, masks.unbind(1))), masks)
+    if not full:
+        return logits
+    return DSMOutput(logits, responses, stage1.classify(queries), anomaly_score(masks[:, :organs]))
+
+
+def prompt_maps(network, image: torch.Tensor, prompt_text: torch.Tensor):
+    """Classes named at prediction time (sec. 4.2.3): image (B, C_img, *S), prompt_text (E, D_t) embeddings of E
+    prompts -> (logits (B, N, *S), maps (B, 1 + E, *S)): map 0 the anomaly score of the organ masks (eq. 14), map
+    1 + e the anomaly score times the sigmoid mask of the query whose projected embedding is most similar to prompt
+    e (eq. 20's cosine). A structure no query was trained for is found by the anomaly score; the prompt picks the
+    query (for stage 2 usually a tumour query, which attends to the anomalies) that delineates it."""
+    stage1 = network.stage1 if isinstance(network, DSMStage2Network) else network
+    if not isinstance(stage1.classifier, TextAlignedClassifier):
+        raise ValueError("This DSM model was trained without text alignment (a _noText variant): classes cannot be "
+                         "named by prompts. Use a model trained with text.")
+    queries, masks, _, organs = network.decode(image)
+    anomaly = anomaly_score(masks[:, :organs])  # (B, *S)
+    best = stage1.classifier(queries, prompt_text).argmax(dim=1)  # (B, E): the most similar query per prompt
+    chosen = torch.stack([masks[b, best[b]] for b in range(masks.shape[0])])  # (B, E, *S)
+    maps = torch.cat([anomaly.unsqueeze(1), anomaly.unsqueeze(1) * torch.sigmoid(chosen.float())], dim=1)
+    logits = stage1.assemble(dict(zip(network.query_classes, masks.unbind(1))), masks)
+    return logits, maps
 
 
 class ProjectionFusion(nn.Module):
@@ -144,7 +177,8 @@ class DSMStage2Network(nn.Module):
     def query_classes(self) -> list:
         return self.stage1.organ_classes + self.tumour_classes
 
-    def forward(self, image: torch.Tensor, full: bool = False):
+    def decode(self, image: torch.Tensor):
+        """DSMNetwork.decode with the tumour queries after the organ queries."""
         organ, responses, features, pixels = self.stage1.query_decoder(image)
         tumour = self.tumour_queries.unsqueeze(0).expand(image.shape[0], -1, -1)
         for level, feature in enumerate(features):
@@ -165,9 +199,7 @@ class DSMStage2Network(nn.Module):
             queries = self.norms[2 * level + 1](queries + mixed)
             organ, tumour = queries[:, :organ.shape[1]], queries[:, organ.shape[1]:]
         queries = torch.cat([organ, tumour], dim=1)
-        masks = masks_from_queries(queries, pixels)
-        logits = self.stage1.assemble(dict(zip(self.query_classes, masks.unbind(1))), masks)
-        if not full:
-            return logits
-        organ_masks = masks[:, :organ.shape[1]]
-        return DSMOutput(logits, responses, self.stage1.classify(queries), anomaly_score(organ_masks))
+        return queries, masks_from_queries(queries, pixels), responses, organ.shape[1]
+
+    def forward(self, image: torch.Tensor, full: bool = False):
+        return forward_queries(self, self.stage1, image, full)
