@@ -184,3 +184,49 @@ def test_unisegdiff_condition_pretraining_phase_under_ddp(configuration, tmp_pat
         assert any(not torch.equal(ranks[0][k], initial[k]) for k in initial if k.startswith(prefix)), prefix
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), f"{key} differs across ranks"
+
+
+def _dsm_under_ddp(rank: int, port: int, configuration: dict, out_dir: str) -> None:
+    """DSM's stage-1 and stage-2 networks trained with the trainer's own loss (``dsm_loss``: partial-label Dice +
+    BCE, deep-supervised kMMM responses, text-aligned query classes) under DDP, 3 steps each."""
+    from nnunet_diffusion.architectures.dsm.network import DSMNetwork, DSMStage2Network
+    from nnunet_diffusion.trainers.dsm import nnUNetTrainerDSM
+    from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60))
+    try:
+        kwargs = nnUNetTrainerDiffusionBase.plans_unet_kwargs(ConfigurationManager(configuration))
+        for stage in (1, 2):
+            torch.manual_seed(0)
+            net = DSMNetwork(1, C, [0, 1], text_dim=8, dim=16, **kwargs)
+            if stage == 2:
+                net = DSMStage2Network(net, [2], kwargs["conv_op"])
+            owner = SimpleNamespace(
+                stage=stage, response_loss_weight=0.5, class_loss_weight=0.1,
+                configuration_manager=SimpleNamespace(configuration={"dsm": {"organ_classes": [0, 1],
+                                                                             "tumour_classes": [2]}}),
+                label_manager=SimpleNamespace(num_segmentation_heads=C),
+                loss=DC_and_BCE_loss({}, {"batch_dice": True, "do_bg": True, "smooth": 1e-5, "ddp": True},
+                                     dice_class=MemoryEfficientSoftDiceLoss))
+            owner.trained_classes = lambda owner=owner: nnUNetTrainerDSM.trained_classes(owner)
+            network = DistributedDataParallel(net)
+            optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.9)
+            torch.manual_seed(1 + rank)
+            for step in range(STEPS):
+                optimizer.zero_grad(set_to_none=True)
+                labels = torch.randint(0, C, (2, 1, *PATCH))
+                nnUNetTrainerDSM.dsm_loss(owner, network(torch.randn(2, 1, *PATCH), full=True), labels).backward()
+                optimizer.step()
+            torch.save({k: v.detach() for k, v in net.named_parameters()}, os.path.join(out_dir, f"dsm{stage}.{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dsm_stages_train_under_ddp_on_two_processes(configuration, tmp_path):
+    mp.spawn(_dsm_under_ddp, args=(_free_port(), configuration, str(tmp_path)), nprocs=WORLD_SIZE)
+    for stage in (1, 2):
+        ranks = [torch.load(tmp_path / f"dsm{stage}.{rank}.pt") for rank in range(WORLD_SIZE)]
+        assert ranks[0].keys() == ranks[1].keys()
+        for key in ranks[0]:
+            assert torch.equal(ranks[0][key], ranks[1][key]), f"stage {stage}: {key} differs across ranks"

@@ -368,3 +368,29 @@ def test_textdiffseg_3d_with_a_second_encoder_by_path_resumes_and_predicts(nnune
     run(["nnunet-diffusion", "predict", *predict_args(nnunet, trainer, "3d_fullres", out, "--disable_tta")],
         {**nnunet["env"], "NNUNET_DIFFUSION_TEXT_MODEL": "nowhere/not-needed", "HF_HUB_OFFLINE": "1"})
     assert len(list(out.glob("*.nii.gz"))) == 2
+
+
+# ---- DSM ----------------------------------------------------------------------------------------------------------
+
+
+def test_dsm_stages_train_and_predict_and_name_an_unseen_class(nnunet):
+    """Stage 1 then stage 2 (from stage 1's checkpoint) through nnUNetv2_train, each with the final validation;
+    nnUNetv2_predict segments the trained classes; nnunet-diffusion predict --prompts writes the anomaly map and
+    the map of a class never trained, in the input's geometry."""
+    env = {**nnunet["env"], "NNUNET_DIFFUSION_DSM_TUMOUR_LABELS": "temporal_cortex"}
+    for trainer in ("nnUNetTrainerDSM", "nnUNetTrainerDSMStage2"):
+        run(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer, "-device", "cpu"], env)
+        assert (model_folder(nnunet, trainer, "2d") / "fold_0" / "validation" / "summary.json").is_file()
+    log = training_log(model_folder(nnunet, "nnUNetTrainerDSMStage2", "2d"))
+    assert "Stage 1 weights:" in log and "nnUNetTrainerDSM__nnUNetPlans__2d" in log
+    out = nnunet["root"] / "pred_dsm_stock"
+    run(["nnUNetv2_predict", *predict_args(nnunet, "nnUNetTrainerDSMStage2", "2d", out, "--disable_tta")], env)
+    assert len(list(out.glob("*.nii.gz"))) == 2
+    out = nnunet["root"] / "pred_dsm_prompts"
+    run(["nnunet-diffusion", "predict", *predict_args(nnunet, "nnUNetTrainerDSMStage2", "2d", out, "--prompts",
+                                                      "brain stem")], env)
+    for image in sorted((nnunet["raw"] / "imagesTs").glob("*_0000.nii.gz")):
+        case = image.name[:-len("_0000.nii.gz")]
+        for name in ("anomaly", "brain_stem"):
+            values = read(out / "dsm" / f"{case}_{name}.nii.gz")
+            assert values.shape == read(image).shape and values.min() >= 0 and values.max() <= 1 + 1e-6
