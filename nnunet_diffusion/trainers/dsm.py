@@ -21,6 +21,7 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss, get_tp_fp_f
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunet_diffusion.architectures.dsm.backbone import SwinUNETRPixelDecoder
 from nnunet_diffusion.architectures.dsm.network import DSMNetwork, DSMStage2Network
 from nnunet_diffusion.text.prompts import class_names
 from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
@@ -56,6 +57,7 @@ class nnUNetTrainerDSM(ClassTextMixin, TrainingBudgetMixin, nnUNetTrainer):
     max_kmmm_layers = 4      # the paper: 4 kMMM layers (output strides 32 .. 4)
     kmeans = True            # False: MaskFormer's cross-attention, no SSM (Table 5, no kMMM)
     text_alignment = True    # False: a linear class head (Table 5, no CLIP)
+    backbone = "unet"        # 'swin_unetr': MONAI's SwinUNETR, the paper's (patch axes divisible by 32)
     prompt_template = DSM_PROMPT_TEMPLATE
     settings_key = DSM_KEY
     # deep supervision of every kMMM layer's response (kMaX-DeepLab supervises its cluster logits): weight of their
@@ -71,11 +73,13 @@ class nnUNetTrainerDSM(ClassTextMixin, TrainingBudgetMixin, nnUNetTrainer):
         if label_manager.has_regions or label_manager.has_ignore_label:
             raise ValueError(f"{self.__class__.__name__} needs one integer label per class (no region-based labels, "
                              f"no 'ignore' label): each class has a query of its own.")
+        if self.backbone == "swin_unetr":
+            SwinUNETRPixelDecoder.check_patch(plans["configurations"][configuration]["patch_size"])
         names = class_names(dataset_json)
         tumours = tumour_labels(dataset_json)
         settings = {"stage": self.stage, "organ_classes": [i for i, n in enumerate(names) if n not in tumours],
                     "tumour_classes": [names.index(n) for n in tumours], "query_dim": self.query_dim,
-                    "max_kmmm_layers": self.max_kmmm_layers, "kmeans": self.kmeans,
+                    "max_kmmm_layers": self.max_kmmm_layers, "kmeans": self.kmeans, "backbone": self.backbone,
                     TEXT_KEY: self.compute_class_text(plans, dataset_json) if self.text_alignment else None}
         self.stage1_weights = self.find_stage1_weights(plans, configuration, fold)
         plans = copy.deepcopy(plans)
@@ -103,7 +107,8 @@ class nnUNetTrainerDSM(ClassTextMixin, TrainingBudgetMixin, nnUNetTrainer):
         text = settings.get(TEXT_KEY)
         stage1 = DSMNetwork(num_input_channels, num_output_channels, settings["organ_classes"],
                             text_dim=text["dim"] if text else None, dim=settings["query_dim"],
-                            max_layers=settings["max_kmmm_layers"], kmeans=settings["kmeans"], **kwargs)
+                            max_layers=settings["max_kmmm_layers"], kmeans=settings["kmeans"],
+                            backbone=settings.get("backbone", "unet"), **kwargs)
         if settings["stage"] == 1:
             return stage1
         return DSMStage2Network(stage1, settings["tumour_classes"], kwargs["conv_op"], amvp=settings["amvp"],

@@ -4,7 +4,8 @@ from __future__ import annotations
 from nnunet_diffusion.trainers.dsm import nnUNetTrainerDSM, nnUNetTrainerDSMStage2
 
 __all__ = ["nnUNetTrainerDSM_noKMMM", "nnUNetTrainerDSM_noText", "nnUNetTrainerDSMStage2_noKMMM",
-           "nnUNetTrainerDSMStage2_noAMVP", "nnUNetTrainerDSMStage2_noDQR", "nnUNetTrainerDSMStage2_noText"]
+           "nnUNetTrainerDSMStage2_noAMVP", "nnUNetTrainerDSMStage2_noDQR", "nnUNetTrainerDSMStage2_noText",
+           "nnUNetTrainerDSM_swinUNETR", "nnUNetTrainerDSMStage2_swinUNETR"]
 
 
 class nnUNetTrainerDSM_noKMMM(nnUNetTrainerDSM):
@@ -35,3 +36,13 @@ class nnUNetTrainerDSMStage2_noDQR(nnUNetTrainerDSMStage2):
 class nnUNetTrainerDSMStage2_noText(nnUNetTrainerDSMStage2):
     stage1_trainer = "nnUNetTrainerDSM_noText"
     text_alignment = False
+
+
+class nnUNetTrainerDSM_swinUNETR(nnUNetTrainerDSM):
+    """The paper's backbone: MONAI's SwinUNETR instead of the plans' U-Net (patch axes divisible by 32)."""
+    backbone = "swin_unetr"
+
+
+class nnUNetTrainerDSMStage2_swinUNETR(nnUNetTrainerDSMStage2):
+    stage1_trainer = "nnUNetTrainerDSM_swinUNETR"
+    backbone = "swin_unetr"

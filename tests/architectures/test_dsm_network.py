@@ -83,3 +83,17 @@ def test_half_precision_on_a_patch_with_more_voxels_than_float16_can_count(stage
                 assert torch.isfinite(value).all(), dtype
             agree = (out.logits.argmax(1) == reference.logits.argmax(1)).float().mean()
             assert agree > 0.98, (dtype, agree)
+
+
+def test_swin_unetr_backbone_gives_the_same_outputs():
+    """MONAI's SwinUNETR as the backbone: decoder features at strides 32, 16, 8, 4 feed the kMMM layers."""
+    torch.manual_seed(0)
+    net = DSMNetwork(1, 3, [0, 1, 2], text_dim=TEXT_DIM, dim=16, backbone="swin_unetr", **unet_kwargs(2))
+    out = net(torch.randn(1, 1, 64, 64), full=True)
+    assert out.logits.shape == (1, 3, 64, 64)
+    assert [tuple(r.shape[2:]) for r in out.responses] == [(2, 2), (4, 4), (8, 8), (16, 16)]
+    out.logits.square().mean().backward()
+    assert net.backbone.swin.encoder10.layer.conv1.conv.weight.grad is not None
+    from nnunet_diffusion.architectures.dsm.backbone import SwinUNETRPixelDecoder
+    with pytest.raises(ValueError, match="divisible by 32"):
+        SwinUNETRPixelDecoder.check_patch([40, 40])

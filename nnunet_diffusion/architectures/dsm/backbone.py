@@ -34,3 +34,34 @@ class UNetPixelDecoder(nn.Module):
             x = stage(torch.cat((up(x), skips[-(s + 2)]), dim=1))
             features.append(x)
         return features[:-1], self.decoder.seg_layers[-1](features[-1])
+
+
+class SwinUNETRPixelDecoder(nn.Module):
+    """The paper's backbone, MONAI's SwinUNETR (a maintained implementation), with the same outputs as
+    ``UNetPixelDecoder``: features of its decoder at output strides 32, 16, 8 and 4 (coarse to fine, taken with
+    forward hooks, so MONAI's forward runs unchanged) and its output head as the ``dim``-channel pixel embedding.
+    Every patch axis must be divisible by 32 (``check_patch``)."""
+
+    def __init__(self, image_channels: int, dim: int, spatial_dims: int, feature_size: int = 24):
+        super().__init__()
+        from monai.networks.nets import SwinUNETR
+        self.swin = SwinUNETR(in_channels=image_channels, out_channels=dim, feature_size=feature_size,
+                              spatial_dims=spatial_dims)
+        taps = [self.swin.encoder10, self.swin.decoder5, self.swin.decoder4, self.swin.decoder3]
+        self.feature_channels = [16 * feature_size, 8 * feature_size, 4 * feature_size, 2 * feature_size]
+        self._captured: list = []
+        for module in taps:
+            module.register_forward_hook(lambda _module, _inputs, output: self._captured.append(output))
+
+    @staticmethod
+    def check_patch(patch_size) -> None:
+        if any(int(s) % 32 for s in patch_size):
+            raise ValueError(f"Swin UNETR needs every patch axis divisible by 32; the plans' patch is "
+                             f"{list(patch_size)}. Use plans with such a patch (e.g. a custom planner or a plans file "
+                             f"edited to 64 / 96 / 128 per axis) or the default nnU-Net backbone.")
+
+    def forward(self, image: torch.Tensor):
+        self._captured = []
+        pixels = self.swin(image)
+        features, self._captured = self._captured, []
+        return features, pixels

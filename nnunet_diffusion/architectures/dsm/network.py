@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_diffusion.architectures.dsm.anomaly import anomaly_score, prompt_attention_bias
-from nnunet_diffusion.architectures.dsm.backbone import UNetPixelDecoder
+from nnunet_diffusion.architectures.dsm.backbone import SwinUNETRPixelDecoder, UNetPixelDecoder
 from nnunet_diffusion.architectures.dsm.feature_diffusion import GuidedFeatureDiffusion
 from nnunet_diffusion.architectures.dsm.kmmm import KMeansMaskMambaLayer
 from nnunet_diffusion.architectures.dsm.text_alignment import TextAlignedClassifier
@@ -47,15 +47,20 @@ class DSMNetwork(nn.Module):
     the organ queries stand for (background first); the plans' U-Net arguments; text_dim: D of the class text
     embeddings (``text_embeddings`` buffer, (N, D_t), filled by the trainer) or None for a linear class head (the
     no-text ablation); dim: query width; max_layers: kMMM layers on the coarsest scales (the paper: 4);
-    kmeans: False for the MaskFormer ablation."""
+    kmeans: False for the MaskFormer ablation; backbone: 'unet' (the plans' U-Net) or 'swin_unetr' (MONAI's)."""
 
     def __init__(self, image_channels: int, num_classes: int, organ_classes: Sequence[int], *, text_dim: Optional[int],
-                 dim: int = 64, max_layers: int = 4, kmeans: bool = True, **unet_kwargs):
+                 dim: int = 64, max_layers: int = 4, kmeans: bool = True, backbone: str = "unet", **unet_kwargs):
         super().__init__()
         self.num_classes = num_classes
         self.organ_classes = list(organ_classes)
-        self.backbone = UNetPixelDecoder(image_channels, dim, **unet_kwargs)
         conv_op = unet_kwargs["conv_op"]
+        if backbone == "unet":
+            self.backbone = UNetPixelDecoder(image_channels, dim, **unet_kwargs)
+        elif backbone == "swin_unetr":
+            self.backbone = SwinUNETRPixelDecoder(image_channels, dim, 3 if conv_op is nn.Conv3d else 2)
+        else:
+            raise ValueError(f"backbone must be 'unet' or 'swin_unetr', got {backbone!r}")
         channels = self.backbone.feature_channels[-max_layers:]
         self.scales_used = len(channels)
         self.project = nn.ModuleList([conv_op(c, dim, 1) for c in channels])
