@@ -88,7 +88,8 @@ class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrai
                                    latent_downsamplings=options["latent_downsamplings"],
                                    image_branch=options["image_branch"], text_fusion=options["text_fusion"],
                                    label_encoder=options["label_encoder"], text_source=options["text_source"],
-                                   freeze_label_autoencoder=options["label_autoencoder_training"] == "pretrained")
+                                   freeze_label_autoencoder=options["label_autoencoder_training"] == "pretrained",
+                                   patch_size=configuration_manager.patch_size)
 
     @classmethod
     def build_segmenter(cls, denoiser, schedule, sampler, stored: dict) -> nn.Module:

@@ -24,6 +24,14 @@ def normalise_latent(z: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(z.float(), z.shape[1:], eps=1e-5)
 
 
+def stage_features(features: Sequence[int], stages: int) -> list:
+    """The channels of ``stages`` downsampling stages: ``features`` cut to that many, doubled beyond its end."""
+    features = list(features)
+    while len(features) < stages:
+        features.append(2 * features[-1])
+    return features[:stages]
+
+
 def _blocks(conv_op, channels: Sequence[int], kernel_sizes, strides, block_kwargs: dict) -> nn.Sequential:
     """One residual block per stage: channels[i] -> channels[i + 1] with strides[i]."""
     return nn.Sequential(*[BasicBlockD(conv_op, channels[i], channels[i + 1], kernel_sizes[i], strides[i],
@@ -39,6 +47,7 @@ class LabelEncoder(nn.Module):
     def __init__(self, num_classes: int, latent_channels: int, conv_op, kernel_sizes, strides,
                  features: Sequence[int] = (16, 32), **block_kwargs):
         super().__init__()
+        features = stage_features(features, len(strides))
         channels = [num_classes, features[0], *features]  # a stride-1 stem, then one block per stride
         self.blocks = _blocks(conv_op, channels, [kernel_sizes[0], *kernel_sizes], [1, *strides], block_kwargs)
         self.head = conv_op(channels[-1], latent_channels, 1)
@@ -54,7 +63,7 @@ class LabelDecoder(nn.Module):
                  features: Sequence[int] = (16, 32), **block_kwargs):
         super().__init__()
         transpconv = get_matching_convtransp(conv_op)
-        features = list(features)
+        features = stage_features(features, len(strides))
         self.stem = BasicBlockD(conv_op, latent_channels, features[-1], kernel_sizes[-1], 1, **block_kwargs)
         ups, blocks = [], []
         for i in reversed(range(len(strides))):  # coarse to fine, mirroring the encoder

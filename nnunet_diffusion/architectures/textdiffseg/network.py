@@ -36,6 +36,7 @@ class TextDiffSegDenoiser(nn.Module):
             skips (2: the plans' first two strides, 4x per pooled axis);
         image_branch / text_fusion / label_encoder / text_source: the full model or a Table II ablation;
         denoiser_channels: the DiffusionModelUNet's channels per level (self-attention at the deepest level);
+            with ``patch_size`` (the planned patch), levels whose grid would fall below 2 voxels are dropped;
         freeze_label_autoencoder: built frozen (its pre-training phase unfreezes it through its own wrapper).
     """
 
@@ -45,7 +46,8 @@ class TextDiffSegDenoiser(nn.Module):
                  nonlin=None, nonlin_kwargs=None, *, text_dim: int, latent_channels: int = 4,
                  latent_downsamplings: int = 2, image_branch: str = "encoder", text_fusion: str = "attention",
                  label_encoder: str = "learned", text_source: str = "prompts",
-                 denoiser_channels: Sequence[int] = (32, 64, 64), freeze_label_autoencoder: bool = False):
+                 denoiser_channels: Sequence[int] = (32, 64, 64), freeze_label_autoencoder: bool = False,
+                 patch_size: Sequence[int] | None = None):
         super().__init__()
         for value, allowed in ((image_branch, IMAGE_BRANCHES), (text_fusion, FUSIONS),
                                (label_encoder, LABEL_ENCODERS), (text_source, TEXT_SOURCES)):
@@ -90,6 +92,11 @@ class TextDiffSegDenoiser(nn.Module):
         self.label_autoencoder = LabelAutoencoder(encoder, decoder)
         if freeze_label_autoencoder:
             self.label_autoencoder.requires_grad_(False)
+        denoiser_channels = list(denoiser_channels)
+        if patch_size is not None:  # a 1-voxel bottom level normalises a handful of values: ill-conditioned
+            smallest = min(int(p) // int(s) for p, s in zip(patch_size, self.latent_stride))
+            while len(denoiser_channels) > 1 and smallest < 2 ** len(denoiser_channels):
+                denoiser_channels.pop()
         levels = len(denoiser_channels)
         self.unet = DiffusionModelUNet(self.spatial_dims, 2 * latent_channels, latent_channels, num_res_blocks=1,
                                        channels=tuple(denoiser_channels),
