@@ -63,11 +63,12 @@ def load_text_encoder(name: str | None = None) -> TextEncoder:
     from transformers import AutoModel, AutoTokenizer
     shown = name or DEFAULT_TEXT_MODEL
     source = resolve_text_model(name)
+    # read now: huggingface_hub reads HF_HUB_OFFLINE once, at import, and then retries the network for ~45 s
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModel.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        model = AutoModel.from_pretrained(source, local_files_only=offline)
     except (OSError, ValueError, KeyError) as error:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         raise TextModelError(
             f"Cannot load the text model '{shown}' ({type(error).__name__}: {str(error).splitlines()[0]}). "
             f"Give a Hugging Face model id that this machine can download"
