@@ -100,6 +100,7 @@ def measure_window(trainer, device: str) -> dict:
     (measured before any training step, so the process's peak is the prediction's)."""
     import torch
     from torch import autocast
+    trainer.set_deep_supervision_enabled(False)  # as nnU-Net's predictor builds the stock network
     network = trainer.network.eval()
     cm = trainer.configuration_manager
     patch = torch.randn(1, len(trainer.dataset_json["channel_names"]), *cm.patch_size, device=device)
@@ -111,6 +112,7 @@ def measure_window(trainer, device: str) -> dict:
         logits = network(patch)
         sync()
     seconds = time.perf_counter() - tic
+    trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
     peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"s_per_window": seconds, "window_peak_mib": peak, "window_finite": bool(torch.isfinite(logits).all())}
