@@ -10,12 +10,11 @@ import copy
 import pydoc
 
 import torch
-from torch import autocast, nn
+from torch import nn
 
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_diffusion.architectures.conditional_unet import ImageConditionedDenoiser
@@ -223,9 +222,6 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
 
     # ---- training and per-epoch validation --------------------------------------------------------------------
 
-    def _autocast(self):
-        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
-
     def diffusion_loss(self, result: TrainingPass, target: torch.Tensor) -> torch.Tensor:
         """eps models: MSE to the noise (Ho et al. 2020); x0 models: nnU-Net's Dice + CE on the logits.
         An auxiliary prior segmentation (APDS) adds nnU-Net's Dice + CE on its logits. A pass that carries its own
@@ -241,10 +237,6 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
             loss = loss + self.loss(result.prior_logits, target)
         return loss
 
-    def _batch_on_device(self, batch: dict):
-        """(image (B, C_img, *S), labels (B, 1, *S)) of a loader batch, on the training device."""
-        return batch["data"].to(self.device, non_blocking=True), batch["target"].to(self.device, non_blocking=True)
-
     def _training_pass(self, batch: dict):
         image, target = self._batch_on_device(batch)
         x0 = labels_to_x0(target, self.label_manager.num_segmentation_heads)
@@ -256,16 +248,7 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
     def train_step(self, batch: dict) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
         loss, _, _ = self._training_pass(batch)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        self.backward_and_step(loss)
         return {"loss": loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:

@@ -35,6 +35,7 @@ from time import perf_counter
 import numpy as np
 import torch
 import torch.distributed as dist
+from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -134,6 +135,28 @@ class TrainingBudgetMixin:
         super().save_checkpoint(partial)
         if os.path.exists(partial):  # rank 0 only, and not with checkpointing disabled
             os.replace(partial, filename)
+
+    def _autocast(self):
+        """nnU-Net's: autocast on CUDA, nothing elsewhere."""
+        return torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
+    def _batch_on_device(self, batch: dict):
+        """(image (B, C_img, *S), labels (B, 1, *S)) of a loader batch, on the training device."""
+        return batch["data"].to(self.device, non_blocking=True), batch["target"].to(self.device, non_blocking=True)
+
+    def backward_and_step(self, loss) -> None:
+        """nnU-Net's update as its train_step does it: backward (scaled by the GradScaler on CUDA), gradient norm
+        clipped to 12, optimizer step. Shared by every trainer of the package that computes its own loss."""
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
 
     def check_finite_loss(self, loss) -> None:
         """Stop after ``MAX_NON_FINITE_STEPS`` consecutive non-finite losses, before the epoch's checkpoints are

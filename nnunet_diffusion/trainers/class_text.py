@@ -23,7 +23,7 @@ class ClassTextMixin:
     class_embeddings = None
 
     def text_buffer(self) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every trainer using the mixin defines it
 
     def compute_class_text(self, plans: dict, dataset_json: dict) -> dict:
         """The ``text`` settings: model, prompts, size and digest. Loads the text model only when the cache beside the

@@ -161,31 +161,16 @@ class nnUNetTrainerDSM(ClassTextMixin, TrainingBudgetMixin, nnUNetTrainer):
         class_loss = F.cross_entropy(output.class_logits.flatten(0, 1).float(), query_targets)
         return loss + self.class_loss_weight * class_loss
 
-    def _autocast(self):
-        from nnunetv2.utilities.helpers import dummy_context
-        return torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
-
     def train_step(self, batch: dict) -> dict:
-        image = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"].to(self.device, non_blocking=True)
+        image, target = self._batch_on_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             loss = self.dsm_loss(self.network(image, full=True), target)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        self.backward_and_step(loss)
         return {"loss": loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:
-        image = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"].to(self.device, non_blocking=True)
+        image, target = self._batch_on_device(batch)
         with torch.no_grad(), self._autocast():
             output = self.network(image, full=True)
             loss = self.dsm_loss(output, target)

@@ -21,10 +21,10 @@ class PretrainingPhaseMixin:
     _pretraining_wrapper: Optional[nn.Module] = None
 
     def pretrained_part(self) -> nn.Module:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every trainer using the mixin defines it
 
     def pretraining(self) -> bool:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every trainer using the mixin defines it
 
     def _part_for_pretraining(self) -> nn.Module:
         """The part with its parameters trainable, in its own DDP wrapper under DDP."""
