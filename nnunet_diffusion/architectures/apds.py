@@ -7,7 +7,7 @@ import torch
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 from torch import nn
 
-from nnunet_diffusion.architectures.conditional_unet import keep_last_seg_layer
+from nnunet_diffusion.architectures.conditional_unet import keep_last_seg_layer, unet_decoder_stage
 
 
 def apds_prior_weight(t: torch.Tensor, num_timesteps: int, alpha: float) -> torch.Tensor:
@@ -28,14 +28,18 @@ class PriorDecoder(nn.Module):
         super().__init__()
         self.decoder = keep_last_seg_layer(decoder)
 
-    def forward(self, skips: List[torch.Tensor]):
+    def forward(self, skips: List[torch.Tensor], run=None):
         """skips: image-encoder features [(B, F_s, *S_s)], bottleneck last -> (logits (B, C, *S),
-        [decoder stage features (B, F_s, *S_s)], lowest resolution first)."""
+        [decoder stage features (B, F_s, *S_s)], lowest resolution first). ``run(function, *args)`` runs each
+        stage (e.g. with activation checkpointing); default: a plain call."""
         features, x = [], skips[-1]
-        for s, stage in enumerate(self.decoder.stages):
-            x = stage(torch.cat((self.decoder.transpconvs[s](x), skips[-(s + 2)]), 1))
+        for s in range(len(self.decoder.stages)):
+            x = run(self.stage, s, x, skips[-(s + 2)]) if run is not None else self.stage(s, x, skips[-(s + 2)])
             features.append(x)
         return self.decoder.seg_layers[-1](x), features
+
+    def stage(self, s: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return unet_decoder_stage(self.decoder, s, x, skip)
 
 
 RA_KINDS = ("reverse_attention", "conv")

@@ -45,6 +45,12 @@ def _drop_dropped_seg_layer_keys(decoder, state_dict, prefix, *args) -> None:
         del state_dict[key]
 
 
+def unet_decoder_stage(decoder: UNetDecoder, s: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """UNetDecoder's stage s as its forward runs it: upsample x (the lower stage's output), concatenate the
+    encoder's skip, convolve. For decoders whose stages are interleaved with other blocks."""
+    return decoder.stages[s](torch.cat((decoder.transpconvs[s](x), skip), 1))
+
+
 class TimestepMLP(nn.Module):
     """(B,) timesteps -> (B, dim): sinusoidal embedding followed by a two-layer MLP."""
 

@@ -19,8 +19,9 @@ import torch
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import nn
 
+from nnunet_diffusion.architectures.activation_checkpointing import maybe_checkpoint
 from nnunet_diffusion.architectures.apds import PriorDecoder, PriorFusion, apds_prior_weight
-from nnunet_diffusion.architectures.conditional_unet import ImageConditionedDenoiser
+from nnunet_diffusion.architectures.conditional_unet import ImageConditionedDenoiser, unet_decoder_stage
 from nnunet_diffusion.architectures.fft_tlstm import FFTTLSTM
 from nnunet_diffusion.architectures.sc_tlstm import SCTLSTM
 
@@ -51,12 +52,19 @@ class CrossTimestepOptions:
 
 
 class CrossTimestepDenoiser(ImageConditionedDenoiser):
-    """forward(x_t (B, C, *S), t (B,), condition) -> eps (B, C, *S); updates condition.state in place."""
+    """forward(x_t (B, C, *S), t (B,), condition) -> eps (B, C, *S); updates condition.state in place.
+
+    ``checkpoint_activations`` (training only): every encoder, tLSTM, decoder and prior-decoder stage recomputes
+    its activations in backward. Without it, training unrolls several full passes plus the image branch and the
+    prior decoder and needed 4.4x the stock trainer's GPU memory at nnU-Net's planned patch and batch.
+    """
 
     def __init__(self, image_channels: int, num_classes: int, num_timesteps: int,
-                 options: CrossTimestepOptions = CrossTimestepOptions(), **unet_kwargs):
+                 options: CrossTimestepOptions = CrossTimestepOptions(), checkpoint_activations: bool = False,
+                 **unet_kwargs):
         super().__init__(image_channels, num_classes, **unet_kwargs)
         self.options = options
+        self.checkpoint_activations = checkpoint_activations
         self.num_timesteps = num_timesteps
         conv_op, time_dim = unet_kwargs["conv_op"], self.time_mlp.dim
         channels = self.noise_encoder.output_channels
@@ -78,11 +86,17 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
                         nonlin=unet_kwargs.get("nonlin"), nonlin_kwargs=unet_kwargs.get("nonlin_kwargs"))
             self.fusions = nn.ModuleList(PriorFusion(c, conv_op, **norm, ra=options.ra) for c in decoder_channels)
 
+    def _checkpointed(self, function, *args):
+        return maybe_checkpoint(self, self.checkpoint_activations, function, *args)
+
     def encode_image(self, image: torch.Tensor) -> CrossTimestepCondition:
-        features = self.image_encoder(image)
+        features, x = [], image
+        for stage in self.image_encoder.stages:  # PlainConvEncoder.forward, one checkpoint per stage
+            x = self._checkpointed(stage, x)
+            features.append(x)
         condition = CrossTimestepCondition(features)
         if self.options.apds:
-            condition.prior_logits, condition.prior_features = self.prior_decoder(features)
+            condition.prior_logits, condition.prior_features = self.prior_decoder(features, self._checkpointed)
         if self.options.fft:
             condition.spectrum = self.fft.condition_spectrum(image)
         return condition
@@ -96,20 +110,25 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
             rep(condition.spectrum))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: CrossTimestepCondition) -> torch.Tensor:
-        emb, state = self.time_mlp(t), condition.state
-        x = self.fft(x_t, condition.spectrum, emb, state) if self.options.fft else x_t
+        emb, state, checkpointed = self.time_mlp(t), condition.state, self.checkpoint_activations
+        x = self.fft(x_t, condition.spectrum, emb, state, checkpointed) if self.options.fft else x_t
         skips = []
         for s in range(len(self.noise_encoder.stages)):
-            x = self.conditioned_stage(s, x, emb, condition.features)
+            x = self._checkpointed(self.conditioned_stage, s, x, emb, condition.features)
             if self.options.sc:
-                x = self.sc_encoder[s](x, emb, state)
+                x = self.sc_encoder[s](x, emb, state, checkpointed)
             skips.append(x)
         weight = apds_prior_weight(t, self.num_timesteps, self.options.apds_alpha) if self.options.apds else None
-        decoder = self.decoder
-        for s, stage in enumerate(decoder.stages):
-            x = stage(torch.cat((decoder.transpconvs[s](x), skips[-(s + 2)]), 1))
-            if self.options.apds:
-                x = self.fusions[s](x, condition.prior_features[s], weight)
+        for s in range(len(self.decoder.stages)):
+            prior = condition.prior_features[s] if self.options.apds else None
+            x = self._checkpointed(self.decoder_stage, s, x, skips[-(s + 2)], prior, weight)
             if self.options.sc:
-                x = self.sc_decoder[s](x, emb, state)
-        return decoder.seg_layers[-1](x)
+                x = self.sc_decoder[s](x, emb, state, checkpointed)
+        return self.decoder.seg_layers[-1](x)
+
+    def decoder_stage(self, s: int, x: torch.Tensor, skip: torch.Tensor, prior: Optional[torch.Tensor],
+                      weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """Decoder stage s on the lower stage's output and the skip, then the APDS fusion with the prior's
+        features of that stage (when APDS is on)."""
+        x = unet_decoder_stage(self.decoder, s, x, skip)
+        return x if prior is None else self.fusions[s](x, prior, weight)

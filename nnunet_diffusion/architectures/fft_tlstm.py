@@ -21,6 +21,7 @@ import torch
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 from torch import nn
 
+from nnunet_diffusion.architectures.activation_checkpointing import maybe_checkpoint
 from nnunet_diffusion.architectures.tlstm import ConvTLSTMCell
 
 
@@ -46,19 +47,24 @@ class FFTTLSTM(nn.Module):
             return torch.fft.rfftn(self.project_condition(image.float()), dim=self._axes(image), norm="ortho")
 
     def forward(self, x_t: torch.Tensor, spectrum_c: torch.Tensor, emb: Optional[torch.Tensor],
-                state: dict) -> torch.Tensor:
+                state: dict, checkpointed: bool = False) -> torch.Tensor:
         """x_t (B, C, *S), spectrum_c complex (B, C, *S'), emb (B, E) or None -> (B, C, *S) in x_t's dtype.
-        Updates ``state[self]`` (the cell's (h, c), float32, on the rfft grid)."""
+        Updates ``state[self]`` (the cell's (h, c), float32, on the rfft grid). ``checkpointed``: recompute the
+        activations in backward (training), through the pure ``step``."""
+        out, state[self] = maybe_checkpoint(self, checkpointed, self.step, x_t, spectrum_c, emb,
+                                            state.get(self) if self.carry_state else None)
+        return out
+
+    def step(self, x_t: torch.Tensor, spectrum_c: torch.Tensor, emb: Optional[torch.Tensor], previous):
+        """One step with explicit state (the cell's (h, c) or None) -> (out (B, C, *S), new (h, c))."""
         axes = self._axes(x_t)
         with torch.autocast(x_t.device.type, enabled=False):
             combined = torch.fft.rfftn(x_t.float(), dim=axes, norm="ortho") + spectrum_c
             filtered = self.filter(torch.cat([combined.real, combined.imag], dim=1))
-            h, new_state = self.cell(filtered, state.get(self) if self.carry_state else None,
-                                     None if emb is None else emb.float())
-            state[self] = new_state
+            h, new_state = self.cell(filtered, previous, None if emb is None else emb.float())
             real, imag = self.out(h).chunk(2, dim=1)
             magnitude = spectrum_c.abs()
             gate = magnitude / magnitude.flatten(2).amax(dim=2).clamp_min(1e-8).reshape(
                 *magnitude.shape[:2], *([1] * self.dims))
             filtered_x = torch.fft.irfftn(torch.complex(real, imag) * gate, s=x_t.shape[2:], dim=axes, norm="ortho")
-        return filtered_x.to(x_t.dtype) + x_t
+        return filtered_x.to(x_t.dtype) + x_t, new_state

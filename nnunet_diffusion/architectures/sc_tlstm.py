@@ -14,6 +14,7 @@ import torch
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 from torch import nn
 
+from nnunet_diffusion.architectures.activation_checkpointing import maybe_checkpoint
 from nnunet_diffusion.architectures.tlstm import ConvTLSTMCell, LinearLSTMCell, LinearTGRUCell
 
 SPATIAL_CELLS = ("conv_tlstm", "lstm")
@@ -51,17 +52,26 @@ class SCTLSTM(nn.Module):
         self.channel_out = nn.Linear(channels, channels)
         self.carry_spatial, self.carry_channel = carry_spatial, carry_channel
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, state: dict) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, state: dict, checkpointed: bool = False) -> torch.Tensor:
+        """Reads and updates this block's entries of ``state``. ``checkpointed``: recompute the block's
+        activations in backward (training), through the pure ``step``."""
+        previous_c = state.get((self, "c")) if self.carry_channel else None
+        previous_s = state.get((self, "s")) if self.carry_spatial else None
+        out, state[(self, "c")], state[(self, "s")] = maybe_checkpoint(self, checkpointed, self.step, x, emb,
+                                                                       previous_c, previous_s)
+        return out
+
+    def step(self, x: torch.Tensor, emb: torch.Tensor, previous_c, previous_s):
+        """One step with explicit state: (x, emb, channel state or None, spatial (h, c) or None) ->
+        (out (B, C, *S), new channel state, new spatial state)."""
         spatial_axes = tuple(range(2, x.ndim))
         # channel branch (eqs. 11-12)
         descriptor = torch.cat([x.mean(dim=spatial_axes), x.amax(dim=spatial_axes)], dim=1)
-        h_c, new_c = self.channel_cell(descriptor, state.get((self, "c")) if self.carry_channel else None, emb)
+        h_c, new_c = self.channel_cell(descriptor, previous_c, emb)
         m_c = torch.sigmoid(self.channel_out(h_c)).reshape(*h_c.shape, *([1] * self.dims))
         # spatial branch (eqs. 9-10)
         reduced = self.reduce(x)
         summaries = [reduced.mean(dim=axis, keepdim=True).expand_as(reduced) for axis in spatial_axes]
-        h_s, new_s = self.spatial_cell(torch.cat(summaries, dim=1),
-                                       state.get((self, "s")) if self.carry_spatial else None, emb)
+        h_s, new_s = self.spatial_cell(torch.cat(summaries, dim=1), previous_s, emb)
         m_s = torch.sigmoid(self.spatial_out(h_s))
-        state[(self, "c")], state[(self, "s")] = new_c, new_s
-        return m_s * (m_c * x)
+        return m_s * (m_c * x), new_c, new_s

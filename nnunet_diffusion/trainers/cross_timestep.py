@@ -38,6 +38,9 @@ class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
     chain_gradient = "state"  # 'state' or 'full': see RecurrentDiffusionSegmenter
     options = CrossTimestepOptions()
     unroll_steps = 2
+    # activation checkpointing of every stage: without it, peak training memory at nnU-Net's planned patch and
+    # batch was 4.4x the stock trainer's (benchmarks/gpu/memory_gpu.md); it does not change the model
+    checkpoint_activations = True
 
     @classmethod
     def diffusion_settings(cls) -> dict:
@@ -68,7 +71,8 @@ class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
     @classmethod
     def build_denoiser(cls, configuration_manager, num_input_channels: int, num_classes: int) -> nn.Module:
         kwargs = cls.plans_unet_kwargs(configuration_manager)
-        return CrossTimestepDenoiser(num_input_channels, num_classes, cls.num_train_timesteps, cls.options, **kwargs)
+        return CrossTimestepDenoiser(num_input_channels, num_classes, cls.num_train_timesteps, cls.options,
+                                     checkpoint_activations=cls.checkpoint_activations, **kwargs)
 
     @classmethod
     def build_segmenter(cls, denoiser, schedule, sampler, stored: dict):

@@ -287,3 +287,25 @@ def test_last_chain_step_loss_is_gamma_times_its_x0_error(configuration_manager)
     weighted = ((result.output[1:] - result.regression_target[1:]) ** 2).mean()
     torch.testing.assert_close(weighted, MIN_SNR_GAMMA * x0_error, rtol=1e-3, atol=1e-6)
     assert ((eps_hat - target) ** 2).mean() > 1000 * weighted  # what the unweighted loss would have been
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainerCrossTimestep", "nnUNetTrainerCrossTimestep_fullChainGradient"])
+def test_activation_checkpointing_gives_the_plain_loss_and_gradients(name, configuration_manager):
+    """Checkpointed stages are recomputed in backward with the recurrent state they saw in the forward pass:
+    the unrolled chain's loss and every gradient equal those of the plain network."""
+    trainer_cls = getattr(variants, name, nnUNetTrainerCrossTimestep)
+    assert trainer_cls.checkpoint_activations
+    image, labels = torch.randn(2, 1, 16, 16, 16), torch.randint(0, C, (2, 1, 16, 16, 16))
+    grads = {}
+    for checkpointed in (False, True):
+        net = build(trainer_cls, configuration_manager).train()
+        net.denoiser.checkpoint_activations = checkpointed
+        torch.manual_seed(5)  # same t and noise for both
+        result = net(image, labels_to_x0(labels, C))
+        loss = ((result.output - result.regression_target) ** 2).mean() + result.prior_logits.logsumexp(1).mean()
+        loss.backward()
+        grads[checkpointed] = (loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()})
+    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=0, atol=0)
+    assert grads[True][1].keys() == grads[False][1].keys()
+    for name_, grad in grads[False][1].items():
+        torch.testing.assert_close(grads[True][1][name_], grad, rtol=1e-5, atol=1e-7, msg=name_)

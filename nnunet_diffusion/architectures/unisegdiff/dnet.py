@@ -23,8 +23,8 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from nnunet_diffusion.architectures.activation_checkpointing import maybe_checkpoint
 from nnunet_diffusion.architectures.conditional_unet import TimestepMLP, keep_last_seg_layer
 from nnunet_diffusion.architectures.unisegdiff.dca import DualCrossAttention
 
@@ -150,6 +150,4 @@ class UniSegDiffDenoiser(nn.Module):
         """One decoder on the fused skips. With ``checkpoint_decoders`` (training only), its activations are
         recomputed in the backward pass instead of kept: two full-resolution decoders otherwise hold twice the
         stock U-Net's decoder activations."""
-        if self.checkpoint_decoders and self.training and torch.is_grad_enabled():
-            return checkpoint(self.decoders[head], skips, use_reentrant=False)
-        return self.decoders[head](skips)
+        return maybe_checkpoint(self, self.checkpoint_decoders, self.decoders[head], skips)
