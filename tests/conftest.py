@@ -1,8 +1,13 @@
 """Shared test helpers: tiny nnU-Net configurations built like nnU-Net's planner writes them."""
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
+
+from nnunet_diffusion.cli import trainer_path
+from nnunet_diffusion.planning.example_dataset import build_example_dataset
 
 os.environ.setdefault("nnUNet_def_n_proc", "1")
 TEXT_DIM = 16  # size of the class text embeddings in test configurations
@@ -84,3 +89,43 @@ def initialize_trainer(trainer, tmp_path):
     trainer.preprocessed_dataset_folder = str(data)
     trainer.initialize()
     return trainer
+
+
+# ---- nnU-Net's commands on a tiny version of the real example dataset (end-to-end and fault tests) ----------
+
+DATASET_ID = 990
+SHORT_RUN = {"NNUNET_DIFFUSION_EPOCHS": "1", "NNUNET_DIFFUSION_ITERATIONS": "2",
+             "NNUNET_DIFFUSION_VAL_ITERATIONS": "1", "NNUNET_DIFFUSION_STEPS": "2",
+             "NNUNET_DIFFUSION_CHAIN_STEPS": "2",  # Cross-Timestep trains (and must then sample) on a 2-step chain
+             "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "0"}
+
+
+def run(cmd, env, check=True):
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def nnunet(tmp_path_factory):
+    """A planned and preprocessed tiny dataset, and the environment the stock commands need (once per session:
+    the end-to-end and fault tests share it; each test trains its own trainer, configuration and fold)."""
+    root = tmp_path_factory.mktemp("nnunet")
+    env = dict(os.environ)
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (root / name).mkdir()
+        env[name] = str(root / name)
+    env["nnUNet_extTrainer"] = trainer_path()
+    env["nnUNet_def_n_proc"] = "1"
+    env.pop("nnUNet_n_proc_DA", None)  # planning crashes with 0 workers
+    folder = Path(build_example_dataset(env["nnUNet_raw"], DATASET_ID, "Tiny", num_training=6, num_test=2,
+                                        spacing_mm=8.0, seed=0))
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "3d_fullres", "-np", "1", "1",
+         "-npfp", "1", "--verify_dataset_integrity"], env)
+    return {"env": {**env, **SHORT_RUN}, "raw": folder, "root": root}
+
+
+def model_folder(nnunet, trainer, configuration):
+    return Path(nnunet["env"]["nnUNet_results"]) / nnunet["raw"].name / f"{trainer}__nnUNetPlans__{configuration}"

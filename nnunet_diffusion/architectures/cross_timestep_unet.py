@@ -114,17 +114,35 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
         x = self.fft(x_t, condition.spectrum, emb, state, checkpointed) if self.options.fft else x_t
         skips = []
         for s in range(len(self.noise_encoder.stages)):
-            x = self._checkpointed(self.conditioned_stage, s, x, emb, condition.features)
-            if self.options.sc:
-                x = self.sc_encoder[s](x, emb, state, checkpointed)
+            sc = self.sc_encoder[s] if self.options.sc else None
+            x, *new_state = self._checkpointed(self.encoder_block, s, x, emb, condition.features,
+                                               sc.previous(state) if sc else None)
+            if sc:
+                sc.store(state, *new_state)
             skips.append(x)
         weight = apds_prior_weight(t, self.num_timesteps, self.options.apds_alpha) if self.options.apds else None
         for s in range(len(self.decoder.stages)):
             prior = condition.prior_features[s] if self.options.apds else None
-            x = self._checkpointed(self.decoder_stage, s, x, skips[-(s + 2)], prior, weight)
-            if self.options.sc:
-                x = self.sc_decoder[s](x, emb, state, checkpointed)
+            sc = self.sc_decoder[s] if self.options.sc else None
+            x, *new_state = self._checkpointed(self.decoder_block, s, x, skips[-(s + 2)], prior, weight, emb,
+                                               sc.previous(state) if sc else None)
+            if sc:
+                sc.store(state, *new_state)
         return self.decoder.seg_layers[-1](x)
+
+    # Each block below is one checkpoint: its SC-tLSTM state comes in and goes out explicitly (pure functions), so
+    # recomputation in backward sees the state of the forward pass, and only the block's output is kept.
+
+    def encoder_block(self, s: int, x, emb, features, previous):
+        """Noise-encoder stage s (+ image features and time) and its SC-tLSTM -> (out, new channel state, new
+        spatial state); the states are None without SC."""
+        x = self.conditioned_stage(s, x, emb, features)
+        return self.sc_encoder[s].step(x, emb, *previous) if previous is not None else (x, None, None)
+
+    def decoder_block(self, s: int, x, skip, prior, weight, emb, previous):
+        """Decoder stage s, the APDS fusion and its SC-tLSTM -> (out, new channel state, new spatial state)."""
+        x = self.decoder_stage(s, x, skip, prior, weight)
+        return self.sc_decoder[s].step(x, emb, *previous) if previous is not None else (x, None, None)
 
     def decoder_stage(self, s: int, x: torch.Tensor, skip: torch.Tensor, prior: Optional[torch.Tensor],
                       weight: Optional[torch.Tensor]) -> torch.Tensor:

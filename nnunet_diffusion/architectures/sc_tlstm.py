@@ -14,7 +14,6 @@ import torch
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 from torch import nn
 
-from nnunet_diffusion.architectures.activation_checkpointing import maybe_checkpoint
 from nnunet_diffusion.architectures.tlstm import ConvTLSTMCell, LinearLSTMCell, LinearTGRUCell
 
 SPATIAL_CELLS = ("conv_tlstm", "lstm")
@@ -52,14 +51,19 @@ class SCTLSTM(nn.Module):
         self.channel_out = nn.Linear(channels, channels)
         self.carry_spatial, self.carry_channel = carry_spatial, carry_channel
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, state: dict, checkpointed: bool = False) -> torch.Tensor:
-        """Reads and updates this block's entries of ``state``. ``checkpointed``: recompute the block's
-        activations in backward (training), through the pure ``step``."""
-        previous_c = state.get((self, "c")) if self.carry_channel else None
-        previous_s = state.get((self, "s")) if self.carry_spatial else None
-        out, state[(self, "c")], state[(self, "s")] = maybe_checkpoint(self, checkpointed, self.step, x, emb,
-                                                                       previous_c, previous_s)
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, state: dict) -> torch.Tensor:
+        """Reads and updates this block's entries of ``state`` (``previous``, ``step``, ``store``)."""
+        out, new_c, new_s = self.step(x, emb, *self.previous(state))
+        self.store(state, new_c, new_s)
         return out
+
+    def previous(self, state: dict) -> tuple:
+        """(channel state or None, spatial (h, c) or None) this block left in ``state`` (None when not carried)."""
+        return (state.get((self, "c")) if self.carry_channel else None,
+                state.get((self, "s")) if self.carry_spatial else None)
+
+    def store(self, state: dict, new_c, new_s) -> None:
+        state[(self, "c")], state[(self, "s")] = new_c, new_s
 
     def step(self, x: torch.Tensor, emb: torch.Tensor, previous_c, previous_s):
         """One step with explicit state: (x, emb, channel state or None, spatial (h, c) or None) ->

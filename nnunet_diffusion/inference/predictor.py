@@ -34,6 +34,7 @@ from nnunet_diffusion.architectures.segmenter import DiffusionSegmenter
 from nnunet_diffusion.inference.ensemble import (UNCERTAINTY_MAPS, mirror_combinations, stack_mirrored,
                                                  uncertainty_maps, unflip)
 from nnunet_diffusion.inference.export import MAPS_FOLDER, case_complete, check_maps_writable, export_case
+from nnunet_diffusion.trainers.fault_safety import CheckpointError, read_checkpoint
 
 # members (windows x mirrored copies x samples) per network call: a 3d window's 8 copies of one sample
 DEFAULT_MAX_BATCH = 8
@@ -58,8 +59,24 @@ class DiffusionPredictor(nnUNetPredictor):
         """The maps written beside each segmentation, in channel order after the logits (file suffixes)."""
         return UNCERTAINTY_MAPS if self.uncertainty else ()
 
-    def initialize_from_trained_model_folder(self, *args, **kwargs):
-        super().initialize_from_trained_model_folder(*args, **kwargs)
+    def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds=None,
+                                             checkpoint_name: str = "checkpoint_final.pth"):
+        """nnU-Net's, after reading every fold's checkpoint: a truncated, corrupted or foreign file (another
+        trainer's than the folder's name says) stops here, naming the file and the fix."""
+        if use_folds is None:
+            use_folds = nnUNetPredictor.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
+        folder_trainer = os.path.basename(os.path.normpath(model_training_output_dir)).split("__")[0]
+        for fold in ([use_folds] if isinstance(use_folds, str) else use_folds):
+            path = os.path.join(model_training_output_dir, f"fold_{fold}", checkpoint_name)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} does not exist: fold {fold} has not finished training (resume it "
+                                        f"with nnUNetv2_train ... --c) or choose other folds with -f.")
+            trainer = read_checkpoint(path)["trainer_name"]
+            if trainer != folder_trainer:
+                raise CheckpointError(f"{path} was written by {trainer}, but it lies in a model folder of "
+                                      f"{folder_trainer}: the file was copied or moved there. Put it back into "
+                                      f"{trainer}'s folder and predict with -tr {trainer}.")
+        super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
         if self.map_names:
             check_maps_writable(self.plans_manager)
 
@@ -156,17 +173,44 @@ class DiffusionPredictor(nnUNetPredictor):
         with tqdm(total=steps * len(chunks), desc="sampler steps", leave=False, position=1,
                   disable=not self.allow_tqdm or segmenter is None) as bar:
             for part in chunks:
-                if segmenter is None:
-                    out = self.network(part)
-                    logits.append(out)
-                    if self.uncertainty:  # only the maps need a plain network's members
-                        members.append(torch.softmax(out.float(), dim=1)[:, None])
-                    continue
-                probabilities = segmenter.member_probabilities(part, copies=part.shape[0],
-                                                               on_step=lambda k, x0_hat: bar.update())
-                logits.append(segmenter.fuse(probabilities))
-                members.append(probabilities)
+                part_logits, part_members = self._predict_chunk(part, bar)
+                logits.append(part_logits)
+                if part_members is not None:
+                    members.append(part_members)
         return torch.cat(logits), (torch.cat(members) if members else None)
+
+    def _predict_chunk(self, part: torch.Tensor, bar):
+        """One network call on (n, C_img, *P) windows and copies -> (logits, members or None). Out of memory, the
+        chunk is split in halves (each member's noise depends only on the seed, so the result is the same) and
+        ``max_batch`` lowered for the rest of the run; one window that does not fit raises with what to change."""
+        try:
+            segmenter = self.segmenter
+            if segmenter is None:
+                out = self.network(part)
+                # only the uncertainty maps need a plain network's members
+                return out, (torch.softmax(out.float(), dim=1)[:, None] if self.uncertainty else None)
+            probabilities = segmenter.member_probabilities(part, copies=part.shape[0],
+                                                           on_step=lambda k, x0_hat: bar.update())
+            return segmenter.fuse(probabilities), probabilities
+        except torch.OutOfMemoryError:
+            if part.shape[0] == 1:
+                raise MemoryError(
+                    f"One window of {list(part.shape[2:])} voxels with {self.samples_per_copy()} sample(s) does not "
+                    f"fit in {self.device.type.upper()} memory. Predict with fewer --samples, or on another device "
+                    f"(-device cpu).") from None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = (part.shape[0] + 1) // 2
+            self.max_batch = max(1, min(self.max_batch, half * self.samples_per_copy()))
+            print(f"Out of memory with {part.shape[0]} windows/copies per network call: splitting; --max_batch is "
+                  f"now {self.max_batch} for this run.")
+            results, start = [], 0
+            while start < part.shape[0]:  # in pieces of the (possibly lowered again) max_batch
+                size = max(1, self.max_batch // self.samples_per_copy())
+                results.append(self._predict_chunk(part[start:start + size], bar))
+                start += size
+            members = [m for _, m in results if m is not None]
+            return torch.cat([l for l, _ in results]), (torch.cat(members) if members else None)
 
     # ---- which cases to predict, and how they are read and written -------------------------------------------
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from nnunet_diffusion.text.encoders import DEFAULT_TEXT_MODEL, load_text_encoder
+from nnunet_diffusion.text.encoders import DEFAULT_TEXT_MODEL, TextModelError, load_text_encoder
 from nnunet_diffusion.text.prompts import PROMPT_TEMPLATE, class_prompts
 
 CACHE_FOLDER = "text_embeddings"
@@ -63,18 +63,41 @@ def class_text_embeddings(dataset_json: dict, folder: os.PathLike, model: str | 
     model = model or DEFAULT_TEXT_MODEL
     prompts = tuple(class_prompts(dataset_json, template))
     path = cache_path(folder, model, template)
+    reason = f"there is no cache at {path}"
     if path.is_file():
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        if stored.get("model") == model and tuple(stored.get("prompts", ())) == prompts:
+        stored = _read_cache(path)
+        if stored is None:
+            reason = f"the cache {path} is truncated or corrupted"
+            log(f"Text embeddings: {reason}: recomputing with {model}.")
+        elif stored.get("model") == model and tuple(stored.get("prompts", ())) == prompts:
             log(f"Text embeddings: reusing {path} ({model}, {len(prompts)} prompts).")
             return ClassTextEmbeddings(model, prompts, stored["vectors"].float())
-        changed = [f"'{old}' -> '{new}'" for old, new in zip(stored.get("prompts", ()), prompts) if old != new]
-        log(f"Text embeddings: the class prompts changed since {path} was made "
-            f"({'; '.join(changed) or 'number of classes'}): recomputing with {model}.")
-    vectors = load_text_encoder(model).embed(list(prompts))
+        else:
+            changed = [f"'{old}' -> '{new}'" for old, new in zip(stored.get("prompts", ()), prompts) if old != new]
+            reason = (f"the cache {path} was made for other prompts "
+                      f"({'; '.join(changed) or 'number of classes'})")
+            log(f"Text embeddings: the class prompts changed since {path} was made "
+                f"({'; '.join(changed) or 'number of classes'}): recomputing with {model}.")
+    try:
+        vectors = load_text_encoder(model).embed(list(prompts))
+    except TextModelError as error:
+        raise TextModelError(f"The class-prompt embeddings must be computed ({reason}), but {error}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")  # a killed write never leaves a truncated cache
     torch.save({"model": model, "prompts": list(prompts), "vectors": vectors}, partial)
     os.replace(partial, path)
     log(f"Text embeddings: computed with {model} ({len(prompts)} prompts, dim {vectors.shape[1]}), cached in {path}.")
     return ClassTextEmbeddings(model, prompts, vectors)
+
+
+def _read_cache(path: Path) -> dict | None:
+    """The cache's content, or None if it is unreadable or not what this module writes (then it is recomputed)."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated or corrupted (e.g. a copy cut short): remade, never trusted
+        return None
+    vectors = stored.get("vectors") if isinstance(stored, dict) else None
+    if (not isinstance(vectors, torch.Tensor) or vectors.ndim != 2 or not torch.isfinite(vectors).all()
+            or vectors.shape[0] != len(stored.get("prompts", ()))):
+        return None
+    return stored

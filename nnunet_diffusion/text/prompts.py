@@ -6,8 +6,18 @@ spaces): "A T1 image of the frontal cortex." for channel 'T1' and label 'frontal
 """
 from __future__ import annotations
 
+import re
+
 PROMPT_TEMPLATE = "A {modality} image of the {label}."
 DESCRIPTIONS_KEY = "label_descriptions"
+# label names that say nothing about the structure ('1', 'label_2', 'class 3', 'foreground'): a text encoder
+# would embed the placeholder, not the class, so such a class needs a description
+PLACEHOLDER_NAME = re.compile(r"(?:(?:label|class|structure|region|object|target|segment|roi|foreground)[ _-]*)?\d*",
+                              re.IGNORECASE)
+
+
+def is_placeholder_name(name: str) -> bool:
+    return name.lower() != "background" and PLACEHOLDER_NAME.fullmatch(name.strip()) is not None
 
 
 def class_names(dataset_json: dict) -> list[str]:
@@ -41,6 +51,12 @@ def class_prompts(dataset_json: dict, template: str = PROMPT_TEMPLATE) -> list[s
                 raise ValueError(f"dataset.json '{DESCRIPTIONS_KEY}' has an empty description for '{name}'. Write "
                                  f"one sentence about the structure, or remove the entry to use the template "
                                  f"'{template}'.")
+        elif is_placeholder_name(name):
+            raise ValueError(
+                f"dataset.json names class '{name}' with a placeholder, not what it is: text conditioning embeds "
+                f"the class name, so it would learn nothing from it. Name the classes in 'labels' (e.g. "
+                f"\"liver\": 1), or describe them in '{DESCRIPTIONS_KEY}' (e.g. \"{DESCRIPTIONS_KEY}\": "
+                f"{{\"{name}\": \"A CT image of the liver.\"}}).")
         else:
             text = template.format(modality=modality(dataset_json), label=name.replace("_", " "))
         prompts.append(text)

@@ -7,6 +7,7 @@ overrides ``build_denoiser`` / ``diffusion_loss``. Everything else (planning, da
 from __future__ import annotations
 
 import copy
+import os
 import pydoc
 
 import torch
@@ -23,13 +24,29 @@ from nnunet_diffusion.diffusion.masks import labels_to_x0
 from nnunet_diffusion.diffusion.samplers import STAGED, SamplerSettings
 from nnunet_diffusion.diffusion.schedules import make_schedule, respace
 from nnunet_diffusion.trainers.budget import TrainingBudgetMixin
+from nnunet_diffusion.trainers.data_checks import DataCheckError, check_dataset_and_plans, check_stored_settings
+from nnunet_diffusion.trainers.fault_safety import FaultSafetyMixin
 
 # key under plans['configurations'][<configuration>] that stores the diffusion settings with the trained model
 PLANS_KEY = "diffusion"
 
 
-class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
+def model_plans_file(trainer_name: str, plans_manager, configuration_manager) -> str:
+    """Where a trained model's plans.json lives (nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>), for
+    messages about it; the configuration is found by its content (the manager does not know its name)."""
+    if plans_manager is None:
+        return "plans.json"
+    plans = plans_manager.plans
+    names = [n for n in plans.get("configurations", {})
+             if plans_manager.get_configuration(n).configuration == configuration_manager.configuration]
+    folder = f"{trainer_name}__{plans.get('plans_name')}__{names[0] if names else '<configuration>'}"
+    return os.path.join("nnUNet_results", str(plans.get("dataset_name")), folder, "plans.json")
+
+
+class nnUNetTrainerDiffusionBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTrainer):
     """Base class of all diffusion trainers. Not meant to be trained directly."""
+
+    settings_key = PLANS_KEY
 
     noise_schedule: str = "linear"
     num_train_timesteps: int = 1000
@@ -48,7 +65,7 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         # fail now, before any folder is made (and not hours later), on data or settings we cannot handle
-        self._check_labels(PlansManager(plans).get_label_manager(dataset_json))
+        check_dataset_and_plans(self.__class__.__name__, plans, configuration, dataset_json)
         settings = self.training_settings()
         # training uses these settings only; NNUNET_DIFFUSION_{SAMPLER,STEPS,SAMPLES,SEED} apply to the final
         # validation and to prediction: check both samplers now rather than after training
@@ -96,9 +113,22 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
         return {}
 
     @classmethod
-    def stored_settings(cls, configuration_manager: ConfigurationManager) -> dict:
-        """Settings the model was trained with (plans.json), falling back to the class defaults."""
-        return {**cls.diffusion_settings(), **configuration_manager.configuration.get(PLANS_KEY, {})}
+    def stored_settings(cls, configuration_manager: ConfigurationManager, where: str = "plans.json") -> dict:
+        """Settings the model was trained with (plans.json), falling back to the class defaults. A hand-edited block
+        that this trainer cannot use raises a DataCheckError naming ``where`` (the file) and the bad entry."""
+        block = configuration_manager.configuration.get(PLANS_KEY, {})
+        where = f"{where}, '{PLANS_KEY}' block"
+        check_stored_settings(block, cls.diffusion_settings(), where)
+        stored = {**cls.diffusion_settings(), **block}
+        try:  # values: the schedule, the parametrisation and the sampler
+            if stored["prediction"] not in ("eps", "x0"):
+                raise ValueError(f"prediction must be 'eps' or 'x0', not {stored['prediction']!r}")
+            cls.training_schedule(stored)
+            SamplerSettings(**stored["sampler"]).validated(stored["num_train_timesteps"])
+        except (ValueError, TypeError) as error:
+            raise DataCheckError(f"{where}: {error}. This block is written by the trainer and stored with the model; "
+                                 f"restore the plans.json the model was trained with, or train again.") from None
+        return stored
 
     @classmethod
     def staged_sampler(cls) -> bool:
@@ -124,18 +154,6 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
         """Raise, naming the valid choices, if a model trained with ``settings`` cannot sample with ``sampler``.
         The segmenter these settings build does the check (``set_sampler``); it needs no network for it."""
         cls.build_segmenter(nn.Identity(), cls.training_schedule(settings), sampler, settings)
-
-    def _check_labels(self, label_manager) -> None:
-        if label_manager.has_regions:
-            raise ValueError(
-                f"{self.__class__.__name__} diffuses one-hot label maps and cannot train region-based datasets "
-                f"(dataset.json 'labels' with tuples of label values). Use one integer per class, or the stock "
-                f"nnUNetTrainer for region-based training.")
-        if label_manager.has_ignore_label:
-            raise ValueError(
-                f"{self.__class__.__name__} cannot train datasets with an 'ignore' label (sparse annotations): "
-                f"a diffused mask needs a class for every voxel. Remove 'ignore' from dataset.json 'labels' "
-                f"(and relabel those voxels) or use the stock nnUNetTrainer.")
 
     # ---- network --------------------------------------------------------------------------------------------
 
@@ -169,7 +187,8 @@ class nnUNetTrainerDiffusionBase(TrainingBudgetMixin, nnUNetTrainer):
 
         A classmethod (nnU-Net calls it on the class) so that subclasses change the network by attributes.
         """
-        stored = cls.stored_settings(configuration_manager)
+        stored = cls.stored_settings(configuration_manager, model_plans_file(cls.__name__, plans_manager,
+                                                                             configuration_manager))
         denoiser = cls.build_denoiser(configuration_manager, num_input_channels, num_output_channels)
         # the predictor's path: environment overrides apply, and a sampler the model was not trained for is
         # refused here, before the first case. The trainer resets its own network to the stored sampler.

@@ -6,6 +6,8 @@ These variables shorten it without new trainer classes; unset, nothing changes:
     NNUNET_DIFFUSION_EPOCHS          number of epochs
     NNUNET_DIFFUSION_ITERATIONS      training iterations per epoch
     NNUNET_DIFFUSION_VAL_ITERATIONS  per-epoch validation iterations
+    NNUNET_DIFFUSION_SAVE_EVERY      write checkpoint_latest every this many epochs (nnU-Net: 50); what a kill
+                                     loses at most, and what --c resumes from
     NNUNET_DIFFUSION_TIME_BUDGET     wall-clock seconds of training; the run stops after the iteration that
                                      exceeds it, then validates, saves checkpoint_final and runs the final
                                      validation as usual. The learning-rate schedule (nnU-Net's poly decay)
@@ -42,7 +44,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 ENV_INT_SETTINGS = {"NNUNET_DIFFUSION_EPOCHS": "num_epochs",
                     "NNUNET_DIFFUSION_ITERATIONS": "num_iterations_per_epoch",
-                    "NNUNET_DIFFUSION_VAL_ITERATIONS": "num_val_iterations_per_epoch"}
+                    "NNUNET_DIFFUSION_VAL_ITERATIONS": "num_val_iterations_per_epoch",
+                    "NNUNET_DIFFUSION_SAVE_EVERY": "save_every"}
 ENV_TIME_BUDGET = "NNUNET_DIFFUSION_TIME_BUDGET"
 ENV_FINAL_VALIDATION = "NNUNET_DIFFUSION_FINAL_VALIDATION"
 ENV_MIRROR_AXES = "NNUNET_DIFFUSION_MIRROR_AXES"
@@ -127,15 +130,6 @@ class TrainingBudgetMixin:
             self.inference_allowed_mirroring_axes = mirror_axes
         return rotation, dummy_2d, initial_patch_size, mirror_axes
 
-    def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's, written to a temporary file beside ``filename`` and renamed into place (atomic on POSIX): a
-        kill during the write leaves the previous checkpoint under the final name, never a truncated one."""
-        folder, name = os.path.split(filename)
-        partial = os.path.join(folder, f".{name}.partial")
-        super().save_checkpoint(partial)
-        if os.path.exists(partial):  # rank 0 only, and not with checkpointing disabled
-            os.replace(partial, filename)
-
     def _autocast(self):
         """nnU-Net's: autocast on CUDA, nothing elsewhere."""
         return torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
@@ -146,7 +140,9 @@ class TrainingBudgetMixin:
 
     def backward_and_step(self, loss) -> None:
         """nnU-Net's update as its train_step does it: backward (scaled by the GradScaler on CUDA), gradient norm
-        clipped to 12, optimizer step. Shared by every trainer of the package that computes its own loss."""
+        clipped to 12, optimizer step. Shared by every trainer of the package that computes its own loss. A step
+        whose gradient is not finite is skipped (the GradScaler does this itself), so a NaN or inf loss never
+        reaches the weights; ``check_finite_loss`` stops the run if it goes on."""
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
@@ -155,12 +151,17 @@ class TrainingBudgetMixin:
             self.grad_scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+            # the norm is of the (under DDP: all-reduced) gradients, so every rank skips alike
+            norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            if torch.isfinite(norm):
+                self.optimizer.step()
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
 
     def check_finite_loss(self, loss) -> None:
         """Stop after ``MAX_NON_FINITE_STEPS`` consecutive non-finite losses, before the epoch's checkpoints are
-        written, so that the last checkpoints stay those of a finite model."""
+        written, so that the last checkpoints stay those of a finite model (``backward_and_step`` skipped those
+        steps, and the fault-safety mixin refuses to save a non-finite model)."""
         if loss is None:
             return
         finite = torch.tensor([float(np.isfinite(loss).all())], device=self.device)
@@ -173,9 +174,10 @@ class TrainingBudgetMixin:
         if self._non_finite_steps >= MAX_NON_FINITE_STEPS:
             raise FloatingPointError(
                 f"{self.__class__.__name__}: the training loss was not finite (NaN or inf) in "
-                f"{self._non_finite_steps} consecutive iterations (epoch {self.current_epoch}); stopping. The "
-                f"checkpoints in {self.output_folder} are from before (never overwritten by this model). Try a "
-                f"lower learning rate, or float32 (train on CPU, or with autocast off), then resume with --c.")
+                f"{self._non_finite_steps} consecutive iterations (epoch {self.current_epoch}); stopping. Those "
+                f"steps were skipped, and the checkpoints in {self.output_folder} are from before (never overwritten "
+                f"by a non-finite model). Try a lower learning rate, or float32 (train on CPU, or with autocast off), "
+                f"then resume with --c.")
 
     def training_progress(self) -> float:
         """How far training is, in [0, 1]: the elapsed fraction of the time budget, else epochs done / epochs."""

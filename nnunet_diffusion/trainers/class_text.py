@@ -10,6 +10,7 @@ import torch
 from nnunet_diffusion.planning.text_embeddings import class_text_embeddings
 from nnunet_diffusion.text.encoders import ENV_TEXT_MODEL
 from nnunet_diffusion.text.prompts import PROMPT_TEMPLATE
+from nnunet_diffusion.trainers.fault_safety import read_checkpoint
 
 TEXT_KEY = "text"
 
@@ -62,8 +63,8 @@ class ClassTextMixin:
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's, after checking that the checkpoint's text embeddings fit this run's: another size stops here
         with the fix; other prompts or another model of the same size are said, and this run's embeddings used."""
-        checkpoint = (torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
-                      if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint)
+        checkpoint = (read_checkpoint(filename_or_checkpoint) if isinstance(filename_or_checkpoint, str)
+                      else filename_or_checkpoint)
         current = self._text_settings(self.plans_manager.plans) or {}
         trained = self._text_settings(checkpoint.get("init_args", {}).get("plans", {}))
         if trained is not None and trained.get("dim") != current.get("dim"):

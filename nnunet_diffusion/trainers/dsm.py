@@ -19,7 +19,6 @@ from torch import nn
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss, get_tp_fp_fn_tn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_diffusion.architectures.dsm.backbone import SwinUNETRPixelDecoder
 from nnunet_diffusion.architectures.dsm.network import DSMNetwork, DSMStage2Network
@@ -27,6 +26,8 @@ from nnunet_diffusion.text.prompts import class_names
 from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
 from nnunet_diffusion.trainers.budget import TrainingBudgetMixin
 from nnunet_diffusion.trainers.class_text import TEXT_KEY, ClassTextMixin
+from nnunet_diffusion.trainers.data_checks import check_dataset_and_plans
+from nnunet_diffusion.trainers.fault_safety import FaultSafetyMixin
 from nnunet_diffusion.trainers.pretrained_condition import read_condition_checkpoint, stock_checkpoint_path
 
 DSM_KEY = "dsm"
@@ -49,7 +50,7 @@ def tumour_labels(dataset_json: dict) -> list[str]:
     return names
 
 
-class nnUNetTrainerDSM(ClassTextMixin, TrainingBudgetMixin, nnUNetTrainer):
+class nnUNetTrainerDSM(ClassTextMixin, FaultSafetyMixin, TrainingBudgetMixin, nnUNetTrainer):
     """Stage 1: organ queries (one per organ class and background), kMMM decoder, text-aligned classes."""
 
     stage = 1
@@ -69,10 +70,7 @@ class nnUNetTrainerDSM(ClassTextMixin, TrainingBudgetMixin, nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        label_manager = PlansManager(plans).get_label_manager(dataset_json)
-        if label_manager.has_regions or label_manager.has_ignore_label:
-            raise ValueError(f"{self.__class__.__name__} needs one integer label per class (no region-based labels, "
-                             f"no 'ignore' label): each class has a query of its own.")
+        check_dataset_and_plans(self.__class__.__name__, plans, configuration, dataset_json)
         if self.backbone == "swin_unetr":
             SwinUNETRPixelDecoder.check_patch(plans["configurations"][configuration]["patch_size"])
         names = class_names(dataset_json)

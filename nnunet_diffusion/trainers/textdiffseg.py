@@ -95,7 +95,6 @@ class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrai
     def build_segmenter(cls, denoiser, schedule, sampler, stored: dict) -> nn.Module:
         return LatentDiffusionSegmenter(denoiser, schedule, sampler, stored["prediction"], cls.eps_loss_weight)
 
-    settings_key = PLANS_KEY
 
     def text_buffer(self) -> torch.Tensor:
         return self._segmenter().denoiser.text_embeddings

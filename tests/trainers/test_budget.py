@@ -7,6 +7,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 from nnunet_diffusion.trainers import budget
 from nnunet_diffusion.trainers.budget import ELAPSED_LOG_KEY, BudgetDrivenSchedule, TrainingBudgetMixin
+from nnunet_diffusion.trainers.fault_safety import FaultSafetyMixin
 
 
 def poly(lr0, fraction, exponent=0.9):
@@ -145,7 +146,7 @@ def test_training_stops_after_three_consecutive_non_finite_losses_before_the_epo
     assert trainer.current_epoch == 1  # epoch 0 (one NaN, one inf, then finite) ended; epoch 1 never did
 
 
-def test_checkpoints_are_renamed_into_place_and_a_killed_write_leaves_the_old_one(tmp_path):
+def test_checkpoints_are_renamed_into_place_and_a_non_finite_model_is_never_written(tmp_path):
     class Writer:
         def save_checkpoint(self, filename):
             with open(filename, "wb") as f:
@@ -153,9 +154,11 @@ def test_checkpoints_are_renamed_into_place_and_a_killed_write_leaves_the_old_on
                 if self.killed:
                     raise KeyboardInterrupt  # the process dies mid-write
 
-    class Trainer(TrainingBudgetMixin, Writer):
+    class Trainer(FaultSafetyMixin, Writer):
+        local_rank, disable_checkpointing, is_ddp = 0, False, False
+
         def __init__(self):
-            self.killed = False
+            self.killed, self.network = False, torch.nn.Linear(2, 2)
 
     target = tmp_path / "checkpoint_latest.pth"
     target.write_bytes(b"old")
@@ -165,6 +168,33 @@ def test_checkpoints_are_renamed_into_place_and_a_killed_write_leaves_the_old_on
         trainer.save_checkpoint(str(target))
     assert target.read_bytes() == b"old"
     trainer.killed = False
+    with torch.no_grad():
+        trainer.network.bias[1] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"Not writing .*checkpoint_latest.pth: the model has non-finite "
+                                                 r"weights \(bias\); the checkpoints already in that folder are kept"):
+        trainer.save_checkpoint(str(target))
+    assert target.read_bytes() == b"old"
+    with torch.no_grad():
+        trainer.network.bias[1] = 0.0
     trainer.save_checkpoint(str(target))
     assert target.read_bytes() == b"new" * 10
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_latest.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_latest.pth"]  # the partial file was renamed
+
+
+def test_an_update_with_a_non_finite_gradient_is_skipped():
+    class Trainer(TrainingBudgetMixin):
+        grad_scaler = None
+
+        def __init__(self):
+            torch.manual_seed(0)
+            self.network = torch.nn.Linear(2, 1)
+            self.optimizer = torch.optim.SGD(self.network.parameters(), lr=0.1)
+
+    trainer, x = Trainer(), torch.ones(4, 2)
+    before = [p.detach().clone() for p in trainer.network.parameters()]
+    trainer.backward_and_step(trainer.network(x).sum() * float("nan"))
+    for p, b in zip(trainer.network.parameters(), before):
+        assert torch.equal(p, b) and p.grad is None  # NaN never reached the weights
+    trainer.backward_and_step(trainer.network(x).sum())
+    weight, bias = trainer.network.parameters()
+    torch.testing.assert_close(bias, before[1] - 0.1 * 4)  # d(sum)/d(bias) = 4: the finite step is taken

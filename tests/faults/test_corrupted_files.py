@@ -1,0 +1,128 @@
+"""Truncated, corrupted and foreign checkpoints, a hand-edited plans.json and a broken text-embedding cache: an
+error that names the file, what is wrong and the fix, before any work starts, and the file left as it was."""
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import DATASET_ID, run, save_tiny_text_model
+from faults_helpers import TRAINER, train_command, trained  # noqa: F401 (fixture)
+
+from nnunet_diffusion.planning.text_embeddings import cache_path, class_text_embeddings
+from nnunet_diffusion.text.encoders import TextModelError
+
+
+@pytest.fixture
+def model(nnunet, trained, tmp_path):
+    """A copy of the trained model's results in a results folder of its own, to damage freely."""
+    results = tmp_path / "results"
+    source = trained.parent.parent  # nnUNet_results/<dataset>
+    shutil.copytree(source / trained.parent.name, results / source.name / trained.parent.name)
+    env = {**nnunet["env"], "nnUNet_results": str(results)}
+    return env, results / source.name / trained.parent.name
+
+
+def predict(env, nnunet, out, *extra):
+    return run(["nnunet-diffusion", "predict", "-i", str(nnunet["raw"] / "imagesTs"), "-o", str(out), "-d",
+                str(DATASET_ID), "-c", "2d", "-tr", TRAINER, "-f", "4", "-device", "cpu", "--disable_tta", *extra],
+               env, check=False)
+
+
+def test_truncated_checkpoint_stops_resume_and_prediction_naming_the_file(nnunet, model, tmp_path):
+    env, folder = model
+    checkpoint = folder / "fold_4" / "checkpoint_final.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    damaged = checkpoint.read_bytes()
+    for result in (run(train_command(4, "--c"), env, check=False), predict(env, nnunet, tmp_path / "out")):
+        assert result.returncode != 0
+        assert f"{checkpoint} cannot be read as a checkpoint: it is truncated or corrupted" in result.stderr
+        assert "Move it away and resume from another checkpoint" in result.stderr
+    assert checkpoint.read_bytes() == damaged  # nothing was written over it
+    assert not any((tmp_path / "out").glob("*.nii.gz"))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("trainer_name", "nnUNetTrainerDiffSegRecycling",
+     "it was written by nnUNetTrainerDiffSegRecycling, not nnUNetTrainerDiffusion. Resume it with -tr "
+     "nnUNetTrainerDiffSegRecycling"),
+    ("configuration", "3d_fullres", "it was trained on configuration '3d_fullres', this run is '2d'"),
+    ("plans_name", "nnUNetResEncUNetMPlans", "it was trained with plans_name 'nnUNetResEncUNetMPlans'"),
+    ("settings", None, "it was trained with other diffusion settings (prediction: x0 -> eps)"),
+])
+def test_checkpoint_of_another_trainer_plans_or_settings_is_refused_on_resume(nnunet, model, field, value, message):
+    env, folder = model
+    path = folder / "fold_4" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, weights_only=False)
+    if field == "trainer_name":
+        checkpoint["trainer_name"] = value
+    elif field == "configuration":
+        checkpoint["init_args"]["configuration"] = value
+    elif field == "plans_name":
+        checkpoint["init_args"]["plans"]["plans_name"] = value
+    else:  # a model trained as the x0 variant, resumed as the eps trainer
+        checkpoint["init_args"]["plans"]["configurations"]["2d"]["diffusion"]["prediction"] = "x0"
+    torch.save(checkpoint, path)
+    before = path.read_bytes()
+    result = run(train_command(4, "--c"), env, check=False)
+    assert result.returncode != 0
+    assert f"Cannot resume from {path}: {message}" in result.stderr
+    assert path.read_bytes() == before
+
+
+def test_checkpoint_moved_into_another_trainers_folder_is_refused_at_prediction(nnunet, model, tmp_path):
+    env, folder = model
+    foreign = folder.parent / folder.name.replace(TRAINER, "nnUNetTrainerDiffusion_x0")
+    shutil.copytree(folder, foreign)
+    result = run(["nnunet-diffusion", "predict", "-i", str(nnunet["raw"] / "imagesTs"), "-o", str(tmp_path / "o"),
+                  "-d", str(DATASET_ID), "-c", "2d", "-tr", "nnUNetTrainerDiffusion_x0", "-f", "4", "-device", "cpu"],
+                 env, check=False)
+    assert result.returncode != 0
+    assert f"was written by {TRAINER}, but it lies in a model folder of nnUNetTrainerDiffusion_x0" in result.stderr
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"prediction": "v"}, "prediction must be 'eps' or 'x0', not 'v'"),
+    ({"num_train_timesteps": "1000"}, "num_train_timesteps is '1000', not of type int"),
+    ({"noise_schedule": "sigmoid"}, "Unknown noise schedule 'sigmoid'"),
+    ({"sampler": {"kind": "ddim", "step": 10}}, "unknown key(s) ['step'] in sampler"),
+    ({"num_train_timestep": 1000}, "unknown key(s) ['num_train_timestep'] in the block"),
+])
+def test_hand_edited_diffusion_block_of_plans_json_is_refused_naming_the_file(nnunet, model, tmp_path, edit,
+                                                                                message):
+    env, folder = model
+    plans_file = folder / "plans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["2d"]["diffusion"].update(edit)
+    plans_file.write_text(json.dumps(plans))
+    out = tmp_path / "pred"
+    result = run(["nnUNetv2_predict", "-i", str(nnunet["raw"] / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
+                  "-c", "2d", "-tr", TRAINER, "-f", "4", "-device", "cpu", "-npp", "0", "-nps", "0"], env, check=False)
+    assert result.returncode != 0
+    where = f"nnUNet_results/{folder.parent.name}/{folder.name}/plans.json, 'diffusion' block"
+    assert where in result.stderr and message in result.stderr
+    assert "restore the plans.json the model was trained with" in result.stderr
+    assert not any(out.glob("*.nii.gz"))
+
+
+DATASET_JSON = {"labels": {"background": 0, "liver": 1, "tumour": 2}, "channel_names": {"0": "CT"}}
+
+
+def test_corrupted_text_cache_is_remade_and_without_a_text_model_the_error_names_the_cache(tmp_path):
+    model = save_tiny_text_model(tmp_path / "text_model")
+    made = class_text_embeddings(DATASET_JSON, tmp_path, model, log=lambda line: None)
+    path = cache_path(tmp_path, model)
+    path.write_bytes(path.read_bytes()[:40])  # a copy cut short
+    lines = []
+    again = class_text_embeddings(DATASET_JSON, tmp_path, model, log=lines.append)
+    assert any(f"the cache {path} is truncated or corrupted: recomputing" in line for line in lines)
+    torch.testing.assert_close(again.vectors, made.vectors)
+    assert again.vectors.shape == (3, 24)  # the tiny model's hidden size
+    # no cache, and the model cannot be loaded: the error says which cache and why it is needed
+    missing_model = str(tmp_path / "no_such_model")
+    missing_cache = cache_path(tmp_path, missing_model)
+    with pytest.raises(TextModelError, match=f"must be computed \\(there is no cache at {missing_cache}\\)"):
+        class_text_embeddings(DATASET_JSON, tmp_path, missing_model, log=lambda line: None)
+    missing_cache.parent.mkdir(parents=True, exist_ok=True)
+    missing_cache.write_bytes(b"garbage")
+    with pytest.raises(TextModelError, match=f"the cache {missing_cache} is truncated or corrupted"):
+        class_text_embeddings(DATASET_JSON, tmp_path, missing_model, log=lambda line: None)
