@@ -59,10 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--steps", type=int, help="override the stored number of reverse steps")
     ours.add_argument("--samples", type=int, help="samples per window (their spread feeds --uncertainty)")
     ours.add_argument("--seed", type=int, help="seed of the start noise (same seed, same segmentation)")
+    ours.add_argument("--deterministic", action="store_true",
+                      help="CUDA: deterministic kernels (cuDNN autotuning off, torch.use_deterministic_algorithms), "
+                           "so that repeated runs on the same GPU give the same result; slower. The CPU always is")
     ours.add_argument("--prompts", nargs="+", metavar="CLASS",
                       help="DSM models: name classes not seen in training; also write dsm/<case>_anomaly (anomaly "
                            "score) and dsm/<case>_<class> (its map) in the output folder, in the input's geometry")
     return parser
+
+
+def set_deterministic() -> None:
+    """Deterministic CUDA kernels: without them cuDNN's autotuning and atomic adds make repeated runs differ in the
+    last bits, which can flip the label of a voxel near 0.5 (CPU kernels are deterministic anyway)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it before its first call
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def make_predictor(args: argparse.Namespace) -> DiffusionPredictor:
@@ -81,6 +93,8 @@ def make_predictor(args: argparse.Namespace) -> DiffusionPredictor:
     elif args.device == "cuda":
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
+    if args.deterministic:
+        set_deterministic()
     if args.prompts and args.uncertainty:
         raise SystemExit("--prompts and --uncertainty: choose one (a DSM model has no samples to measure a spread of)")
     predictor_class, extra = ((DSMPredictor, {"prompts": args.prompts}) if args.prompts else
@@ -91,6 +105,8 @@ def make_predictor(args: argparse.Namespace) -> DiffusionPredictor:
                                 allow_tqdm=not args.disable_progress_bar, max_batch=args.max_batch, **extra)
     predictor.initialize_from_trained_model_folder(get_output_folder(args.d, args.tr, args.p, args.c), folds,
                                                    checkpoint_name=args.chk)
+    if args.deterministic:
+        set_deterministic()  # again: nnU-Net's predictor turned cuDNN autotuning on
     if overrides and predictor.segmenter is None:
         raise SystemExit(f"--{' --'.join(overrides)}: {args.tr} is not a diffusion trainer and has no sampler.")
     return predictor

@@ -113,7 +113,7 @@ class FaultSafetyMixin:
         identifiers = infer_dataset_class(folder).get_identifiers(folder)
         check_training_cases(self.__class__.__name__, folder, identifiers, self.fold,
                              os.path.join(self.preprocessed_dataset_folder_base, "splits_final.json"),
-                             list(self.label_manager.foreground_labels))
+                             [int(v) for v in self.label_manager.foreground_labels])
 
     def run_training(self):
         try:

@@ -16,8 +16,8 @@ from conftest import DATASET_ID, model_folder, run
 TRAINER = "nnUNetTrainerDiffusion"
 CONFIGURATION = "2d"
 # short runs that write checkpoint_latest after every epoch (what a kill may lose at most)
-FAULT_RUN = {"NNUNET_DIFFUSION_EPOCHS": "2", "NNUNET_DIFFUSION_ITERATIONS": "2", "NNUNET_DIFFUSION_SAVE_EVERY": "1",
-             "NNUNET_DIFFUSION_FINAL_VALIDATION": "0"}
+FAULT_RUN = {"NNUNET_DIFFUSION_EPOCHS": "2", "NNUNET_DIFFUSION_ITERATIONS": "2", "NNUNET_DIFFUSION_VAL_ITERATIONS": "1",
+             "NNUNET_DIFFUSION_SAVE_EVERY": "1", "NNUNET_DIFFUSION_FINAL_VALIDATION": "0"}
 
 
 def train_command(fold, *extra, trainer=TRAINER, configuration=CONFIGURATION):
@@ -64,9 +64,16 @@ def log_text(folder: Path) -> str:
     return "".join(p.read_text() for p in sorted(folder.glob("training_log_*.txt")))
 
 
+def logged(folder: Path, message: str) -> bool:
+    """Whether a line of the training logs is ``message`` (after nnU-Net's timestamp)."""
+    return any(line.split(": ", 1)[-1].strip() == message for line in log_text(folder).splitlines())
+
+
 @pytest.fixture(scope="session")
 def trained(nnunet):
-    """A finished 2d model (fold 4, 2 epochs): checkpoint_final and checkpoint_best."""
-    env = {**nnunet["env"], **FAULT_RUN}
-    run(train_command(4), env)
-    return fold_folder(nnunet, 4)
+    """A finished 2d model (fold 4, 2 epochs): checkpoint_final and checkpoint_best. Trained once per session (the
+    modules that import this fixture each get their own instance of it)."""
+    folder = fold_folder(nnunet, 4)
+    if not (folder / "checkpoint_final.pth").is_file():
+        run(train_command(4), {**nnunet["env"], **FAULT_RUN})
+    return folder

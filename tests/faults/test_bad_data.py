@@ -9,7 +9,6 @@ from conftest import make_configuration, run
 from faults_helpers import train_command
 
 from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep
-from nnunet_diffusion.trainers.data_checks import DataCheckError
 from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
 from nnunet_diffusion.trainers.dsm import nnUNetTrainerDSM
 from nnunet_diffusion.trainers.textdiffseg import nnUNetTrainerTextDiffSeg
@@ -24,7 +23,9 @@ def make(trainer_cls, tmp_path, monkeypatch, configurations=None, configuration=
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
     plans = {"label_manager": "LabelManager", "dataset_name": "Dataset999_X", "plans_name": "nnUNetPlans",
-             "configurations": configurations or {"3d_fullres": make_configuration(3)}}
+             "continue_training": False,
+             "configurations": configurations or {"3d_fullres": make_configuration(
+                 3, extra={"data_identifier": "nnUNetPlans_3d_fullres"})}}
     dataset_json = {"labels": labels, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}
     return trainer_cls(plans, configuration, 0, dataset_json, device=torch.device("cpu"))
 
@@ -108,5 +109,5 @@ def test_class_absent_from_every_training_case(preprocessed_copy):
     result = run(train_command(1), env, check=False)
     assert result.returncode != 0
     assert f"Label value(s) [{absent}] of dataset.json 'labels' occur in none of the 6 preprocessed training cases" \
-        in result.stderr
+        in result.stderr, result.stderr[-1000:]
     assert "cannot learn a class it never sees" in result.stderr

@@ -6,8 +6,8 @@ import time
 
 import pytest
 import torch
-from faults_helpers import (FAULT_RUN, fold_folder, log_text, python_command, sigkill, start, train_command,
-                            wait_for)
+from faults_helpers import (FAULT_RUN, fold_folder, log_text, logged, python_command, sigkill, start,
+                            train_command, wait_for)
 from conftest import run
 
 from nnunet_diffusion.trainers.fault_safety import CheckpointError, read_checkpoint
@@ -36,7 +36,7 @@ def test_sigkill_during_an_epoch_then_resume_reaches_the_uninterrupted_state(nnu
     env, folder = {**nnunet["env"], **LONGER_RUN}, fold_folder(nnunet, 2)
     process = start(train_command(2), env)
     # kill somewhere inside epoch 1 or 2, after checkpoint_latest of an earlier epoch was written
-    wait_for(lambda: (folder / "checkpoint_latest.pth").is_file() and "Epoch 1\n" in log_text(folder), process)
+    wait_for(lambda: (folder / "checkpoint_latest.pth").is_file() and logged(folder, "Epoch 1"), process)
     time.sleep(random.uniform(0, 0.5))
     sigkill(process)
     assert not (folder / "checkpoint_final.pth").exists()
@@ -79,7 +79,9 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_checkpoint_and_re
     env, folder = {**nnunet["env"], **LONGER_RUN}, fold_folder(nnunet, 3)
     partial = folder / ".checkpoint_latest.pth.partial"
     process = start(python_command(SLOW_CHECKPOINT_WRITE, *train_command(3)[1:]), env)
-    wait_for(lambda: partial.is_file() and partial.stat().st_size > 0, process)
+    # the second write: the first was renamed into place already
+    wait_for(lambda: (folder / "checkpoint_latest.pth").is_file() and partial.is_file() and partial.stat().st_size > 0,
+             process)
     sigkill(process)
     with pytest.raises(CheckpointError, match="truncated or corrupted"):
         read_checkpoint(str(partial))  # the kill landed in the middle of the write ...
@@ -94,7 +96,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_checkpoint_and_re
 def test_sigkill_during_the_final_validation_then_resume_validates_again(nnunet):
     # many sampler steps make the final validation long enough to be killed in
     env = {**nnunet["env"], **FAULT_RUN, "NNUNET_DIFFUSION_EPOCHS": "1", "NNUNET_DIFFUSION_FINAL_VALIDATION": "1",
-           "NNUNET_DIFFUSION_STEPS": "200"}
+           "NNUNET_DIFFUSION_STEPS": "334"}
     folder = fold_folder(nnunet, "all")
     process = start(train_command("all"), env)
     wait_for(lambda: (folder / "validation").is_dir(), process)

@@ -18,8 +18,10 @@ real_pass, calls = nnUNetTrainerDiffusionBase._training_pass, []
 
 def nan_pass(self, batch):
     loss, result, target = real_pass(self, batch)
+    if not self.network.training:  # per-epoch validation: as it was
+        return loss, result, target
     calls.append(1)
-    return (loss * float("nan") if len(calls) > 2 else loss), result, target  # epoch 0 (2 iterations) is finite
+    return (loss * float("nan") if len(calls) > 4 else loss), result, target  # epoch 0 (4 iterations) is finite
 
 nnUNetTrainerDiffusionBase._training_pass = nan_pass
 sys.argv = ["nnUNetv2_train", *sys.argv[1:]]
@@ -28,8 +30,10 @@ run_training_entry()
 
 
 def test_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(nnunet):
-    env, folder = {**nnunet["env"], **FAULT_RUN, "NNUNET_DIFFUSION_EPOCHS": "5"}, fold_folder(nnunet, 1, "nnUNetTrainerDiffusion", "3d_fullres")
-    result = run(python_command(NAN_AFTER_EPOCH_0, *train_command(1, configuration="3d_fullres")[1:]), env,
+    # 3d_fullres folds 2 and 3: the end-to-end tests use 0 and 1
+    env = {**nnunet["env"], **FAULT_RUN, "NNUNET_DIFFUSION_EPOCHS": "5", "NNUNET_DIFFUSION_ITERATIONS": "4"}
+    folder = fold_folder(nnunet, 2, configuration="3d_fullres")
+    result = run(python_command(NAN_AFTER_EPOCH_0, *train_command(2, configuration="3d_fullres")[1:]), env,
                  check=False)
     assert result.returncode != 0
     assert "the training loss was not finite (NaN or inf) in 3 consecutive iterations (epoch 1)" in result.stderr
@@ -55,8 +59,8 @@ run_training_entry()
 
 
 def test_out_of_memory_in_training_says_what_to_change(nnunet):
-    folder = fold_folder(nnunet, 2, "nnUNetTrainerDiffusion", "3d_fullres")
-    result = run(python_command(OUT_OF_MEMORY_AT_FIRST_STEP, *train_command(2, configuration="3d_fullres")[1:]),
+    folder = fold_folder(nnunet, 3, configuration="3d_fullres")
+    result = run(python_command(OUT_OF_MEMORY_AT_FIRST_STEP, *train_command(3, configuration="3d_fullres")[1:]),
                  {**nnunet["env"], **FAULT_RUN}, check=False)
     assert result.returncode != 0
     assert "nnUNetTrainerDiffusion ran out of CPU memory in training (epoch 0; patch [" in result.stderr
@@ -77,7 +81,7 @@ class OutOfMemoryAbove:
         return self.real(part, copies=copies, on_step=on_step)
 
 
-def test_prediction_out_of_memory_splits_its_batch_and_gives_the_same_result(configuration_manager, one_thread,
+def test_prediction_out_of_memory_splits_its_batch_and_gives_the_same_result_up_to_rounding(configuration_manager, one_thread,
                                                                              capsys):
     torch.manual_seed(0)
     network = nnUNetTrainerDiffusion.build_network_architecture(None, configuration_manager(3), 1, 3, False).eval()
@@ -91,7 +95,8 @@ def test_prediction_out_of_memory_splits_its_batch_and_gives_the_same_result(con
     expected = predictors[0]._internal_maybe_mirror_and_predict(x)
     network.member_probabilities = limited = OutOfMemoryAbove(network, 3)
     got = predictors[1]._internal_maybe_mirror_and_predict(x)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)  # every member's noise comes from the seed alone
+    # every member keeps its noise; only the kernels' rounding for another batch size differs
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert limited.calls == [8, 4, 2, 2, 2, 2]  # 8 copies: halved until they fit
     assert predictors[1].max_batch == 2  # and the rest of the run asks for no more
     assert "Out of memory with 8 windows/copies per network call: splitting" in capsys.readouterr().out
