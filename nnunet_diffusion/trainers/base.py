@@ -118,7 +118,7 @@ class nnUNetTrainerDiffusionBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTr
         that this trainer cannot use raises a DataCheckError naming ``where`` (the file) and the bad entry."""
         block = configuration_manager.configuration.get(PLANS_KEY, {})
         where = f"{where}, '{PLANS_KEY}' block"
-        check_stored_settings(block, cls.diffusion_settings(), where)
+        check_stored_settings(block, cls.diffusion_settings(), where, cls.extra_settings_keys)
         stored = {**cls.diffusion_settings(), **block}
         try:  # values: the schedule, the parametrisation and the sampler
             if stored["prediction"] not in ("eps", "x0"):

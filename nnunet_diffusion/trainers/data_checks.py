@@ -118,28 +118,26 @@ def _class_locations(properties_file: str) -> Optional[dict]:
     return properties.get("class_locations") if isinstance(properties, dict) else None
 
 
-EXTRA_SETTINGS_KEYS = ("text",)  # dataset-dependent entries (class prompts), checked by the text code
-
-
-def check_stored_settings(block, defaults: dict, where: str) -> None:
+def check_stored_settings(block, defaults: dict, where: str, extra_keys=()) -> None:
     """A method's settings block of plans.json (written by its trainer, stored with the model) against the trainer's
-    defaults: a dict, no unknown keys, every value of its default's type (nested blocks alike). ``where`` names the
-    file and block in the message."""
+    defaults: a dict, no unknown keys, every value of its default's type (nested blocks alike). ``extra_keys``: keys
+    of the block that depend on the dataset or the run (not in ``defaults``; checked where they are used).
+    ``where`` names the file and block in the message."""
     fix = ("This block is written by the trainer and stored with the model; restore the plans.json the model was "
            "trained with (or the value shown), or train again.")
 
     def check(value, default, path):
-        if default is None or (path and path[-1] in EXTRA_SETTINGS_KEYS):
+        if default is None:
             return
         name = ".".join(path) or "the block"
         if isinstance(default, dict):
             if not isinstance(value, dict):
                 raise DataCheckError(f"{where}: {name} must be a mapping, not {value!r}. {fix}")
-            unknown = sorted(set(value) - set(default) - set(EXTRA_SETTINGS_KEYS))
+            unknown = sorted(set(value) - set(default) - (set(extra_keys) if not path else set()))
             if unknown:
                 raise DataCheckError(f"{where}: unknown key(s) {unknown} in {name}; valid: {sorted(default)}. {fix}")
             for key, item in value.items():
-                if key in default:
+                if key in default and not (not path and key in extra_keys):
                     check(item, default[key], path + [key])
             return
         expected = (bool,) if isinstance(default, bool) else (int,) if isinstance(default, int) else \

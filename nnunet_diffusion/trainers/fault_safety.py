@@ -46,8 +46,10 @@ def read_checkpoint(path: str) -> dict:
 
 
 def checkpoint_mismatch(checkpoint: dict, trainer_name: str, plans: dict, configuration: str,
-                        settings_key: Optional[str]) -> Optional[str]:
-    """What makes ``checkpoint`` unfit to resume this run (trainer, plans, configuration, stored settings), or None."""
+                        settings_key: Optional[str], run_dependent: tuple = ("text",)) -> Optional[str]:
+    """What makes ``checkpoint`` unfit to resume this run (trainer, plans, configuration, stored settings), or None.
+    ``run_dependent``: entries of the settings that may differ on resume (checked by their own code, e.g. the
+    text embeddings by ClassTextMixin)."""
     if checkpoint["trainer_name"] != trainer_name:
         return (f"it was written by {checkpoint['trainer_name']}, not {trainer_name}. Resume it with "
                 f"-tr {checkpoint['trainer_name']}")
@@ -65,8 +67,8 @@ def checkpoint_mismatch(checkpoint: dict, trainer_name: str, plans: dict, config
         return (f"the plans changed since it was trained ({', '.join(f'{k}: {trained.get(k)} -> {current.get(k)}' for k in changed)}"
                 f"); restore the plans it was trained with")
     if settings_key is not None:
-        before = {k: v for k, v in trained.get(settings_key, {}).items() if k != "text"}  # text: ClassTextMixin
-        now = {k: v for k, v in current.get(settings_key, {}).items() if k != "text"}
+        before = {k: v for k, v in trained.get(settings_key, {}).items() if k not in run_dependent}
+        now = {k: v for k, v in current.get(settings_key, {}).items() if k not in run_dependent}
         changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         if changed:
             return (f"it was trained with other {settings_key} settings "
@@ -91,6 +93,9 @@ class FaultSafetyMixin:
     stored settings (checked on --c)."""
 
     settings_key: Optional[str] = None
+    # entries of the settings block that depend on the dataset or the run, not on the class: not type-checked
+    # against the class defaults, and free to differ on resume (checked by their own code, e.g. ClassTextMixin)
+    extra_settings_keys: tuple = ("text",)
     resumed_from: Optional[str] = None  # the checkpoint --c resumed from (set by load_checkpoint)
 
     # ---- at the start of training -----------------------------------------------------------------------------
@@ -152,7 +157,7 @@ class FaultSafetyMixin:
         if isinstance(filename_or_checkpoint, str):
             checkpoint = read_checkpoint(filename_or_checkpoint)
             problem = checkpoint_mismatch(checkpoint, self.__class__.__name__, self.plans_manager.plans,
-                                          self.configuration_name, self.settings_key)
+                                          self.configuration_name, self.settings_key, self.extra_settings_keys)
             if problem:
                 raise CheckpointError(f"Cannot resume from {filename_or_checkpoint}: {problem}. Or move that folder "
                                       f"away and start a new training.")

@@ -37,6 +37,18 @@ def refused(trainer_cls, tmp_path, monkeypatch, match, **kwargs):
 
 
 @pytest.mark.parametrize("trainer_cls", TRAINERS)
+def test_region_based_labels(trainer_cls, tmp_path, monkeypatch):
+    refused(trainer_cls, tmp_path, monkeypatch, "cannot train region-based datasets.*stock nnUNetTrainer",
+            labels={"background": 0, "whole": [1, 2], "core": 2})
+
+
+@pytest.mark.parametrize("trainer_cls", TRAINERS)
+def test_ignore_label(trainer_cls, tmp_path, monkeypatch):
+    refused(trainer_cls, tmp_path, monkeypatch, "'ignore' label.*Remove 'ignore'",
+            labels={"background": 0, "liver": 1, "ignore": 2})
+
+
+@pytest.mark.parametrize("trainer_cls", TRAINERS)
 def test_non_consecutive_label_values(trainer_cls, tmp_path, monkeypatch):
     refused(trainer_cls, tmp_path, monkeypatch, r"has the values \[0, 1, 3\]; .* needs consecutive values 0..2 .*"
             r"Renumber the label files", labels={"background": 0, "liver": 1, "tumour": 3})

@@ -16,21 +16,6 @@ def make(trainer_cls, labels, tmp_path, monkeypatch, **dataset):
                        device=__import__("torch").device("cpu"))
 
 
-@pytest.mark.parametrize("trainer_cls", [nnUNetTrainerDiffusion, nnUNetTrainerDiffSegRecycling,
-                                         nnUNetTrainerCrossTimestep])
-def test_region_based_dataset_is_refused_with_the_fix(trainer_cls, tmp_path, monkeypatch):
-    labels = {"background": 0, "whole": [1, 2], "core": 2}
-    with pytest.raises(ValueError, match="cannot train region-based datasets.*stock nnUNetTrainer"):
-        make(trainer_cls, labels, tmp_path, monkeypatch, regions_class_order=[1, 2])
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_ignore_label_is_refused_with_the_fix(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="'ignore' label.*Remove 'ignore'"):
-        make(nnUNetTrainerDiffusion, {"background": 0, "organ": 1, "ignore": 2}, tmp_path, monkeypatch)
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_unknown_sampler_is_refused_at_trainer_start(tmp_path, monkeypatch):
     monkeypatch.setenv("NNUNET_DIFFUSION_SAMPLER", "euler")
     with pytest.raises(ValueError, match="Unknown sampler 'euler'. Choose one of \\['ddpm', 'ddim', 'staged'\\]"):

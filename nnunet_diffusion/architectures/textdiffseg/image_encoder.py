@@ -15,7 +15,6 @@ import torch
 from torch import nn
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, get_matching_pool_op
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
-from monai.networks.blocks import CrossAttentionBlock
 
 MAX_CONTEXT_TOKENS = 512  # keys/values per attention: 512 x voxels scores (a 24^3 stage: 7M per head and patch)
 
@@ -47,6 +46,7 @@ class PooledSelfAttention(nn.Module):
         self.max_context = max_context
         self.pool = get_matching_pool_op(conv_op, pool_type="avg")
         self.norm = nn.GroupNorm(1, channels)
+        from monai.networks.blocks import CrossAttentionBlock  # here, not at the top: importing MONAI takes seconds in every nnUNetv2_* process
         self.attention = CrossAttentionBlock(channels, attention_heads(channels), use_flash_attention=True)
 
     def context_stride(self, spatial_shape) -> int:

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
-from monai.networks.nets import DiffusionModelUNet
 
 from nnunet_diffusion.architectures.textdiffseg.image_encoder import DownsampledImage, ImageEncoder
 from nnunet_diffusion.architectures.textdiffseg.label_autoencoder import (FixedLabelReduction, LabelAutoencoder,
@@ -98,6 +97,7 @@ class TextDiffSegDenoiser(nn.Module):
             while len(denoiser_channels) > 1 and smallest < 2 ** len(denoiser_channels):
                 denoiser_channels.pop()
         levels = len(denoiser_channels)
+        from monai.networks.nets import DiffusionModelUNet  # here, not at the top: importing MONAI takes seconds in every nnUNetv2_* process
         self.unet = DiffusionModelUNet(self.spatial_dims, 2 * latent_channels, latent_channels, num_res_blocks=1,
                                        channels=tuple(denoiser_channels),
                                        attention_levels=tuple(i == levels - 1 for i in range(levels)),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from monai.networks.blocks import CrossAttentionBlock
 
 from nnunet_diffusion.architectures.textdiffseg.image_encoder import attention_heads, from_tokens, tokens
 
@@ -19,6 +18,7 @@ class TextCrossAttention(nn.Module):
 
     def __init__(self, channels: int, text_dim: int):
         super().__init__()
+        from monai.networks.blocks import CrossAttentionBlock  # here, not at the top: importing MONAI takes seconds in every nnUNetv2_* process
         self.attention = CrossAttentionBlock(channels, attention_heads(channels), context_input_size=text_dim,
                                              use_flash_attention=True)
 
