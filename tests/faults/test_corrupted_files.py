@@ -11,6 +11,7 @@ from faults_helpers import TRAINER, train_command, trained  # noqa: F401,F811 (f
 
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunet_diffusion.inference.predictor import DiffusionPredictor
 from nnunet_diffusion.planning.text_embeddings import cache_path, class_text_embeddings
 from nnunet_diffusion.text.encoders import TextModelError
 from nnunet_diffusion.trainers.data_checks import DataCheckError
@@ -28,23 +29,24 @@ def model(nnunet, trained, tmp_path):
     return env, results / source.name / trained.parent.name
 
 
-def predict(env, nnunet, out, *extra):
-    return run(["nnunet-diffusion", "predict", "-i", str(nnunet["raw"] / "imagesTs"), "-o", str(out), "-d",
-                str(DATASET_ID), "-c", "2d", "-tr", TRAINER, "-f", "4", "-device", "cpu", "--disable_tta", *extra],
-               env, check=False)
-
-
 def test_truncated_checkpoint_stops_resume_and_prediction_naming_the_file(nnunet, model, tmp_path):
     env, folder = model
     checkpoint = folder / "fold_4" / "checkpoint_final.pth"
     checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
     damaged = checkpoint.read_bytes()
-    for result in (run(train_command(4, "--c"), env, check=False), predict(env, nnunet, tmp_path / "out")):
-        assert result.returncode != 0
-        assert f"{checkpoint} cannot be read as a checkpoint: it is truncated or corrupted" in result.stderr
-        assert "Move it away and resume from another checkpoint" in result.stderr
+    result = run(train_command(4, "--c"), env, check=False)
+    assert result.returncode != 0
+    for message in (result.stderr, refusal_at_prediction(folder)):
+        assert f"{checkpoint} cannot be read as a checkpoint: it is truncated or corrupted" in message
+        assert "Move it away and resume from another checkpoint" in message
     assert checkpoint.read_bytes() == damaged  # nothing was written over it
-    assert not any((tmp_path / "out").glob("*.nii.gz"))
+
+
+def refusal_at_prediction(folder) -> str:
+    """What nnunet-diffusion predict's predictor says when it loads the model folder (before any case)."""
+    with pytest.raises(ValueError) as error:
+        DiffusionPredictor(device=torch.device("cpu")).initialize_from_trained_model_folder(str(folder), (4,))
+    return str(error.value)
 
 
 def test_checkpoint_of_another_trainer_is_refused_on_resume(nnunet, model):
@@ -81,15 +83,12 @@ def test_checkpoint_of_other_plans_configuration_or_settings_does_not_fit(traine
     assert message in checkpoint_mismatch(checkpoint, TRAINER, plans, "2d", "diffusion")
 
 
-def test_checkpoint_moved_into_another_trainers_folder_is_refused_at_prediction(nnunet, model, tmp_path):
-    env, folder = model
+def test_checkpoint_moved_into_another_trainers_folder_is_refused_at_prediction(model):
+    _, folder = model
     foreign = folder.parent / folder.name.replace(TRAINER, "nnUNetTrainerDiffusion_x0")
     shutil.copytree(folder, foreign)
-    result = run(["nnunet-diffusion", "predict", "-i", str(nnunet["raw"] / "imagesTs"), "-o", str(tmp_path / "o"),
-                  "-d", str(DATASET_ID), "-c", "2d", "-tr", "nnUNetTrainerDiffusion_x0", "-f", "4", "-device", "cpu"],
-                 env, check=False)
-    assert result.returncode != 0
-    assert f"was written by {TRAINER}, but it lies in a model folder of nnUNetTrainerDiffusion_x0" in result.stderr
+    assert (f"was written by {TRAINER}, but it lies in a model folder of nnUNetTrainerDiffusion_x0"
+            in refusal_at_prediction(foreign))
 
 
 def test_hand_edited_diffusion_block_of_plans_json_stops_prediction_naming_the_file(nnunet, model, tmp_path):
