@@ -1,7 +1,8 @@
 """Nothing the user had is lost, and bad input stops before any work: the fault guarantees of every trainer of
 the package (README, "Faults").
 
-``FaultSafetyMixin`` goes first in a trainer's bases. It adds to nnU-Net's trainer:
+``FaultSafetyMixin`` goes into a trainer's bases before TrainingBudgetMixin and nnUNetTrainer. It adds to nnU-Net's
+trainer:
 - the preprocessed cases checked at ``on_train_start`` (``data_checks``; dataset.json and the plans are checked by
   each trainer's ``__init__`` first thing, before any folder is made);
 - checkpoints written atomically (temporary file, then rename) and never from a model with non-finite weights;
@@ -89,7 +90,7 @@ def check_finite_weights(module: torch.nn.Module, filename: str) -> None:
 
 
 class FaultSafetyMixin:
-    """For nnUNetTrainer subclasses, first in the bases. ``settings_key``: where plans.json keeps the method's
+    """For nnUNetTrainer subclasses, before TrainingBudgetMixin in the bases. ``settings_key``: where plans.json keeps the method's
     stored settings (checked on --c)."""
 
     settings_key: Optional[str] = None
