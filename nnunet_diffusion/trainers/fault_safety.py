@@ -90,8 +90,8 @@ def check_finite_weights(module: torch.nn.Module, filename: str) -> None:
 
 
 class FaultSafetyMixin:
-    """For nnUNetTrainer subclasses, before TrainingBudgetMixin in the bases. ``settings_key``: where plans.json keeps the method's
-    stored settings (checked on --c)."""
+    """For nnUNetTrainer subclasses, before TrainingBudgetMixin in the bases. ``settings_key``: where plans.json
+    keeps the method's stored settings (checked on --c)."""
 
     settings_key: Optional[str] = None
     # entries of the settings block that depend on the dataset or the run, not on the class: not type-checked
