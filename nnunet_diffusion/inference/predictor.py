@@ -181,8 +181,8 @@ class DiffusionPredictor(nnUNetPredictor):
 
     def _predict_chunk(self, part: torch.Tensor, bar):
         """One network call on (n, C_img, *P) windows and copies -> (logits, members or None). Out of memory, the
-        chunk is split in halves (each member's noise depends only on the seed, so the result is the same) and
-        ``max_batch`` lowered for the rest of the run; one window that does not fit raises with what to change."""
+        chunk is split in halves (each member's noise depends only on the seed, so the result changes only by the
+        rounding of kernels run on a smaller batch) and ``max_batch`` lowered for the rest of the run; one window that does not fit raises with what to change."""
         try:
             segmenter = self.segmenter
             if segmenter is None:
