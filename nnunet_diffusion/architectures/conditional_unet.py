@@ -15,6 +15,7 @@ import torch
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
 
 from nnunet_diffusion.diffusion.timesteps import timestep_embedding
@@ -49,6 +50,13 @@ def unet_decoder_stage(decoder: UNetDecoder, s: int, x: torch.Tensor, skip: torc
     """UNetDecoder's stage s as its forward runs it: upsample x (the lower stage's output), concatenate the
     encoder's skip, convolve. For decoders whose stages are interleaved with other blocks."""
     return decoder.stages[s](torch.cat((decoder.transpconvs[s](x), skip), 1))
+
+
+def initialize_like_nnunet(module: nn.Module) -> nn.Module:
+    """nnU-Net's initialisation of its U-Nets (``PlainConvUNet.initialize``): He-normal convolutions with leaky-ReLU
+    slope 1e-2, zero biases; other layers keep PyTorch's default. Stock nnU-Net applies it when it builds a network;
+    without it ours were not trained like for like with the stock trainer. Returns ``module``."""
+    return module.apply(InitWeights_He(1e-2))
 
 
 class TimestepMLP(nn.Module):
@@ -89,6 +97,7 @@ class ImageConditionedDenoiser(nn.Module):
         self.time_projections = nn.ModuleList(nn.Linear(time_embed_dim, f) for f in self.noise_encoder.output_channels)
         self.decoder = keep_last_seg_layer(
             UNetDecoder(self.noise_encoder, num_classes, n_conv_per_stage_decoder, deep_supervision=False))
+        initialize_like_nnunet(self)
 
     def encode_image(self, image: torch.Tensor) -> List[torch.Tensor]:
         """(B, image_channels, *S) -> per-stage features [(B, F_s, *S_s)]. Run once per patch."""

@@ -21,7 +21,8 @@ from torch import nn
 
 from nnunet_diffusion.architectures.activation_checkpointing import maybe_checkpoint
 from nnunet_diffusion.architectures.apds import PriorDecoder, PriorFusion, apds_prior_weight
-from nnunet_diffusion.architectures.conditional_unet import ImageConditionedDenoiser, unet_decoder_stage
+from nnunet_diffusion.architectures.conditional_unet import (ImageConditionedDenoiser, initialize_like_nnunet,
+                                                             unet_decoder_stage)
 from nnunet_diffusion.architectures.fft_tlstm import FFTTLSTM
 from nnunet_diffusion.architectures.sc_tlstm import SCTLSTM
 
@@ -44,6 +45,7 @@ class CrossTimestepOptions:
     ra: str = "reverse_attention"  # APDS RA block: the paper's F * (1 - sigmoid(F_prior)), or 'conv' (a conv block)
     sc: bool = True
     fft: bool = True
+    fft_gate: str = "log"        # FFT-tLSTM gate: 'log' (60 dB log-magnitude) or 'linear' (|F_c| / max): fft_tlstm.py
     spatial_cell: str = "conv_tlstm"
     channel_cell: str = "linear_tgru"
     time_cell: bool = True
@@ -77,7 +79,7 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
             self.sc_decoder = nn.ModuleList(SCTLSTM(c, conv_op, time_dim, **sc_kwargs) for c in decoder_channels)
         if options.fft:
             self.fft = FFTTLSTM(num_classes, image_channels, conv_op, time_dim if options.time_cell else None,
-                                carry_state=options.carry_spatial)
+                                carry_state=options.carry_spatial, gate=options.fft_gate)
         if options.apds:
             self.prior_decoder = PriorDecoder(UNetDecoder(self.image_encoder, num_classes,
                                                           unet_kwargs["n_conv_per_stage_decoder"],
@@ -85,6 +87,7 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
             norm = dict(norm_op=unet_kwargs.get("norm_op"), norm_op_kwargs=unet_kwargs.get("norm_op_kwargs"),
                         nonlin=unet_kwargs.get("nonlin"), nonlin_kwargs=unet_kwargs.get("nonlin_kwargs"))
             self.fusions = nn.ModuleList(PriorFusion(c, conv_op, **norm, ra=options.ra) for c in decoder_channels)
+        initialize_like_nnunet(self)  # the blocks added here too (tLSTM, FFT, prior decoder), as nnU-Net's U-Net
 
     def _checkpointed(self, function, *args):
         return maybe_checkpoint(self, self.checkpoint_activations, function, *args)

@@ -14,7 +14,8 @@ __all__ = ["nnUNetTrainerCrossTimestep_noTLSTM", "nnUNetTrainerCrossTimestep_pla
            "nnUNetTrainerCrossTimestep_noTimeCell", "nnUNetTrainerCrossTimestep_APDSOnly",
            "nnUNetTrainerCrossTimestep_APDS_SC", "nnUNetTrainerCrossTimestep_APDS_FFT",
            "nnUNetTrainerCrossTimestep_noAPDS", "nnUNetTrainerCrossTimestep_convRA",
-           "nnUNetTrainerCrossTimestep_fullChainGradient"]
+           "nnUNetTrainerCrossTimestep_fullChainGradient", "nnUNetTrainerCrossTimestep_eps",
+           "nnUNetTrainerCrossTimestep_noBurnIn", "nnUNetTrainerCrossTimestep_linearFFTGate"]
 
 
 class nnUNetTrainerCrossTimestep_noTLSTM(nnUNetTrainerCrossTimestep):
@@ -71,3 +72,20 @@ class nnUNetTrainerCrossTimestep_convRA(nnUNetTrainerCrossTimestep):
 class nnUNetTrainerCrossTimestep_fullChainGradient(nnUNetTrainerCrossTimestep):
     """Training chain with backpropagation through the chain's x_k as well as the recurrent state."""
     chain_gradient = "full"
+
+
+class nnUNetTrainerCrossTimestep_eps(nnUNetTrainerCrossTimestep):
+    """Eq. 19's reading: eps prediction (Min-SNR-weighted MSE per unrolled step), chains started from q(x_k | x0)
+    with an empty state: the package's default before the mask-predicting one (cross_timestep.py says why)."""
+    prediction = "eps"
+    chain_start = "noised_truth"
+
+
+class nnUNetTrainerCrossTimestep_noBurnIn(nnUNetTrainerCrossTimestep):
+    """Training chains start at the drawn step from q(x_k | x0) with an empty state (no burn-in from pure noise)."""
+    chain_start = "noised_truth"
+
+
+class nnUNetTrainerCrossTimestep_linearFFTGate(nnUNetTrainerCrossTimestep):
+    """FFT-tLSTM gated by |F_c| / max |F_c| (the first reading; near the identity on real spectra)."""
+    options = replace(_FULL, fft_gate="linear")

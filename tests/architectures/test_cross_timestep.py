@@ -18,6 +18,14 @@ from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep
 C = 3
 
 
+def _loss(result, labels):
+    """A loss that reaches every trained parameter: the pass's own (x0 chains: CE per step + prior) or the eps MSE."""
+    if hasattr(result, "loss"):
+        return result.loss(labels, lambda logits, y: torch.nn.functional.cross_entropy(logits.float(), y[:, 0].long()))
+    prior = 0 if result.prior_logits is None else result.prior_logits.logsumexp(1).mean()
+    return ((result.output - result.regression_target) ** 2).mean() + prior
+
+
 def test_apds_weight_at_start_middle_end():
     t = torch.tensor([0, 500, 1000])
     w = apds_prior_weight(t, 1000, alpha=0.8)
@@ -120,7 +128,7 @@ def test_sampling_resets_state_per_patch(configuration_manager):
 
 
 def test_training_unrolls_the_stored_chain_whatever_the_sampler(configuration_manager):
-    net = build(nnUNetTrainerCrossTimestep, configuration_manager).train()
+    net = build(variants.nnUNetTrainerCrossTimestep_eps, configuration_manager).train()
     net.set_sampler(SamplerSettings(kind="ddpm", steps=10, seed=3))    # prediction settings: not the training chain
     assert net.training_chain == SamplerSettings("ddim", 10)
     with pytest.raises(ValueError, match=r"10-step chain.*Valid NNUNET_DIFFUSION_STEPS for this model: \[10\]"):
@@ -148,7 +156,7 @@ def test_every_variant_trains_a_step_and_samples(name, dim, configuration_manage
     net = build(trainer_cls, configuration_manager, dim)
     labels = torch.randint(0, C, (2, 1, *[16] * dim))
     result = net.train()(torch.randn(2, 1, *[16] * dim), labels_to_x0(labels, C))
-    ((result.output - result.regression_target) ** 2).mean().backward()
+    _loss(result, labels).backward()
     with torch.no_grad():
         probabilities = torch.softmax(net.eval()(torch.randn(1, 1, *[16] * dim)), 1)
     torch.testing.assert_close(probabilities.sum(1), torch.ones(1, *[16] * dim))
@@ -175,12 +183,16 @@ def _chain(net, start=5, length=2):
     return x_start, outputs, targets, states[0]
 
 
-def test_state_scheme_step_two_learns_through_the_state_only(configuration_manager):
-    net = build(nnUNetTrainerCrossTimestep, configuration_manager).train()
+@pytest.mark.parametrize("name", ["nnUNetTrainerCrossTimestep", "nnUNetTrainerCrossTimestep_eps"])
+def test_state_scheme_step_two_learns_through_the_state_only(name, configuration_manager):
+    net = build(getattr(variants, name, nnUNetTrainerCrossTimestep), configuration_manager).train()
     assert net.chain_gradient == "state"
     x_start, outputs, targets, state_after_step_1 = _chain(net)
-    assert not any(t.requires_grad for t in targets)          # eps targets of constant x_k: constants
-    loss_2 = ((outputs[1] - targets[1]) ** 2).mean()
+    if targets is None:                                       # x0: any loss of step 2's logits
+        loss_2 = (outputs[1] * torch.randn_like(outputs[1])).mean()
+    else:
+        assert not any(t.requires_grad for t in targets)      # eps targets of constant x_k: constants
+        loss_2 = ((outputs[1] - targets[1]) ** 2).mean()
     # nothing of step 2's loss flows back through x: not into x_start, not into step 1's eps output
     assert torch.autograd.grad(loss_2, [x_start, outputs[0]], allow_unused=True, retain_graph=True) == (None, None)
     # ... but it does through the recurrent state step 1 left behind
@@ -190,16 +202,19 @@ def test_state_scheme_step_two_learns_through_the_state_only(configuration_manag
 
 def test_full_scheme_backpropagates_through_x_as_well(configuration_manager):
     net = build(variants.nnUNetTrainerCrossTimestep_fullChainGradient, configuration_manager).train()
-    assert net.chain_gradient == "full"
+    assert net.chain_gradient == "full" and net.prediction == "x0"
     x_start, outputs, targets, _ = _chain(net)
-    assert targets[1].requires_grad                           # exact gradient of the loss along the chain
-    loss_2 = ((outputs[1] - targets[1]) ** 2).mean()
+    loss_2 = (outputs[1] * torch.randn_like(outputs[1])).mean()
     grads = torch.autograd.grad(loss_2, [x_start, outputs[0]], allow_unused=True)
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+class _StatelessEps(variants.nnUNetTrainerCrossTimestep_eps):
+    options = variants.nnUNetTrainerCrossTimestep_noTLSTM.options
+
+
 def test_stateless_two_step_chain_equals_two_independent_one_step_losses(configuration_manager):
-    net = build(variants.nnUNetTrainerCrossTimestep_noTLSTM, configuration_manager).train()
+    net = build(_StatelessEps, configuration_manager).train()
     seen = []
     hook = net.denoiser.register_forward_hook(lambda m, i, o: seen.append((i[0].detach().clone(), i[1].clone())))
     torch.manual_seed(2)
@@ -268,7 +283,7 @@ def test_min_snr_weight_by_hand():
 def test_last_chain_step_loss_is_gamma_times_its_x0_error(configuration_manager):
     """A chain ending at t = 0: the eps target of a model-made x_0 is 100x that step's x0 error; weighted, the
     step's loss is exactly gamma times the squared x0 error (not 1e4 times)."""
-    net = build(nnUNetTrainerCrossTimestep, configuration_manager).train()
+    net = build(variants.nnUNetTrainerCrossTimestep_eps, configuration_manager).train()
     seen = []
     net.denoiser.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone()))
     torch.manual_seed(1)
@@ -289,7 +304,8 @@ def test_last_chain_step_loss_is_gamma_times_its_x0_error(configuration_manager)
     assert ((eps_hat - target) ** 2).mean() > 1000 * weighted  # what the unweighted loss would have been
 
 
-@pytest.mark.parametrize("name", ["nnUNetTrainerCrossTimestep", "nnUNetTrainerCrossTimestep_fullChainGradient"])
+@pytest.mark.parametrize("name", ["nnUNetTrainerCrossTimestep", "nnUNetTrainerCrossTimestep_fullChainGradient",
+                                  "nnUNetTrainerCrossTimestep_eps"])
 def test_activation_checkpointing_gives_the_plain_loss_and_gradients(name, configuration_manager):
     """Checkpointed stages are recomputed in backward with the recurrent state they saw in the forward pass:
     the unrolled chain's loss and every gradient equal those of the plain network."""
@@ -302,10 +318,138 @@ def test_activation_checkpointing_gives_the_plain_loss_and_gradients(name, confi
         net.denoiser.checkpoint_activations = checkpointed
         torch.manual_seed(5)  # same t and noise for both
         result = net(image, labels_to_x0(labels, C))
-        loss = ((result.output - result.regression_target) ** 2).mean() + result.prior_logits.logsumexp(1).mean()
+        loss = _loss(result, labels)
         loss.backward()
         grads[checkpointed] = (loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()})
     torch.testing.assert_close(grads[True][0], grads[False][0], rtol=0, atol=0)
     assert grads[True][1].keys() == grads[False][1].keys()
     for name_, grad in grads[False][1].items():
         torch.testing.assert_close(grads[True][1][name_], grad, rtol=1e-5, atol=1e-7, msg=name_)
+
+
+class _pinned_start:
+    """Pin the training chain's random start step (the scalar ``torch.randint(low, high, ())``) to ``k``."""
+
+    def __init__(self, k):
+        self.k, self.original = k, torch.randint
+
+    def __enter__(self):
+        original, k = self.original, self.k
+        torch.randint = lambda *args, **kw: torch.tensor(k) if args[-1] == () else original(*args, **kw)
+
+    def __exit__(self, *exc):
+        torch.randint = self.original
+
+
+def _record_calls(net):
+    """Every denoiser call: (x_k, t, whether the output carries a graph, number of state entries before the call)."""
+    calls = []
+    net.denoiser.register_forward_pre_hook(lambda m, i: calls.append([i[0].detach().clone(), int(i[1][0]), None,
+                                                                     len(i[2].state)]))
+
+    def after(m, i, o):
+        calls[-1][2] = o.requires_grad
+    net.denoiser.register_forward_hook(after)
+    return calls
+
+
+def test_mask_chain_loss_is_the_mean_dice_ce_of_each_step_plus_the_prior(configuration_manager):
+    """Default: x0 logits at every unrolled step, each with nnU-Net's Dice + CE, averaged over the steps, plus the
+    prior decoder's Dice + CE. Stateless blocks: each step's logits equal a fresh one-step call at its x_k, t_k."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    dice_ce = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                             weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
+
+    class Stateless(nnUNetTrainerCrossTimestep):
+        options = variants.nnUNetTrainerCrossTimestep_noTLSTM.options
+    net = build(Stateless, configuration_manager).train()
+    assert net.prediction == "x0" and net.chain_start == "burn_in"
+    calls = _record_calls(net)
+    torch.manual_seed(3)
+    image, labels = torch.randn(2, 1, 16, 16, 16), torch.randint(0, C, (2, 1, 16, 16, 16))
+    with _pinned_start(6):
+        result = net(image, labels_to_x0(labels, C))
+    assert len(result.step_logits) == 2
+    expected = (dice_ce(result.step_logits[0], labels) + dice_ce(result.step_logits[1], labels)) / 2 \
+        + dice_ce(result.prior_logits, labels)
+    torch.testing.assert_close(result.loss(labels, dice_ce), expected)
+    for logits, (x_k, t_k, _, _) in zip(result.step_logits, calls[-2:]):
+        fresh = net.denoiser(x_k, torch.full((2,), t_k), net.denoiser.encode_image(image))
+        torch.testing.assert_close(logits, fresh, rtol=1e-4, atol=1e-5)
+    # the pseudo-Dice estimate is the last step's softmax mask
+    torch.testing.assert_close(result.x0_hat, torch.softmax(result.step_logits[1], 1) * 2 - 1)
+
+
+def test_burn_in_runs_the_chain_from_pure_noise_without_gradient_then_unrolls(configuration_manager):
+    """Start pinned at k0 = 4 of the 10-step chain, 2 unrolled steps: 5 burn-in calls (t = 999 ... 555) without
+    gradient, each x_k the DDIM step of the model's own previous estimate, the state carried into the gradient
+    steps; then 2 calls with gradient. 'noised_truth': 2 calls, the first with an empty state."""
+    from nnunet_diffusion.diffusion.gaussian import eps_from_x0 as eps_of
+    from nnunet_diffusion.diffusion.masks import x0_from_logits
+    from nnunet_diffusion.diffusion.samplers import ddim_step
+    net = build(nnUNetTrainerCrossTimestep, configuration_manager).train()
+    calls, outputs = _record_calls(net), []
+    net.denoiser.register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone()))
+    torch.manual_seed(4)
+    image, labels = torch.randn(1, 1, 16, 16, 16), torch.randint(0, C, (1, 1, 16, 16, 16))
+    with _pinned_start(4):
+        net(image, labels_to_x0(labels, C))
+    chain = net.chain_schedule
+    assert [t for _, t, _, _ in calls] == [int(chain.timesteps[k]) for k in range(9, 2, -1)]
+    assert [g for _, _, g, _ in calls] == [False] * 5 + [True] * 2        # gradient only in the unrolled steps
+    assert calls[0][3] == 0 and all(n > 0 for _, _, _, n in calls[1:])   # empty state only at the first step
+    assert abs(float(calls[0][0].std()) - 1) < 0.1                        # pure noise, not the noised truth
+    for k, (previous, x_next) in zip(range(9, 3, -1), zip(calls, calls[1:])):
+        index = torch.full((1,), k)
+        x0_hat = x0_from_logits(outputs[9 - k]).clamp(-1, 1)
+        expected = ddim_step(chain, previous[0], k, x0_hat, eps_of(chain, previous[0], index, x0_hat))
+        torch.testing.assert_close(x_next[0], expected, rtol=1e-4, atol=1e-5)
+    plain = build(variants.nnUNetTrainerCrossTimestep_noBurnIn, configuration_manager).train()
+    calls = _record_calls(plain)
+    with _pinned_start(4):
+        plain(image, labels_to_x0(labels, C))
+    assert [t for _, t, _, _ in calls] == [int(chain.timesteps[k]) for k in (4, 3)]
+    assert calls[0][3] == 0 and calls[1][3] > 0
+
+
+def _real_image_patch(size: int = 40) -> torch.Tensor:
+    """A 2D (1, 1, size, size) patch of the MNI152 template bundled in nilearn (the example data's image), z-scored."""
+    import SimpleITK as sitk
+    from nnunet_diffusion.planning.example_dataset import load_template
+    array = sitk.GetArrayFromImage(load_template()[0]).astype("float32")
+    middle = array[array.shape[0] // 2]
+    rows, cols = middle.shape
+    patch = torch.from_numpy(middle[rows // 2 - size // 2: rows // 2 + size // 2,
+                                    cols // 2 - size // 2: cols // 2 + size // 2].copy())
+    return ((patch - patch.mean()) / patch.std())[None, None]
+
+
+def test_fft_gate_spreads_over_its_range_on_a_real_image_patch():
+    from nnunet_diffusion.architectures.fft_tlstm import spectrum_gate
+    patch = _real_image_patch()
+    spectrum = torch.fft.rfftn(patch, dim=(2, 3), norm="ortho")
+    gate = spectrum_gate(spectrum, 2)
+    linear = spectrum_gate(spectrum, 2, "linear")
+    assert float(gate.max()) == pytest.approx(1.0) and float(gate.min()) >= 0
+    q10, q50, q90 = torch.quantile(gate.flatten(), torch.tensor([0.1, 0.5, 0.9])).tolist()
+    assert q10 < 0.3 and 0.2 < q50 < 0.8 and q90 > 0.55, (q10, q50, q90)   # spread over (0, 1)
+    off_dc = linear.flatten()[1:]                                          # the first reading: ~0 off the DC
+    assert float(torch.quantile(off_dc, 0.9)) < 0.1
+    # by hand: 1 at the peak, 0 at 60 dB below it, linear in dB: |F| = peak / 10 -> 1 - 1/3 (to within r)
+    made = torch.tensor([[[10.0, 1.0, 0.01, 0.0]]], dtype=torch.complex64)
+    torch.testing.assert_close(spectrum_gate(made, 1),
+                               torch.tensor([[[1.0, 1 + math.log10(0.101) / 3, 1 + math.log10(0.002) / 3, 0.0]]]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_stored_options_rebuild_the_network_not_the_class(configuration_manager):
+    """The options are stored with the model (plans.json): a model trained without FFT rebuilds without it under the
+    default trainer class (and its FFT gate kind likewise)."""
+    from dataclasses import asdict
+    stored = {**nnUNetTrainerCrossTimestep.diffusion_settings(),
+              "options": asdict(variants.nnUNetTrainerCrossTimestep_APDS_SC.options)}
+    net = nnUNetTrainerCrossTimestep.build_network_architecture(
+        None, configuration_manager(3, features=(4, 8, 16), extra={"diffusion": stored}), 1, C)
+    assert not net.denoiser.options.fft and not hasattr(net.denoiser, "fft")
+    assert nnUNetTrainerCrossTimestep.diffusion_settings()["options"]["fft_gate"] == "log"
