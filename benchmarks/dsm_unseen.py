@@ -115,7 +115,9 @@ def main(argv=None):
              f"Command: `{command}`", "",
              f"Every test voxel of the {len(list((source / 'labelsTs').glob('*.nii.gz')))} test cases pooled "
              f"({rows[0]['unseen_fraction']:.1%} of them belong to the held-out structure). Anomaly map: eq. 14's "
-             f"min-max normalised negative maximum of the organ masks; prompt map: the anomaly map times the sigmoid "
+             f"min-max normalised negative maximum of the organ masks (the background query left out; stage 2: the "
+             f"kMMM organ queries, before the tumour queries mix in; stage 2 trained at a tenth of stage 1's "
+             f"learning rate); prompt map: the anomaly map times the sigmoid "
              f"mask of the query most similar to the prompt '{args.unseen.replace('_', ' ')}' (eq. 20). Stage 2's "
              f"class '{args.tumour}' was learned by its tumour queries." if rows else "", "",
              "| trainer | anomaly AUROC | anomaly FPR95 | prompt AUROC | prompt FPR95 | prompt Dice (> 0.5) |",

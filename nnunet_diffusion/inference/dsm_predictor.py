@@ -1,9 +1,10 @@
 """Prediction for DSM models with classes named at prediction time (``nnunet-diffusion predict --prompts``).
 
 Beside each segmentation of the trained classes it writes, in ``<output>/dsm/``: ``<case>_anomaly`` (the anomaly
-score of the organ queries, eq. 14, in [0, 1]) and ``<case>_<name>`` per prompt (``architectures.dsm.network.
-prompt_maps``), in the input's geometry. The prompts are embedded with the text model the DSM model was trained
-with (plans.json), from the class names given, with DSM's template.
+score of the organ queries, eq. 14, in [0, 1]; the background query left out; in stage 2 the organ queries as the
+kMMM decoder leaves them, before the tumour queries mix in) and ``<case>_<name>`` per prompt
+(``architectures.dsm.network.prompt_maps``), in the input's geometry. The prompts are embedded with the text
+model the DSM model was trained with (plans.json), from the class names given, with DSM's template.
 """
 from __future__ import annotations
 

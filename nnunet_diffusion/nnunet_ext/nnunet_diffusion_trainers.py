@@ -4,7 +4,7 @@ nnU-Net imports every module of that folder as a flat top-level module, so this 
 re-exports of trainers that live in the real package. Add new trainers here.
 """
 try:
-    from nnunet_diffusion.trainers.budget import nnUNetTrainerBudget  # noqa: F401
+    from nnunet_diffusion.trainers.budget import nnUNetTrainerBudget, nnUNetTrainerBudgetAdam1en3  # noqa: F401
     from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion  # noqa: F401
     from nnunet_diffusion.trainers.recycling import nnUNetTrainerDiffSegRecycling  # noqa: F401
     from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep  # noqa: F401

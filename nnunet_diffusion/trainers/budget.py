@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from nnunetv2.utilities.helpers import dummy_context
 
+from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import nnUNetTrainerAdam1en3
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -259,3 +260,9 @@ class TrainingBudgetMixin:
 
 class nnUNetTrainerBudget(TrainingBudgetMixin, nnUNetTrainer):
     """The stock nnUNetTrainer, unchanged but for the NNUNET_DIFFUSION_* run lengths (benchmarks, demos)."""
+
+
+class nnUNetTrainerBudgetAdam1en3(TrainingBudgetMixin, nnUNetTrainerAdam1en3):
+    """The stock network with nnU-Net's own AdamW trainer (lr 1e-3, ``nnUNetTrainerAdam1en3``) and the run lengths:
+    the second stock row of every benchmark. Our diffusion trainers train with AdamW, so a lead over the SGD row
+    alone may be the optimiser's; a claim that diffusion helps holds only over both rows."""

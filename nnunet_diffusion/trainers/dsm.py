@@ -6,6 +6,11 @@ Which classes are 'tumours' (learned by stage 2's queries) and which 'organs' (s
 dataset.json's ``dsm_tumour_labels`` (label names), or NNUNET_DIFFUSION_DSM_TUMOUR_LABELS (comma-separated) at
 training. Stage 1 is trained on the organ classes only: the partial-label loss covers the classes a stage has
 queries for, so tumour voxels are simply no organ's (they are the anomalies stage 2 learns from).
+
+Background keeps a query of its own (nnU-Net's label 0 needs a segmentation channel), but the anomaly score (eq. 14)
+is the negative max over the other organ queries only (``architectures.dsm.anomaly``). Stage 2 keeps stage 1's loss
+on the organ masks the kMMM decoder gives (the anomaly score's source, before the tumour queries mix in) and trains at
+a tenth of stage 1's learning rate.
 """
 from __future__ import annotations
 
@@ -33,6 +38,9 @@ from nnunet_diffusion.trainers.pretrained_condition import read_condition_checkp
 DSM_KEY = "dsm"
 TUMOUR_LABELS_KEY = "dsm_tumour_labels"
 ENV_TUMOUR_LABELS = "NNUNET_DIFFUSION_DSM_TUMOUR_LABELS"
+# plans.json 'anomaly': eq. 14 over the organ queries without the background's, from the kMMM organ queries (stage 2:
+# before they mix); absent in older models, which keep the max over all organ queries they were trained with
+ANOMALY_ORGAN_QUERIES = "organ_queries"
 # DSM's prompt (sec. 4.2.3) with the modality from the channel names
 DSM_PROMPT_TEMPLATE = "A {modality} scan of a {label}."
 
@@ -78,6 +86,7 @@ class nnUNetTrainerDSM(ClassTextMixin, FaultSafetyMixin, TrainingBudgetMixin, nn
         settings = {"stage": self.stage, "organ_classes": [i for i, n in enumerate(names) if n not in tumours],
                     "tumour_classes": [names.index(n) for n in tumours], "query_dim": self.query_dim,
                     "max_kmmm_layers": self.max_kmmm_layers, "kmeans": self.kmeans, "backbone": self.backbone,
+                    "anomaly": ANOMALY_ORGAN_QUERIES,
                     TEXT_KEY: self.compute_class_text(plans, dataset_json) if self.text_alignment else None}
         self.stage1_weights = self.find_stage1_weights(plans, configuration, fold)
         plans = copy.deepcopy(plans)
@@ -103,14 +112,15 @@ class nnUNetTrainerDSM(ClassTextMixin, FaultSafetyMixin, TrainingBudgetMixin, nn
                              f"trained by a DSM trainer.")
         kwargs = nnUNetTrainerDiffusionBase.plans_unet_kwargs(configuration_manager)
         text = settings.get(TEXT_KEY)
+        legacy = settings.get("anomaly") != ANOMALY_ORGAN_QUERIES  # a model from before: as it was trained
         stage1 = DSMNetwork(num_input_channels, num_output_channels, settings["organ_classes"],
                             text_dim=text["dim"] if text else None, dim=settings["query_dim"],
                             max_layers=settings["max_kmmm_layers"], kmeans=settings["kmeans"],
-                            backbone=settings.get("backbone", "unet"), **kwargs)
+                            backbone=settings.get("backbone", "unet"), legacy_anomaly=legacy, **kwargs)
         if settings["stage"] == 1:
             return stage1
         return DSMStage2Network(stage1, settings["tumour_classes"], kwargs["conv_op"], amvp=settings["amvp"],
-                                dqr=settings["dqr"])
+                                dqr=settings["dqr"], legacy_anomaly=legacy)
 
     def _network(self) -> nn.Module:
         network = self.network.module if self.is_ddp else self.network
@@ -145,7 +155,8 @@ class nnUNetTrainerDSM(ClassTextMixin, FaultSafetyMixin, TrainingBudgetMixin, nn
 
     def dsm_loss(self, output, target: torch.Tensor) -> torch.Tensor:
         """output: DSMOutput; target (B, 1, *S) labels. Masks of the trained classes, every kMMM layer's organ
-        responses against the labels at its scale, and each query's class against its own (eq. 20)."""
+        responses against the labels at its scale, each query's class against its own (eq. 20), and in stage 2 the
+        kMMM organ masks before the tumour queries mix in (stage 1's mask loss: they give the anomaly map)."""
         classes = self.trained_classes()
         onehot = F.one_hot(target[:, 0].long(), self.label_manager.num_segmentation_heads)
         onehot = onehot.movedim(-1, 1).float()  # (B, N, *S)
@@ -155,6 +166,8 @@ class nnUNetTrainerDSM(ClassTextMixin, FaultSafetyMixin, TrainingBudgetMixin, nn
                                                              mode="nearest"))
                            for response in output.responses]
         loss = loss + self.response_loss_weight * torch.stack(response_losses).mean()
+        if self.stage == 2:  # stage 1's loss on the kMMM organ masks, eq. 14's source in stage 2, stays
+            loss = loss + self.loss(output.organ_masks, onehot[:, organs])
         query_targets = torch.tensor(classes, device=target.device).repeat(target.shape[0])
         class_loss = F.cross_entropy(output.class_logits.flatten(0, 1).float(), query_targets)
         return loss + self.class_loss_weight * class_loss
@@ -187,6 +200,10 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSM):
     stage1_trainer = "nnUNetTrainerDSM"
     amvp = True
     dqr = True
+    # the paper: "(2) Stage 2: We utilize the pretrained model from Stage 1, while setting the initial learning rate
+    # to ." (both stages' values are lost in our copy; the reference code's train.py defaults to 1e-4 for either):
+    # a tenth of stage 1's, our ratio, so fine-tuning with the tumour queries moves the organ queries less
+    learning_rate = 1e-4  # nnUNetTrainerDSM.learning_rate / 10
 
     def stage_settings(self) -> dict:
         return {"amvp": self.amvp, "dqr": self.dqr, "stage1_trainer": self.stage1_trainer}

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from nnunet_diffusion.architectures.dsm.anomaly import (OUTSIDE_BIAS, PROMPT_WEIGHT, anomaly_prompt, anomaly_score,
-                                                        prompt_attention_bias)
+                                                        organ_queries, prompt_attention_bias)
 from nnunet_diffusion.architectures.dsm.feature_diffusion import GuidedFeatureDiffusion, neighbours
 from nnunet_diffusion.architectures.dsm.text_alignment import TextAlignedClassifier
 
@@ -30,6 +30,25 @@ def test_anomaly_prompt_marks_the_voxels_no_query_claims():
     torch.testing.assert_close(bias[0, 2 * 6 + 2], torch.tensor(PROMPT_WEIGHT * 1.0))
     torch.testing.assert_close(bias[0, 0], torch.tensor(OUTSIDE_BIAS))
     assert torch.equal(anomaly_score(torch.ones(1, 2, 3, 3)), torch.zeros(1, 3, 3))  # constant map: no anomaly
+
+
+def test_eq_14_leaves_out_the_background_query():
+    """Queries for classes (0 = background, 1, 2) at four voxels: organ 1, organ 2, background, unseen. The background
+    query responds most at the unseen voxel (6, the largest response anywhere): the score ignores it.
+    -max over the organ queries 1, 2: (-4, -3, 1, 3); min-max with min -4, range 7: (0, 1/7, 5/7, 1)."""
+    responses = torch.tensor([[-2.0, -1.0, 5.0, 6.0],    # background
+                              [4.0, -2.0, -1.0, -4.0],   # organ 1
+                              [-3.0, 3.0, -2.0, -3.0]])  # organ 2
+    responses = responses.view(1, 3, 2, 2)
+    assert organ_queries([0, 1, 2]) == [1, 2]
+    score = anomaly_score(responses, organ_queries([0, 1, 2]))
+    torch.testing.assert_close(score.flatten(), torch.tensor([0.0, 1 / 7, 5 / 7, 1.0]))
+    assert anomaly_prompt(score).flatten().tolist() == [False, False, True, True]
+    # with the background query in the max the unseen voxel would score lowest: -max = (-2, -3, -5, -6)
+    torch.testing.assert_close(anomaly_score(responses).flatten(), torch.tensor([2 / 3, 1.0, 1 / 3, 0.0]))
+    # the background's position comes from the classes, not the order; no organ query: nothing is anomalous
+    assert organ_queries([2, 0, 1]) == [0, 2] and organ_queries([0, 1, 3]) == [1, 2]
+    assert torch.equal(anomaly_score(responses[:, :1], organ_queries([0])), torch.zeros(1, 2, 2))
 
 
 def test_neighbours_in_2d_and_3d():

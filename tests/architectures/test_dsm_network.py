@@ -1,12 +1,17 @@
-"""DSM's networks: class order carries no meaning (a consistent permutation permutes the predictions and nothing
-else), every parameter trains, and half precision stays finite on a patch larger than float16 can count."""
+"""DSM's networks: the order of the foreground classes carries no meaning (a consistent permutation permutes the
+predictions and nothing else), the anomaly score leaves the background query out and in stage 2 comes from the organ
+queries before they mix with the tumour queries, every parameter trains, and half precision stays finite on a patch
+larger than float16 can count."""
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_configuration
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
+from nnunet_diffusion.architectures.dsm.anomaly import anomaly_score
 from nnunet_diffusion.architectures.dsm.network import DSMNetwork, DSMStage2Network, prompt_maps
 from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
 
@@ -44,7 +49,7 @@ def permuted(net: DSMNetwork, perm: list) -> DSMNetwork:
 
 def test_permuting_the_classes_permutes_the_predictions_and_nothing_else():
     net = stage1().eval()
-    perm = [2, 0, 3, 1]
+    perm = [0, 3, 1, 2]  # background (label 0) stays first: eq. 14 leaves its query out
     image = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         out, out_perm = net(image, full=True), permuted(net, perm)(image, full=True)
@@ -53,6 +58,86 @@ def test_permuting_the_classes_permutes_the_predictions_and_nothing_else():
         torch.testing.assert_close(r_perm, r[:, perm], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out_perm.class_logits, out.class_logits[:, perm][:, :, perm], atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(out_perm.anomaly, out.anomaly, atol=1e-5, rtol=1e-5)
+
+
+def test_the_anomaly_score_ignores_the_background_query():
+    """Stage 1: the anomaly map is eq. 14 over the organ queries of classes 1 and 3 (positions 1, 2), whatever the
+    background query's mask: raising it everywhere changes the segmentation, not the anomaly map."""
+    net = stage1(organ_classes=(0, 1, 3)).eval()
+    assert net.scored_queries == [1, 2]
+    with torch.no_grad():
+        out = net(torch.randn(2, 1, 16, 16), full=True)
+    torch.testing.assert_close(out.organ_masks, out.logits[:, [0, 1, 3]])  # stage 1: the final organ masks
+    torch.testing.assert_close(out.anomaly, anomaly_score(out.organ_masks[:, 1:]))
+    loud = out.organ_masks.clone()
+    loud[:, 0] = 100.0
+    torch.testing.assert_close(net.anomaly(loud), out.anomaly)
+    assert not torch.allclose(anomaly_score(loud), anomaly_score(out.organ_masks))  # with it, the map would change
+
+
+def test_stage_2_anomaly_comes_from_the_organ_queries_before_they_mix():
+    """Stage 2's anomaly map is stage 1's, computed by the same (shared) stage-1 weights: the tumour queries and the
+    self-attention after the kMMM decoder do not enter it; the organ classes' segmentation does change."""
+    net = DSMStage2Network(stage1(organ_classes=(0, 1, 3)), [2], torch.nn.Conv2d).eval()
+    image = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        out, before = net(image, full=True), net.stage1(image, full=True)
+        torch.nn.init.normal_(net.tumour_queries)  # other tumour queries: the same anomaly map
+        other = net(image, full=True)
+        _, maps = prompt_maps(net, image, torch.randn(1, TEXT_DIM))
+    torch.testing.assert_close(out.organ_masks, before.organ_masks)
+    torch.testing.assert_close(out.anomaly, before.anomaly)
+    torch.testing.assert_close(other.anomaly, out.anomaly)
+    torch.testing.assert_close(maps[:, 0], out.anomaly)
+    assert not torch.allclose(out.logits[:, [0, 1, 3]], out.organ_masks)  # the mixed queries segment
+
+
+def test_models_from_plans_without_the_anomaly_setting_score_as_they_were_trained():
+    """plans.json of models trained before has no 'anomaly' entry: they build with the max over all organ queries
+    (background included) and stage 2's map from the mixed queries; new plans get the organ queries only."""
+    from nnunet_diffusion.trainers.dsm import ANOMALY_ORGAN_QUERIES, nnUNetTrainerDSM
+    configuration = make_configuration(2, (8, 16, 32))
+    settings = {"stage": 2, "organ_classes": [0, 1, 3], "tumour_classes": [2], "query_dim": 16, "max_kmmm_layers": 4,
+                "kmeans": True, "text": {"dim": TEXT_DIM}, "amvp": True, "dqr": True}
+    built = {}
+    for name, extra in (("old", {}), ("new", {"anomaly": ANOMALY_ORGAN_QUERIES})):
+        manager = ConfigurationManager({**configuration, "dsm": {**settings, **extra}})
+        torch.manual_seed(0)
+        built[name] = nnUNetTrainerDSM.build_network_architecture(None, manager, 1, 4, False).eval()
+    assert built["old"].stage1.scored_queries == [0, 1, 2] and built["new"].stage1.scored_queries == [1, 2]
+    built["new"].load_state_dict(built["old"].state_dict(), strict=True)  # the same weights fit both
+    image = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        old, new = built["old"](image, full=True), built["new"](image, full=True)
+    torch.testing.assert_close(old.anomaly, anomaly_score(old.logits[:, [0, 1, 3]]))  # the former map
+    torch.testing.assert_close(new.anomaly, built["new"].stage1(image, full=True).anomaly)
+
+
+def test_stage_2_trains_at_a_tenth_of_stage_1s_learning_rate_and_keeps_the_organ_mask_loss():
+    from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    from nnunet_diffusion.trainers import variants_dsm
+    from nnunet_diffusion.trainers.dsm import nnUNetTrainerDSM, nnUNetTrainerDSMStage2
+    assert nnUNetTrainerDSM.learning_rate == 1e-3 and nnUNetTrainerDSMStage2.learning_rate == 1e-4
+    for name in variants_dsm.__all__:
+        trainer = getattr(variants_dsm, name)
+        assert trainer.learning_rate == (1e-4 if trainer.stage == 2 else 1e-3), name
+    # dsm_loss of stage 2 = stage 1's terms on stage 2's output + stage 1's mask loss on the kMMM organ masks
+    net = DSMStage2Network(stage1(organ_classes=(0, 1, 3)), [2], torch.nn.Conv2d)
+    out = net(torch.randn(2, 1, 16, 16), full=True)
+    labels = torch.randint(0, 4, (2, 1, 16, 16))
+    loss = DC_and_BCE_loss({}, {"batch_dice": True, "do_bg": True, "smooth": 1e-5, "ddp": False},
+                           dice_class=MemoryEfficientSoftDiceLoss)
+    owners = [SimpleNamespace(stage=stage, response_loss_weight=0.5, class_loss_weight=0.1, loss=loss,
+                              configuration_manager=SimpleNamespace(configuration={"dsm": {
+                                  "organ_classes": [0, 1, 3], "tumour_classes": [2]}}),
+                              label_manager=SimpleNamespace(num_segmentation_heads=4)) for stage in (1, 2)]
+    for owner in owners:
+        owner.trained_classes = lambda: [0, 1, 3, 2]
+    difference = nnUNetTrainerDSM.dsm_loss(owners[1], out, labels) - nnUNetTrainerDSM.dsm_loss(owners[0], out, labels)
+    onehot = F.one_hot(labels[:, 0], 4).movedim(-1, 1).float()
+    torch.testing.assert_close(difference, loss(out.organ_masks, onehot[:, [0, 1, 3]]))
 
 
 @pytest.mark.parametrize("stage", [1, 2])
