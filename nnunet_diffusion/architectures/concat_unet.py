@@ -16,7 +16,7 @@ from dynamic_network_architectures.building_blocks.plain_conv_encoder import Pla
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import nn
 
-from nnunet_diffusion.architectures.conditional_unet import TimestepMLP, keep_last_seg_layer
+from nnunet_diffusion.architectures.conditional_unet import TimestepMLP, initialize_like_nnunet, keep_last_seg_layer
 
 # key prefixes of the two-encoder network (ImageConditionedDenoiser) that nnUNetTrainerDiffSegRecycling built
 # before it followed the paper; see ConcatImageDenoiser._refuse_two_encoder_checkpoint
@@ -66,6 +66,7 @@ class ConcatImageDenoiser(nn.Module):
         # would get no gradient, which nnU-Net's DDP (find_unused_parameters=False) refuses: drop them
         self.decoder = keep_last_seg_layer(
             UNetDecoder(self.encoder, num_classes, n_conv_per_stage_decoder, deep_supervision=False))
+        initialize_like_nnunet(self)
         self.register_load_state_dict_pre_hook(self._refuse_two_encoder_checkpoint)
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:

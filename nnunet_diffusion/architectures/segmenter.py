@@ -16,7 +16,7 @@ from torch import nn
 from nnunet_diffusion.diffusion.gaussian import eps_from_x0, q_sample, x0_from_eps
 from nnunet_diffusion.diffusion.masks import probabilities_from_x0, x0_from_logits
 from nnunet_diffusion.diffusion.objectives import recycled_noisy_mask
-from nnunet_diffusion.diffusion.fusion import staple_probabilities
+from nnunet_diffusion.diffusion.fusion import staple_fusion
 from nnunet_diffusion.diffusion.samplers import (SAMPLERS, SamplerSettings, TrainingCoverage, check_sampler_coverage,
                                                   run_reverse_process, sampling_schedule, trained_index_count,
                                                   training_coverage)
@@ -172,7 +172,7 @@ class DiffusionSegmenter(nn.Module):
         fusion: the mean of their probabilities, or STAPLE on their label maps (``sampler.fusion``)."""
         if self.sampler.fusion == "mean" or member_probabilities.shape[1] == 1:
             return log_mean_probabilities(member_probabilities)
-        fused = torch.stack([staple_probabilities(m.argmax(dim=1), m.shape[1]) for m in member_probabilities])
+        fused = staple_fusion(member_probabilities.argmax(dim=2), member_probabilities.shape[2])
         return torch.log(fused.clamp_min(1e-8)).to(member_probabilities.dtype)
 
     def network_calls(self) -> int:

@@ -52,7 +52,7 @@ class SamplerSettings:
     num_samples: reverse runs per patch, batched together ('staged': masks per patch, half per branch).
     seed: seeds the start noise and DDPM noise of every patch: same seed, same prediction.
     fusion: how the samples of a patch become class probabilities: 'mean' (average of their probabilities) or
-        'staple' (SimpleITK's STAPLE on their label maps, ``diffusion.fusion``).
+        'staple' (the paper's binary STAPLE EM per class in torch, on their label maps, ``diffusion.fusion``).
     """
 
     kind: str = "ddim"

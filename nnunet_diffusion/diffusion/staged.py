@@ -10,7 +10,7 @@ loss = alpha * L_noise + beta * (L_dice + L_ce)   (eq. 1)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -56,16 +56,28 @@ class StagedTargets:
         return picked[:, 0], picked[:, 1]
 
 
+LAST_HEADS = ("eps", "x0")  # the head of the last jump, X_lower -> mask: the paper's eps head, or our x0 variant
+
+
 def ddim_jump(schedule: NoiseSchedule, x_t: torch.Tensor, t_from: torch.Tensor, t_to: int,
-              x0_hat: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM move (eta = 0) from x_t at timesteps t_from (B,) to timestep t_to of the same schedule:
-    sqrt(abar_to) x0_hat + sqrt(1 - abar_to) eps_hat, eps_hat the noise that x0_hat implies for x_t. t_to = -1
-    returns x0_hat (the end of the chain). x_t, x0_hat: (B, C, *S)."""
+              x0_hat: torch.Tensor, eta: float = 0.0, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DDIM move from x_t at timesteps t_from (B,) to timestep t_to of the same schedule:
+    sqrt(abar_to) x0_hat + sqrt(1 - abar_to - sigma^2) eps_hat + sigma noise, eps_hat the noise that x0_hat implies
+    for x_t and sigma = eta sqrt((1 - abar_to) / (1 - abar_from) (1 - abar_from / abar_to)): eta = 0 is
+    deterministic, eta = 1 the ancestral (DDPM posterior) draw. t_to = -1 returns x0_hat (the end of the chain).
+    x_t, x0_hat, noise: (B, C, *S)."""
     if t_to < 0:
         return x0_hat
     eps_hat = eps_from_x0(schedule, x_t, t_from, x0_hat)
     abar_to = gather_coefficient(schedule.alphas_cumprod, torch.full_like(t_from, t_to), x_t)
-    return abar_to.sqrt() * x0_hat + (1 - abar_to).sqrt() * eps_hat
+    if eta == 0:
+        return abar_to.sqrt() * x0_hat + (1 - abar_to).sqrt() * eps_hat
+    if noise is None:
+        raise ValueError("a stochastic DDIM move (eta > 0) needs its noise")
+    abar_from = gather_coefficient(schedule.alphas_cumprod, t_from, x_t)
+    variance = eta ** 2 * (1 - abar_to) / (1 - abar_from) * (1 - abar_from / abar_to)
+    return (abar_to.sqrt() * x0_hat + (1 - abar_to - variance).clamp_min(0).sqrt() * eps_hat
+            + variance.sqrt() * noise)
 
 
 @dataclass(frozen=True)
@@ -80,20 +92,24 @@ class StagedStep:
 
 
 def staged_inference_steps(targets: StagedTargets = StagedTargets(), interval: int = 30,
-                           num_steps: int = 1000) -> List[StagedStep]:
+                           num_steps: int = 1000, last_head: str = "eps") -> List[StagedStep]:
     """The evaluations of one staged reverse chain (Sec. 2.2): from pure noise at T - 1 one x0 jump to ``upper``;
     DDIM every ``interval`` steps from ``upper`` down to ``lower`` (the mask chain with the x0 head, the noise chain
-    with the eps head, batched); one eps jump from ``lower`` to the mask.
+    with the eps head, batched); one jump from ``lower`` to t = 0 (the mask: abar_0 = 1 - beta_0) through
+    ``last_head`` ('eps', the paper's noise prediction branch, or 'x0'), drawn ancestrally per sample
+    (StagedDiffusionSegmenter.sample_x0).
 
     With the paper's values this is 1 + (599 - 299) / 30 + 1 = 12 evaluations; the paper counts 11 (Table 4) but
     describes these 12, and we follow the description.
     """
     if (targets.upper - targets.lower) % interval:
         raise ValueError(f"interval {interval} must divide upper - lower = {targets.upper - targets.lower}")
+    if last_head not in LAST_HEADS:
+        raise ValueError(f"the last staged jump goes through one of the heads {list(LAST_HEADS)}, got '{last_head}'")
     middle = list(range(targets.upper, targets.lower, -interval))
     steps = [StagedStep(num_steps - 1, targets.upper, num_steps - 1, "x0")]
     steps += [StagedStep(t, t - interval, t, "chain") for t in middle]
-    steps.append(StagedStep(targets.lower, -1, 0, "eps"))
+    steps.append(StagedStep(targets.lower, 0, 0, last_head))
     return steps
 
 

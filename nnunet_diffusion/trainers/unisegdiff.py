@@ -43,6 +43,9 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
     prediction = "x0"  # the uniform ablations' head; the staged model trains both heads
     staged: Optional[StagedTargets] = StagedTargets()  # None: uniform training of the one head in ``heads``
     heads = HEADS
+    # the head of the staged sampler's last jump, X_299 -> mask (Sec. 2.2: the noise prediction branch); 'x0' is
+    # nnUNetTrainerUniSegDiff_x0LastJump. Stored with the model as 'last_jump_head' (models before it: 'eps').
+    last_jump_head = "eps"
     use_dca = True
     condition_network = "pretrained"  # or 'joint': an encoder trained with DNet (the ablation without pre-training)
     condition_trainer = "nnUNetTrainer"  # whose checkpoint in nnUNet_results is the pre-trained CFENet
@@ -61,7 +64,7 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
         staged = (None if cls.staged is None else
                   {"upper": cls.staged.upper, "lower": cls.staged.lower, "ratios": [list(r) for r in cls.staged.ratios]})
         return {**super().diffusion_settings(), "staged": staged, "heads": list(cls.heads), "dca": cls.use_dca,
-                "condition_network": cls.condition_network}
+                "condition_network": cls.condition_network, "last_jump_head": cls.last_jump_head}
 
     @staticmethod
     def staged_targets(stored: dict) -> StagedTargets:
@@ -81,7 +84,8 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
     def build_segmenter(cls, denoiser, schedule, sampler, stored: dict) -> nn.Module:
         if stored.get("staged") is None:
             return super().build_segmenter(denoiser, schedule, sampler, stored)
-        return StagedDiffusionSegmenter(denoiser, schedule, sampler, cls.staged_targets(stored))
+        return StagedDiffusionSegmenter(denoiser, schedule, sampler, cls.staged_targets(stored),
+                                        stored.get("last_jump_head", "eps"))
 
     # ---- where the condition network comes from -------------------------------------------------------------
 

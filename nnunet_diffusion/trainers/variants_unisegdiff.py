@@ -7,7 +7,7 @@ __all__ = ["nnUNetTrainerUniSegDiff_uniformNoise", "nnUNetTrainerUniSegDiff_unif
            "nnUNetTrainerUniSegDiff_oneStep", "nnUNetTrainerUniSegDiff_noPretraining",
            "nnUNetTrainerUniSegDiff_noDCA", "nnUNetTrainerUniSegDiff_noFusion", "nnUNetTrainerUniSegDiff_baseline",
            "nnUNetTrainerUniSegDiff_low200", "nnUNetTrainerUniSegDiff_low400", "nnUNetTrainerUniSegDiff_high700",
-           "nnUNetTrainerUniSegDiff_noCheckpointing"]
+           "nnUNetTrainerUniSegDiff_noCheckpointing", "nnUNetTrainerUniSegDiff_x0LastJump"]
 
 # the paper's 100 uniform DDIM steps do not respace T = 1000 evenly ((T - 1) % (K - 1) == 0); 112 is the nearest
 # step count that does
@@ -67,3 +67,9 @@ class nnUNetTrainerUniSegDiff_high700(nnUNetTrainerUniSegDiff):
 class nnUNetTrainerUniSegDiff_noCheckpointing(nnUNetTrainerUniSegDiff):
     """Keeps the decoders' activations (faster backward, more memory: benchmarks/memory_*)."""
     checkpoint_decoders = False
+
+
+class nnUNetTrainerUniSegDiff_x0LastJump(nnUNetTrainerUniSegDiff):
+    """Staged inference whose last jump (X_299 -> mask, 10 draws per branch) goes through the x0 head instead of the
+    paper's eps head; training unchanged. Which is better is measured, not assumed (README, UniSegDiff)."""
+    last_jump_head = "x0"

@@ -117,3 +117,21 @@ def test_stored_settings_win_over_class_defaults_and_env_over_both(configuration
     monkeypatch.setenv("NNUNET_DIFFUSION_SEED", "9")
     net = nnUNetTrainerDiffusion.build_network_architecture(None, configuration_manager(3, extra=stored), 1, C)
     assert net.sampler == SamplerSettings("ddpm", 4, 2, 9)
+
+
+@pytest.mark.parametrize("denoiser_cls", ["ImageConditionedDenoiser", "ConcatImageDenoiser"])
+def test_plans_denoisers_are_initialised_as_nnunet_initialises_its_unet(denoiser_cls, configuration_manager):
+    """nnU-Net's InitWeights_He(1e-2): convolution weights He-normal (std sqrt(2 / ((1 + a^2) fan_in))), biases 0."""
+    from nnunet_diffusion.architectures import concat_unet, conditional_unet
+    from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
+    cls = getattr(conditional_unet, denoiser_cls, None) or getattr(concat_unet, denoiser_cls)
+    torch.manual_seed(0)
+    net = cls(1, 3, **nnUNetTrainerDiffusionBase.plans_unet_kwargs(configuration_manager(3, features=(32, 64))))
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d) and m.weight[0].numel() >= 27 * 32]
+    assert convs
+    for conv in convs:
+        fan_in = conv.weight[0].numel()
+        expected = (2 / ((1 + 1e-4) * fan_in)) ** 0.5
+        assert float(conv.weight.std()) == pytest.approx(expected, rel=0.1)   # PyTorch's default: ~0.58x this
+        if conv.bias is not None:
+            assert float(conv.bias.abs().max()) == 0

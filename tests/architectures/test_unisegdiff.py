@@ -11,7 +11,8 @@ from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.diffusion.schedules import make_schedule
 from nnunet_diffusion.diffusion.staged import StagedTargets
 from nnunet_diffusion.trainers.unisegdiff import nnUNetTrainerUniSegDiff
-from nnunet_diffusion.trainers.variants_unisegdiff import nnUNetTrainerUniSegDiff_noPretraining
+from nnunet_diffusion.trainers.variants_unisegdiff import (nnUNetTrainerUniSegDiff_noPretraining,
+                                                          nnUNetTrainerUniSegDiff_x0LastJump)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 C = 3
@@ -79,8 +80,8 @@ def test_staged_sampler_makes_twelve_sequential_calls_and_twenty_masks(configura
     calls = count_calls(net)
     with torch.no_grad():
         masks = net.sample_x0(torch.randn(2, 1, 16, 16))
-    # one x0 jump (B), ten middle DDIM steps (both branches: 2B), one last batch (2 branches x 10 samples x B)
-    assert calls == [2] + [4] * 10 + [40]
+    # one x0 jump (B), ten middle DDIM steps (both branches: 2B), one last evaluation of both branches' X_299 (2B)
+    assert calls == [2] + [4] * 10 + [4]
     assert net.network_calls() == 12
     assert masks.shape == (2, 20, C, 16, 16) and masks.min() >= -1 and masks.max() <= 1
 
@@ -108,15 +109,53 @@ class PerfectDenoiser(torch.nn.Module):
 
 
 def test_staged_sampler_with_a_perfect_denoiser_returns_the_mask_in_every_sample():
-    """Every jump, the re-noising to t = lower and the final x0 use the right noise levels: any slip (e.g. x0 from
-    eps at the conditioning t = 0 instead of t = 299) moves the masks away from M."""
+    """Every jump and the final draw use the right noise levels: any slip (e.g. x0 from eps at the conditioning
+    t = 0 instead of t = 299) moves the masks away from M. The draws land at t = 0: M up to sigma ~ 0.01 noise."""
     schedule = make_schedule("linear", 1000)
     labels = torch.randint(0, C, (1, 1, 8, 8))
     mask = labels_to_x0(labels, C)
-    net = StagedDiffusionSegmenter(PerfectDenoiser(mask, schedule, 299), schedule,
-                                   SamplerSettings("staged", 10, 6, 0, "mean"), StagedTargets())
-    masks = net.sample_x0(torch.randn(2, 1, 8, 8))
-    torch.testing.assert_close(masks, mask[:, None].expand(2, 6, C, 8, 8), atol=1e-4, rtol=0)
+    for head in ("eps", "x0"):
+        net = StagedDiffusionSegmenter(PerfectDenoiser(mask, schedule, 299), schedule,
+                                       SamplerSettings("staged", 10, 6, 0, "mean"), StagedTargets(), head)
+        masks = net.sample_x0(torch.randn(2, 1, 8, 8))
+        torch.testing.assert_close(masks, mask[:, None].expand(2, 6, C, 8, 8), atol=0.06, rtol=0)
+        assert torch.equal(masks.argmax(2), labels[:, :1].expand(2, 6, 8, 8))
+
+
+class RecordingDenoiser(PerfectDenoiser):
+    """The perfect denoiser that records what its last call saw and which head it was."""
+
+    def forward(self, x_t, t, condition, head=None):
+        self.last = (x_t.clone(), t.clone(), head)
+        return super().forward(x_t, t, condition, head)
+
+
+@pytest.mark.parametrize("head", ["eps", "x0"])
+def test_the_samples_are_drawn_from_each_branchs_x299_state(head):
+    """Sec. 2.2: the two chain states at t = 299 (mask branch, noise branch) are each sampled P = 3 times: one
+    evaluation of the last head on the two states, then P draws from each, differing only by their fresh noise."""
+    from nnunet_diffusion.diffusion.staged import ddim_jump
+    schedule = make_schedule("linear", 1000)
+    mask = labels_to_x0(torch.randint(0, C, (1, 1, 8, 8)), C)
+    denoiser = RecordingDenoiser(mask, schedule, 299)
+    net = StagedDiffusionSegmenter(denoiser, schedule, SamplerSettings("staged", 10, 6, 0, "mean"), StagedTargets(),
+                                   head)
+    states = {}
+    masks = net.sample_x0(torch.randn(2, 1, 8, 8), on_step=lambda t, x: states.setdefault(t, x))
+    x299, t, called_head = denoiser.last
+    assert called_head == head and t.tolist() == [0] * 4 and x299.shape == (4, C, 8, 8)  # 2 branches x 2 patches
+    assert masks.shape == (2, 6, C, 8, 8)
+    # x299 is the DDIM step 329 -> 299 of each chain from its x0 estimate at 329 (on_step sees it)
+    assert states[329].shape == (4, C, 8, 8)
+    for branch in range(2):
+        for patch in range(2):
+            drawn = masks[patch, 3 * branch:3 * branch + 3]
+            state = x299[2 * branch + patch]
+            # each draw = the deterministic jump from this branch's X_299 + its own noise, sigma ~ 0.01
+            centre = ddim_jump(schedule, state[None], torch.tensor([299]), 0, mask, eta=1.0,
+                               noise=torch.zeros_like(mask))[0]
+            assert ((drawn - centre).abs() < 0.06).all()
+            assert not torch.allclose(drawn[0], drawn[1]) and not torch.allclose(drawn[1], drawn[2])
 
 
 def test_mirrored_copies_share_their_noise(configuration_manager):
@@ -168,3 +207,15 @@ def test_joint_ablation_trains_its_condition_encoder(configuration_manager):
     labels = torch.randint(0, C, (2, 1, 16, 16))
     net(torch.randn(2, 1, 16, 16), labels_to_x0(labels, C)).loss(labels).backward()
     assert all(p.grad is not None for p in net.denoiser.cfenet.parameters())
+
+
+def test_the_last_jump_head_is_a_stored_setting_eps_by_default(configuration_manager):
+    assert nnUNetTrainerUniSegDiff.diffusion_settings()["last_jump_head"] == "eps"
+    assert nnUNetTrainerUniSegDiff_x0LastJump.diffusion_settings()["last_jump_head"] == "x0"
+    configuration = ConfigurationManager(configuration_manager(2, features=(4, 8)).configuration)
+    assert staged_segmenter(configuration_manager).inference_plan()[-1].head == "eps"
+    net = nnUNetTrainerUniSegDiff_x0LastJump.build_network_architecture(None, configuration, 1, C, False)
+    net.set_sampler(SamplerSettings("staged", 10, 4, 0, "mean"))
+    assert net.last_head == "x0" and net.inference_plan()[-1].head == "x0"
+    with pytest.raises(ValueError, match="heads"):
+        StagedDiffusionSegmenter(net.denoiser, net.schedule, None, StagedTargets(), "chain")

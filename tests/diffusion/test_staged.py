@@ -54,12 +54,35 @@ def test_ddim_jump_with_the_true_mask_lands_on_the_same_noise_path():
 def test_staged_inference_follows_the_papers_description():
     steps = staged_inference_steps()
     assert [s.t_from for s in steps] == [999, 599, 569, 539, 509, 479, 449, 419, 389, 359, 329, 299]
-    assert [s.t_to for s in steps] == [599, 569, 539, 509, 479, 449, 419, 389, 359, 329, 299, -1]
+    assert [s.t_to for s in steps] == [599, 569, 539, 509, 479, 449, 419, 389, 359, 329, 299, 0]
     assert [s.model_t for s in steps] == [999, 599, 569, 539, 509, 479, 449, 419, 389, 359, 329, 0]
     assert [s.head for s in steps] == ["x0"] + ["chain"] * 10 + ["eps"]
     assert len(steps) == 12  # network evaluations per chain (the paper's Table 4 says 11)
     with pytest.raises(ValueError, match="interval 40 must divide"):
         staged_inference_steps(interval=40)
+    assert staged_inference_steps(last_head="x0")[-1] == staged_inference_steps()[-1].__class__(299, 0, 0, "x0")
+    with pytest.raises(ValueError, match="heads"):
+        staged_inference_steps(last_head="chain")
+
+
+def test_ancestral_ddim_jump_is_the_ddpm_posterior_draw():
+    """eta = 1 from t to t - 1 is q(x_{t-1} | x_t, x0): the same mean and variance as posterior_mean_variance;
+    from 299 to 0 on the linear schedule its sigma is about 0.01 (the spread of a branch's samples)."""
+    from nnunet_diffusion.diffusion.gaussian import posterior_mean_variance
+    schedule = make_schedule("linear", 1000)
+    torch.manual_seed(0)
+    x0, x_t, noise = torch.rand(2, 3, 4, 4) * 2 - 1, torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = torch.tensor([300, 300])
+    mean, variance = posterior_mean_variance(schedule, x0, x_t, t)[:2]
+    torch.testing.assert_close(ddim_jump(schedule, x_t, t, 299, x0, eta=1.0, noise=noise),
+                               mean + variance.sqrt() * noise, rtol=1e-5, atol=1e-5)
+    zero = torch.zeros_like(noise)
+    spread = ddim_jump(schedule, x_t, t, 0, x0, eta=1.0, noise=noise) - ddim_jump(schedule, x_t, t, 0, x0, 1.0, zero)
+    sigma = (spread / noise).flatten()
+    torch.testing.assert_close(sigma, torch.full_like(sigma, sigma[0].item()))
+    assert 0.009 < sigma[0] < 0.011
+    with pytest.raises(ValueError, match="needs its noise"):
+        ddim_jump(schedule, x_t, t, 0, x0, eta=1.0)
 
 
 def test_per_sample_dice_ce_equals_nnunets_dice_and_ce_for_each_sample():

@@ -7,10 +7,16 @@ Our choices where the paper is vague (README, UniSegDiff):
   *conditioned* on; x_t is noised at the drawn t, so the network sees every noise level of a stage, as it does
   at inference (pure noise at 999, x_299 in the last jump). Noising at 0 too would train the eps head only on
   almost clean masks, never on the x_299 it gets at inference.
-- "The two noisy masks at t = 299 are each sampled ten times ... directly from X_299 to X_0": a one-step jump
-  is deterministic, so each of a branch's samples re-draws the noise of the branch's last move into t = 299
-  (x_299 = sqrt(abar_299) x0_hat + sqrt(1 - abar_299) z, z fresh per sample) and then jumps to the mask with
-  the eps head: the spread of the samples is the model's uncertainty at that noise level.
+- The samples (Sec. 2.2): "After sampling X_599 ten times in each of the two decoder branches, the results are
+  X_299^mask and X_299^noise. Finally, the two noisy masks at t = 299 are each sampled ten times by the noise
+  prediction branch, with each step directly sampling from X_299 to X_0." So each branch's chain state X_299 is
+  evaluated once by the last head (its ten evaluations would be the same) and ten masks are drawn from it, each
+  the ancestral (DDPM, eta = 1) jump X_299 -> X_0 with its own fresh noise: a one-step DDIM jump is deterministic,
+  so the only "sampling" of one state in one step is the step's own noise. Its sigma is the DDPM posterior's
+  (about 0.01 on the linear schedule), so a branch's ten masks differ near its decision boundary only.
+- The last head: the paper's eps head (default), or the x0 head (``last_head='x0'``, trainer
+  nnUNetTrainerUniSegDiff_x0LastJump), which is also trained in the refinement stage (weight 1/4 there, 3/4 in
+  the rapid stage) and needs no division by sqrt(abar_299).
 """
 from __future__ import annotations
 
@@ -53,8 +59,9 @@ class StagedDiffusionSegmenter(DiffusionSegmenter):
     """Staged training and inference on a denoiser with heads ('eps', 'x0')."""
 
     def __init__(self, denoiser, schedule: NoiseSchedule, sampler: Optional[SamplerSettings],
-                 targets: StagedTargets = StagedTargets()):
-        self.targets = targets
+                 targets: StagedTargets = StagedTargets(), last_head: str = "eps"):
+        self.targets, self.last_head = targets, last_head
+        staged_inference_steps(targets, targets.upper - targets.lower, schedule.num_steps, last_head)  # validates
         super().__init__(denoiser, schedule, "x0", sampler)
 
     def set_sampler(self, sampler: SamplerSettings, allow_untrained: bool = False) -> None:
@@ -79,7 +86,7 @@ class StagedDiffusionSegmenter(DiffusionSegmenter):
 
     def inference_plan(self):
         return staged_inference_steps(self.targets, (self.targets.upper - self.targets.lower) // self.sampler.steps,
-                                      self.schedule.num_steps)
+                                      self.schedule.num_steps, self.last_head)
 
     # ---- training -------------------------------------------------------------------------------------------
 
@@ -100,7 +107,8 @@ class StagedDiffusionSegmenter(DiffusionSegmenter):
                   x_start: Optional[torch.Tensor] = None, copies: int = 1) -> torch.Tensor:
         """(B, C_img, *S) -> (B, num_samples, C, *S) masks in [-1, 1]: the first half from the mask branch, the
         second from the noise branch. One x0 jump from pure noise, the middle DDIM steps with both branches in
-        one batch, and every branch's samples in one last batch: ``network_calls()`` sequential evaluations.
+        one batch, one last evaluation of both branches' X_lower (2B) and ancestral draws of the samples from it:
+        ``network_calls()`` sequential evaluations.
         ``copies`` as in DiffusionSegmenter.sample_x0 (each copy starts from the same seeded noise)."""
         if start_index is not None or x_start is not None:
             raise ValueError("the staged sampler always starts from pure noise at t = T - 1")
@@ -135,15 +143,21 @@ class StagedDiffusionSegmenter(DiffusionSegmenter):
             if on_step is not None:
                 on_step(step.t_from, x0_hat)
             chains = ddim_jump(self.schedule, chains, t_from, step.t_to, x0_hat)
-        # last: each branch's mask estimate re-noised to t = lower with fresh noise per sample (the same for every
-        # copy), then one eps-head jump; batch order (branch, patch, sample)
-        branch_x0 = x0_hat.reshape(2, b, *x0_hat.shape[1:]).repeat_interleave(per_branch, dim=1).flatten(0, 1)
+        # last: each branch's X_lower evaluated once by the last head, then per_branch ancestral draws of the jump
+        # X_lower -> X_0, fresh noise per sample (the same for every copy); batch order (branch, patch, sample)
+        t_last = timesteps(last.t_from, 2 * b)
+        if last.head == "x0":
+            x0_last = x0_from_logits(self.denoiser(chains, timesteps(last.model_t, 2 * b), both, head="x0"))
+        else:
+            eps_hat = self.denoiser(chains, timesteps(last.model_t, 2 * b), both, head="eps")
+            x0_last = x0_from_eps(self.schedule, chains, t_last, eps_hat.float()).clamp(-1, 1)
+
+        def per_sample(x):  # (2B, ...) branch-major -> (2 * B * P, ...) in (branch, patch, sample) order
+            return x.reshape(2, b, 1, *x.shape[1:]).expand(2, b, per_branch, *x.shape[1:]).flatten(0, 2)
+
         noise = seeded_noise(2, per_branch).transpose(1, 2).flatten(0, 2)  # (2, P, b, ...) -> (2 * b * P, ...)
-        n = branch_x0.shape[0]
-        x_last = q_sample(self.schedule, branch_x0, timesteps(last.t_from, n), noise)
-        last_condition = [torch.cat([f, f]).repeat_interleave(per_branch, dim=0) for f in condition]
-        eps_hat = self.denoiser(x_last, timesteps(last.model_t, n), last_condition, head="eps")
-        masks = x0_from_eps(self.schedule, x_last, timesteps(last.t_from, n), eps_hat.float()).clamp(-1, 1)
+        masks = ddim_jump(self.schedule, per_sample(chains), per_sample(t_last), last.t_to, per_sample(x0_last),
+                          eta=1.0, noise=noise).clamp(-1, 1)
         if on_step is not None:
             on_step(0, masks)
         masks = masks.reshape(2, b, per_branch, *masks.shape[1:]).transpose(0, 1)  # (B, branch, sample, C, *S)
