@@ -44,6 +44,16 @@ class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrai
     # weighting of CE and Dice, and the eps MSE (about 1 at the start) on the same scale as the segmentation loss
     dice_weight = 1.0
     eps_loss_weight = 1.0
+    # eq. 4's L1 on the labels decoded from the denoised latent z_dn ("q_t(z_t | y, X) ~ N(z_dn, sigma^2 I)"), plus
+    # the same loss on the decoded ground-truth latent: it trains the decoder on exact clean latents (where the
+    # sampler ends) and is, for x0 models, the encoder's only segmentation signal (z0 enters them only as input and
+    # MSE target; a label-blind latent would satisfy both). 'denoised': the paper's L1 alone; 'reconstruction':
+    # before z_dn was decoded in training. Variants: _noReconstructionLoss, _reconstructionLossOnly
+    segmentation_loss = "denoised+reconstruction"
+    # an eps model's z_dn: the clipped x0 estimate, what DDIM steps through and ends on, its gradient capped where
+    # SNR < 1 ('z_t_minus_eps': LDSeg's z_t - eps_hat, which under eq. 3's scaling estimates z0 at no t).
+    # segmenter.DENOISED_LATENTS
+    denoised_latent = "x0_estimate"
     # 'joint' (eq. 6, end to end) or 'pretrained': the label autoencoder trains alone for the first
     # ``label_autoencoder_pretrain_fraction`` of training, then is frozen. Chosen by measurement: README, TextDiffSeg
     label_autoencoder_training = "joint"
@@ -56,7 +66,8 @@ class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrai
         return {**super().diffusion_settings(), "textdiffseg": {
             "latent_channels": cls.latent_channels, "latent_downsamplings": cls.latent_downsamplings,
             "image_branch": cls.image_branch, "text_fusion": cls.text_fusion, "label_encoder": cls.label_encoder,
-            "text_source": cls.text_source, "label_autoencoder_training": cls.label_autoencoder_training}}
+            "text_source": cls.text_source, "label_autoencoder_training": cls.label_autoencoder_training,
+            "segmentation_loss": cls.segmentation_loss, "denoised_latent": cls.denoised_latent}}
 
     def dataset_settings(self, plans: dict, configuration: str, dataset_json: dict) -> dict:
         """The class prompts, the text model and the embeddings' size: checked and computed (or read from the cache
@@ -93,7 +104,11 @@ class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrai
 
     @classmethod
     def build_segmenter(cls, denoiser, schedule, sampler, stored: dict) -> nn.Module:
-        return LatentDiffusionSegmenter(denoiser, schedule, sampler, stored["prediction"], cls.eps_loss_weight)
+        # a plans.json written before these settings existed: the loss that model trained with (reconstruction only)
+        options = stored.get("textdiffseg", {})
+        return LatentDiffusionSegmenter(denoiser, schedule, sampler, stored["prediction"], cls.eps_loss_weight,
+                                        options.get("segmentation_loss", "reconstruction"),
+                                        options.get("denoised_latent", "x0_estimate"))
 
 
     def text_buffer(self) -> torch.Tensor:
@@ -102,7 +117,8 @@ class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrai
     # ---- loss (eqs. 4-6) ------------------------------------------------------------------------------------
 
     def _build_loss(self):
-        """L1 (eq. 4): CE + gamma Dice on the decoded labels, nnU-Net's implementation."""
+        """L1 (eq. 4): CE + gamma Dice on the decoded labels, nnU-Net's implementation (the segmenter's pass applies
+        it to the decoded denoised latent and / or the decoded ground-truth latent: ``segmentation_loss``)."""
         return DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5, "do_bg": False,
                                "ddp": self.is_ddp}, {}, weight_ce=1, weight_dice=self.dice_weight,
                               ignore_label=self.label_manager.ignore_label, dice_class=MemoryEfficientSoftDiceLoss)

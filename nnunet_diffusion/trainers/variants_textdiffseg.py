@@ -5,7 +5,8 @@ from nnunet_diffusion.trainers.textdiffseg import nnUNetTrainerTextDiffSeg
 
 __all__ = ["nnUNetTrainerTextDiffSeg_concatFusion", "nnUNetTrainerTextDiffSeg_downsampleImage",
            "nnUNetTrainerTextDiffSeg_reduceLabels", "nnUNetTrainerTextDiffSeg_noText",
-           "nnUNetTrainerTextDiffSeg_pretrainedLabelAE", "nnUNetTrainerTextDiffSeg_x0"]
+           "nnUNetTrainerTextDiffSeg_pretrainedLabelAE", "nnUNetTrainerTextDiffSeg_x0",
+           "nnUNetTrainerTextDiffSeg_noReconstructionLoss", "nnUNetTrainerTextDiffSeg_reconstructionLossOnly"]
 
 
 class nnUNetTrainerTextDiffSeg_concatFusion(nnUNetTrainerTextDiffSeg):
@@ -38,3 +39,16 @@ class nnUNetTrainerTextDiffSeg_x0(nnUNetTrainerTextDiffSeg):
     """The denoiser predicts the clean latent instead of the noise (as nnUNetTrainerDiffusion_x0 does in mask
     space, where eps models collapsed when sampling from pure noise)."""
     prediction = "x0"
+
+
+class nnUNetTrainerTextDiffSeg_noReconstructionLoss(nnUNetTrainerTextDiffSeg):
+    """Eq. 4's L1 on the decoded denoised latent only (the paper's loss as written), without the added
+    reconstruction term on the decoded ground-truth latent."""
+    segmentation_loss = "denoised"
+
+
+class nnUNetTrainerTextDiffSeg_reconstructionLossOnly(nnUNetTrainerTextDiffSeg):
+    """L1 on the decoded ground-truth latent only (this trainer before the denoised term): the segmentation loss
+    never reaches the denoiser, only the MSE of eq. 5 does."""
+    segmentation_loss = "reconstruction"
+

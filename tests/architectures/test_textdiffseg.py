@@ -1,6 +1,9 @@
 """TextDiffSeg's networks, on values: latent statistics, the label autoencoder on the example data, eq. 2 against
-a direct computation, the ablations' fixed reductions by hand, and the latent sampler with a known answer."""
+a direct computation, the ablations' fixed reductions by hand, the latent sampler with a known answer, and eq. 6's
+loss (on the decoded denoised latent) against a hand computation with a known denoiser."""
+import contextlib
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from torch import nn
 from nnunet_diffusion.architectures.textdiffseg.image_encoder import PooledSelfAttention
 from nnunet_diffusion.architectures.textdiffseg.label_autoencoder import (FixedLabelReduction, LabelAutoencoder,
                                                                           LabelDecoder, LabelEncoder, normalise_latent)
+from nnunet_diffusion.architectures.textdiffseg import segmenter as latent_segmenter
 from nnunet_diffusion.architectures.textdiffseg.segmenter import LatentDiffusionSegmenter
 from nnunet_diffusion.architectures.textdiffseg.text_fusion import TextCrossAttention
 from nnunet_diffusion.diffusion.gaussian import gather_coefficient
@@ -164,3 +168,153 @@ def test_latent_sampler_recovers_a_known_latent_in_every_sample():
     assert probabilities.shape == (2, 3, 2, 8, 8)
     expected = (F.interpolate(z0[:, :1], scale_factor=2.0) > 0).float()
     torch.testing.assert_close(probabilities[:, :, 1], expected.expand(2, 3, 8, 8), atol=1e-4, rtol=0)
+
+
+# ---- eq. 4-6: the segmentation loss on the decoded denoised latent ------------------------------------------------
+
+class LinearDenoiser(nn.Module):
+    """A denoiser whose output is known: ``scale * z_t + condition`` (one learnable scale; condition = the image
+    pooled to the latent grid); a 1x1-conv decoder (2 classes) after nearest upsampling by 2; an encoder that is a
+    fixed pooling of the one-hot."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_classes, self.latent_channels = 2, 2
+        self.scale = nn.Parameter(torch.tensor(0.7))
+        self.decoder = nn.Conv2d(2, 2, 1)
+        with torch.no_grad():
+            self.decoder.weight.copy_(torch.tensor([[[[1.0]], [[-0.5]]], [[[-1.0]], [[0.5]]]]))
+            self.decoder.bias.copy_(torch.tensor([0.1, -0.1]))
+
+    def encode_image(self, image):
+        return F.avg_pool2d(image, 2).repeat(1, 2, 1, 1)
+
+    def encode_labels(self, onehot):
+        return normalise_latent(F.avg_pool2d(onehot, 2))
+
+    def forward(self, z_t, t, condition):
+        return self.scale * z_t + condition
+
+    def decode_labels(self, z):
+        return self.decoder(F.interpolate(z, scale_factor=2.0, mode="nearest"))
+
+
+def ce_and_soft_dice(logits, labels):
+    """A stand-in for the trainer's CE + Dice (any differentiable segmentation loss does)."""
+    probabilities = torch.softmax(logits.float(), 1)
+    onehot = F.one_hot(labels[:, 0], 2).permute(0, 3, 1, 2).float()
+    dice = 2 * (probabilities * onehot).sum() / (probabilities.sum() + onehot.sum())
+    return F.cross_entropy(logits.float(), labels[:, 0]) + 1 - dice
+
+
+def loss_case(prediction, segmentation_loss="denoised+reconstruction", denoised_latent="x0_estimate", t=None):
+    """One training pass of the linear denoiser on a 2-class 8x8 case, with its draw (t, noise) redone by hand."""
+    torch.manual_seed(0)
+    schedule = make_schedule("linear", 1000)
+    segmenter = LatentDiffusionSegmenter(LinearDenoiser(), schedule, SamplerSettings(kind="ddim", steps=10),
+                                         prediction, regression_weight=0.3, segmentation_loss=segmentation_loss,
+                                         denoised_latent=denoised_latent)
+    image = torch.randn(2, 1, 8, 8)
+    labels = (torch.randn(2, 1, 8, 8) > 0.3).long()
+    x0 = F.one_hot(labels[:, 0], 2).permute(0, 3, 1, 2).float() * 2 - 1
+    torch.manual_seed(1)
+    with contextlib.ExitStack() as stack:
+        if t is not None:  # the pass's own timestep draw, fixed
+            stack.enter_context(mock.patch.object(latent_segmenter, "sample_timesteps",
+                                                  lambda *args: torch.full((2,), t, dtype=torch.long)))
+        result = segmenter.training_pass(image, x0)
+    # the same draw by hand: t from the pass, the noise from z_t
+    z0 = normalise_latent(F.avg_pool2d((x0 + 1) / 2, 2))
+    abar = schedule.alphas_cumprod[result.t].float().reshape(-1, 1, 1, 1)
+    noise = (result.z_t - abar.sqrt() * z0) / (1 - abar).sqrt()
+    return segmenter, image, labels, z0, abar, noise, result
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0"])
+def test_loss_is_segmentation_of_decoded_denoised_latent_plus_reconstruction_plus_weighted_mse(prediction):
+    segmenter, image, labels, z0, abar, noise, result = loss_case(prediction)
+    net = segmenter.denoiser
+    torch.testing.assert_close(result.z_t, abar.sqrt() * z0 + (1 - abar).sqrt() * noise)
+    condition = F.avg_pool2d(image, 2).repeat(1, 2, 1, 1)
+    output = 0.7 * result.z_t + condition
+    if prediction == "eps":
+        z_dn = ((result.z_t - (1 - abar).sqrt() * output) / abar.sqrt()).clamp(-5, 5)
+        mse = ((output - noise) ** 2).mean()
+    else:
+        z_dn = output.clamp(-5, 5)
+        mse = ((output - z0) ** 2).mean()
+    with torch.no_grad():
+        denoised = ce_and_soft_dice(net.decode_labels(z_dn), labels)
+        reconstruction = ce_and_soft_dice(net.decode_labels(z0), labels)
+        loss = result.loss(labels, ce_and_soft_dice)
+    assert abs(float(denoised - reconstruction)) > 1e-2  # the two terms differ: the test tells them apart
+    torch.testing.assert_close(loss, denoised + reconstruction + 0.3 * mse)
+    for terms, expected in [("denoised", denoised + 0.3 * mse), ("reconstruction", reconstruction + 0.3 * mse)]:
+        _, _, _, _, _, _, other = loss_case(prediction, terms)
+        with torch.no_grad():
+            torch.testing.assert_close(other.loss(labels, ce_and_soft_dice), expected)
+    # the per-epoch pseudo-Dice decodes the same denoised latent
+    torch.testing.assert_close(result.x0_hat, torch.softmax(net.decode_labels(z_dn), 1) * 2 - 1)
+
+
+def test_ldseg_reading_of_the_denoised_latent_is_z_t_minus_eps_hat():
+    segmenter, image, labels, z0, abar, noise, result = loss_case("eps", "denoised", "z_t_minus_eps")
+    output = 0.7 * result.z_t + F.avg_pool2d(image, 2).repeat(1, 2, 1, 1)
+    torch.testing.assert_close(result.denoised_latent(), (result.z_t - output).clamp(-5, 5))
+    mse = ((output - noise) ** 2).mean()
+    with torch.no_grad():
+        expected = ce_and_soft_dice(segmenter.denoiser.decode_labels((result.z_t - output).clamp(-5, 5)), labels)
+        torch.testing.assert_close(result.loss(labels, ce_and_soft_dice), expected + 0.3 * mse)
+
+
+@pytest.mark.parametrize("prediction, t", [("eps", 200), ("eps", 500), ("x0", 500)])
+def test_segmentation_term_reaches_the_denoiser_through_the_denoised_latent(prediction, t):
+    """With lambda's MSE removed, the denoiser's scale gets a gradient from the segmentation term: the finite
+    difference of segmentation_loss(decode(z_dn(scale))), for an eps model times min(1, sqrt(SNR_t)) (1 at t = 200,
+    SNR 1.9; 0.29 at t = 500); the reconstruction-only loss gives it none. The decoder gets one from the denoised
+    term alone."""
+    segmenter, image, labels, z0, abar, noise, result = loss_case(prediction, "denoised", t=t)
+    segmenter.regression_weight = 0.0
+    result.loss(labels, ce_and_soft_dice).backward()
+    net = segmenter.denoiser
+    condition = F.avg_pool2d(image, 2).repeat(1, 2, 1, 1)
+    z_t = result.z_t.detach()
+
+    def seg(scale):
+        output = scale * z_t + condition
+        z_dn = output if prediction == "x0" else (z_t - (1 - abar).sqrt() * output) / abar.sqrt()
+        return ce_and_soft_dice(net.decode_labels(z_dn.clamp(-5, 5)), labels)
+
+    with torch.no_grad():
+        h = 1e-3
+        expected = (seg(0.7 + h) - seg(0.7 - h)) / (2 * h)
+    if prediction == "eps":
+        snr = float(abar[0] / (1 - abar[0]))
+        assert (snr > 1) == (t == 200)
+        expected = expected * min(1.0, snr ** 0.5)
+    assert abs(float(expected)) > 1e-3
+    torch.testing.assert_close(net.scale.grad, expected, atol=1e-4, rtol=2e-3)
+    assert net.decoder.weight.grad.abs().sum() > 0
+    _, _, _, _, _, _, old = loss_case(prediction, "reconstruction", t=t)
+    old.segmenter.regression_weight = 0.0
+    old.loss(labels, ce_and_soft_dice).backward()
+    assert old.segmenter.denoiser.scale.grad is None or old.segmenter.denoiser.scale.grad == 0
+
+
+def test_eps_denoised_latent_is_clipped_near_t_max():
+    """At t = 999, 1 / sqrt(abar) ~ 157: the x0 estimate is clipped to +-LATENT_CLIP, as the sampler clips it,
+    and the loss stays finite."""
+    segmenter, image, labels, z0, abar, noise, result = loss_case("eps", t=999)
+    z_dn = result.denoised_latent()
+    assert z_dn.abs().max() <= 5 and (z_dn.abs() == 5).any()
+    loss = result.loss(labels, ce_and_soft_dice)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(segmenter.denoiser.scale.grad)
+
+
+def test_unknown_segmentation_loss_settings_are_refused():
+    schedule = make_schedule("linear", 1000)
+    with pytest.raises(ValueError, match="'both' is not one of"):
+        LatentDiffusionSegmenter(LinearDenoiser(), schedule, SamplerSettings(), segmentation_loss="both")
+    with pytest.raises(ValueError, match="'z_t' is not one of"):
+        LatentDiffusionSegmenter(LinearDenoiser(), schedule, SamplerSettings(), denoised_latent="z_t")

@@ -2,20 +2,22 @@
 latent instead of on the one-hot mask.
 
 Training: z0 = label_encoder(labels); z_t = q(z0, t); eps_hat = denoiser(concat(condition, z_t), t). The loss
-(eq. 6, ``LatentTrainingPass.loss``): L1, the trainer's CE + gamma Dice on the decoded labels, plus lambda * L2,
-the eps MSE.
+(eq. 6, ``LatentTrainingPass.loss``): L1, the trainer's CE + gamma Dice (eq. 4) on the labels decoded from the
+denoised latent z_dn (the paper: "q_t(z_t | y, X) ~ N(z_dn, sigma^2 I)"; for eps models the x0 estimate), by
+default plus the same loss on the decoded ground-truth latent (the autoencoder's reconstruction), plus lambda * L2
+(eq. 5), the MSE of the denoiser's output.
 Sampling: the condition once per patch; DDIM (10 steps by default) from N(0, I) in the latent, the samples and
 mirrored copies in one batch; the label decoder once at the end.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from nnunet_diffusion.architectures.segmenter import DiffusionSegmenter
-from nnunet_diffusion.diffusion.gaussian import q_sample, x0_from_eps
+from nnunet_diffusion.diffusion.gaussian import gather_coefficient, q_sample, x0_from_eps
 from nnunet_diffusion.diffusion.samplers import run_reverse_process
 from nnunet_diffusion.diffusion.timesteps import sample_timesteps
 
@@ -24,40 +26,92 @@ from nnunet_diffusion.diffusion.timesteps import sample_timesteps
 LATENT_CLIP = 5.0
 
 
+# which decoded latents eq. 4's L1 is computed on: the denoised latent, the ground truth's (the label autoencoder's
+# reconstruction; what this model trained on before the denoised term), or both (summed)
+SEGMENTATION_LOSSES = ("denoised+reconstruction", "denoised", "reconstruction")
+# an eps model's denoised latent: 'x0_estimate' (z_t - sqrt(1 - abar) eps_hat) / sqrt(abar), what DDIM steps through
+# and ends on, clipped as the sampler clips it; or 'z_t_minus_eps', LDSeg's literal z_t - eps_hat (no 1/sqrt(abar),
+# but under q_sample's scaling not an estimate of z0 at any t: the decoder would learn latents the sampler never
+# produces). x0 models: their output.
+DENOISED_LATENTS = ("x0_estimate", "z_t_minus_eps")
+
+
 @dataclass
 class LatentTrainingPass:
     """One training draw. output / regression_target: (B, k, *L) the denoiser's output and what it regresses onto
-    (the noise for 'eps' models, eq. 5; the clean latent for 'x0' models); reconstruction_logits: (B, N, *S) the
-    decoder's output on the encoded ground truth (L1 of eq. 4); z_t, t: the noisy latent and its indices."""
+    (the noise for 'eps' models, eq. 5; the clean latent for 'x0' models); z0: (B, k, *L) the encoded ground truth;
+    z_t, t: the noisy latent and its indices."""
     output: torch.Tensor
     regression_target: torch.Tensor
-    reconstruction_logits: torch.Tensor
+    z0: torch.Tensor
     z_t: torch.Tensor
     t: torch.Tensor
     segmenter: "LatentDiffusionSegmenter"
+    _denoised_logits: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
+
+    def denoised_latent(self) -> torch.Tensor:
+        """(B, k, *L) float32 z_dn, clipped to +-LATENT_CLIP: the output of an 'x0' model, or an eps model's
+        reading of it (``DENOISED_LATENTS``). Differentiable in the output (and z_t) inside the clip; the x0
+        estimate's gradient is capped where the SNR is below 1 (below)."""
+        output = self.output.float()
+        if self.segmenter.prediction == "x0":
+            z = output
+        elif self.segmenter.denoised_latent == "z_t_minus_eps":
+            z = self.z_t.float() - output
+        else:
+            z = x0_from_eps(self.segmenter.schedule, self.z_t.float(), self.t, output)
+            # its gradient in eps_hat is -sqrt(1 / abar - 1): 18 at t = 845, 156 at t = 999, an over-weighting of
+            # the noisiest draws (and of their half-precision rounding). Keep the value, scale the gradient by
+            # min(1, sqrt(abar / (1 - abar))): capped at z_t - eps_hat's -1 where the SNR is below 1
+            abar = gather_coefficient(self.segmenter.schedule.alphas_cumprod, self.t, z)
+            scale = torch.clamp(torch.sqrt(abar / (1 - abar)), max=1.0)
+            z = z.detach() + scale * (z - z.detach())
+        return z.clamp(-LATENT_CLIP, LATENT_CLIP)
+
+    def denoised_logits(self) -> torch.Tensor:
+        """(B, N, *S) the label decoder on ``denoised_latent`` (decoded once per pass: the loss and x0_hat share
+        it)."""
+        if self._denoised_logits is None:
+            self._denoised_logits = self.segmenter.denoiser.decode_labels(self.denoised_latent())
+        return self._denoised_logits
+
+    def reconstruction_logits(self) -> torch.Tensor:
+        """(B, N, *S) the label decoder on the encoded ground truth."""
+        return self.segmenter.denoiser.decode_labels(self.z0)
 
     def loss(self, labels: torch.Tensor, segmentation_loss) -> torch.Tensor:
-        """Eq. 6: segmentation_loss (CE + gamma Dice, eq. 4) of the decoded ground-truth latent against labels
-        (B, 1, *S), plus lambda * the MSE of eq. 5 (in float32: a sum over a patch can exceed float16's range)."""
+        """Eq. 6: segmentation_loss (CE + gamma Dice, eq. 4) of the decoded denoised latent and / or of the decoded
+        ground-truth latent (``segmenter.segmentation_loss``) against labels (B, 1, *S), plus lambda * the MSE of
+        eq. 5 (in float32: a sum over a patch can exceed float16's range). The segmentation term reaches the
+        denoiser through z_dn and the decoder through both."""
         mse = torch.mean((self.output.float() - self.regression_target.float()) ** 2)
-        return segmentation_loss(self.reconstruction_logits, labels) + self.segmenter.regression_weight * mse
+        loss = self.segmenter.regression_weight * mse
+        terms = self.segmenter.segmentation_loss
+        if terms in ("denoised+reconstruction", "reconstruction"):
+            loss = segmentation_loss(self.reconstruction_logits(), labels) + loss
+        if terms in ("denoised+reconstruction", "denoised"):
+            loss = segmentation_loss(self.denoised_logits(), labels) + loss
+        return loss
 
     @property
     def x0_hat(self) -> torch.Tensor:
-        """(B, N, *S) the decoded one-step estimate in [-1, 1] (per-epoch pseudo-Dice; decoded only when asked)."""
-        z0_hat = self.output.float()
-        if self.segmenter.prediction == "eps":
-            z0_hat = x0_from_eps(self.segmenter.schedule, self.z_t, self.t, z0_hat)
-        logits = self.segmenter.denoiser.decode_labels(z0_hat.clamp(-LATENT_CLIP, LATENT_CLIP))
-        return torch.softmax(logits.float(), dim=1) * 2 - 1
+        """(B, N, *S) the decoded one-step estimate in [-1, 1] (per-epoch pseudo-Dice; decoded only when asked,
+        or reused from the loss)."""
+        return torch.softmax(self.denoised_logits().float(), dim=1) * 2 - 1
 
 
 class LatentDiffusionSegmenter(DiffusionSegmenter):
     """DiffusionSegmenter whose diffused variable is the label latent of a ``TextDiffSegDenoiser``. prediction:
-    'eps' (the paper's) or 'x0' (the denoiser returns the clean latent)."""
+    'eps' (the paper's) or 'x0' (the denoiser returns the clean latent); segmentation_loss: one of
+    ``SEGMENTATION_LOSSES``; denoised_latent: one of ``DENOISED_LATENTS`` (eps models only)."""
 
-    def __init__(self, denoiser, schedule, sampler, prediction: str = "eps", regression_weight: float = 1.0):
+    def __init__(self, denoiser, schedule, sampler, prediction: str = "eps", regression_weight: float = 1.0,
+                 segmentation_loss: str = "denoised+reconstruction", denoised_latent: str = "x0_estimate"):
+        for value, allowed in ((segmentation_loss, SEGMENTATION_LOSSES), (denoised_latent, DENOISED_LATENTS)):
+            if value not in allowed:
+                raise ValueError(f"{value!r} is not one of {allowed}")
         self.regression_weight = regression_weight  # lambda of eq. 6
+        self.segmentation_loss, self.denoised_latent = segmentation_loss, denoised_latent
         super().__init__(denoiser, schedule, prediction, sampler)
 
     def estimate(self, x_t: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
@@ -72,7 +126,7 @@ class LatentDiffusionSegmenter(DiffusionSegmenter):
         z_t = q_sample(self.schedule, z0, t, noise)
         output = self.denoise(z_t, self.model_timesteps(t), condition)
         target = noise if self.prediction == "eps" else z0
-        return LatentTrainingPass(output, target, self.denoiser.decode_labels(z0), z_t, t, self)
+        return LatentTrainingPass(output, target, z0, z_t, t, self)
 
     def sample_latent(self, image: torch.Tensor, copies: int = 1,
                       on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:

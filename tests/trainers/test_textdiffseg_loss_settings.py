@@ -1,0 +1,76 @@
+"""TextDiffSeg's segmentation-loss settings (eq. 4 on the decoded denoised latent, the reconstruction term): stored
+in plans.json, switched by the variants, read back by the segmenter; an older plans.json keeps its loss; and with
+the real network every trainable parameter gets a gradient from one step (DDP's rule) in every setting."""
+import copy
+
+import pytest
+import torch
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+from nnunet_diffusion.diffusion.samplers import SamplerSettings
+from nnunet_diffusion.diffusion.masks import labels_to_x0
+from nnunet_diffusion.trainers.textdiffseg import nnUNetTrainerTextDiffSeg
+from nnunet_diffusion.trainers.variants_textdiffseg import (nnUNetTrainerTextDiffSeg_noReconstructionLoss,
+                                                            nnUNetTrainerTextDiffSeg_pretrainedLabelAE,
+                                                            nnUNetTrainerTextDiffSeg_reconstructionLossOnly,
+                                                            nnUNetTrainerTextDiffSeg_x0)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("trainer_cls, terms", [(nnUNetTrainerTextDiffSeg, "denoised+reconstruction"),
+                                                (nnUNetTrainerTextDiffSeg_noReconstructionLoss, "denoised"),
+                                                (nnUNetTrainerTextDiffSeg_reconstructionLossOnly, "reconstruction")])
+def test_settings_are_stored_and_reach_the_segmenter(trainer_cls, terms, configuration_manager):
+    settings = trainer_cls.diffusion_settings()["textdiffseg"]
+    assert settings["segmentation_loss"] == terms and settings["denoised_latent"] == "x0_estimate"
+    config = configuration_manager(2)
+    config.configuration["diffusion"].update(copy.deepcopy(trainer_cls.diffusion_settings()))
+    stored = trainer_cls.stored_settings(config)
+    segmenter = trainer_cls.build_segmenter(torch.nn.Identity(), trainer_cls.training_schedule(stored),
+                                            SamplerSettings(), stored)
+    assert segmenter.segmentation_loss == terms and segmenter.denoised_latent == "x0_estimate"
+
+
+def test_a_plans_json_from_before_the_setting_keeps_the_reconstruction_loss(configuration_manager):
+    """Its textdiffseg block lacks the keys: the model resumes with the loss it was trained with."""
+    config = configuration_manager(2)
+    block = copy.deepcopy(nnUNetTrainerTextDiffSeg.diffusion_settings())
+    del block["textdiffseg"]["segmentation_loss"], block["textdiffseg"]["denoised_latent"]
+    config.configuration["diffusion"].update(block)
+    stored = nnUNetTrainerTextDiffSeg.stored_settings(config)
+    segmenter = nnUNetTrainerTextDiffSeg.build_segmenter(
+        torch.nn.Identity(), nnUNetTrainerTextDiffSeg.training_schedule(stored), SamplerSettings(), stored)
+    assert segmenter.segmentation_loss == "reconstruction"
+
+
+@pytest.mark.parametrize("trainer_cls", [nnUNetTrainerTextDiffSeg, nnUNetTrainerTextDiffSeg_x0,
+                                         nnUNetTrainerTextDiffSeg_noReconstructionLoss,
+                                         nnUNetTrainerTextDiffSeg_pretrainedLabelAE],
+                         ids=lambda cls: cls.__name__)
+def test_every_trainable_parameter_gets_a_gradient(trainer_cls, configuration_manager, monkeypatch):
+    """The real network, one training pass with the trainer's loss: no trainable parameter without a gradient
+    (DDP would hang), and the segmentation term alone reaches the denoiser UNet."""
+    config = configuration_manager(2, patch=[16, 16])
+    config.configuration["diffusion"].update(copy.deepcopy(trainer_cls.diffusion_settings()))
+    torch.manual_seed(0)
+    net = trainer_cls.build_network_architecture(None, config, 1, 3, False)
+    loss_fn = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                             weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
+    labels = torch.zeros(2, 1, 16, 16, dtype=torch.long)
+    labels[:, :, 4:10, 3:12] = 1
+    labels[:, :, 8:12, 8:14] = 2
+    # t below 500 (1 / sqrt(abar) < 4): the clip leaves the x0 estimate differentiable almost everywhere
+    from nnunet_diffusion.architectures.textdiffseg import segmenter as latent_segmenter
+    monkeypatch.setattr(latent_segmenter, "sample_timesteps", lambda b, n, device: torch.tensor([100, 400]))
+    result = net.train()(torch.randn(2, 1, 16, 16), labels_to_x0(labels, 3))
+    result.loss(labels, loss_fn).backward()
+    missing = [name for name, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    net.zero_grad(set_to_none=True)
+    net.regression_weight = 0.0  # the segmentation term only
+    result = net(torch.randn(2, 1, 16, 16), labels_to_x0(labels, 3))
+    result.loss(labels, loss_fn).backward()
+    unet_grad = sum(float(p.grad.abs().sum()) for p in net.denoiser.unet.parameters() if p.grad is not None)
+    assert unet_grad > 0
