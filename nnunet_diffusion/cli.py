@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     dice.add_argument("dataset_json")
     sub.add_parser("collapse-analysis", help="Dice vs start timestep and along a reverse run (see --help)",
                    add_help=False)
-    sub.add_parser("build-example", help="build the real-MRI example dataset (see build-example --help)",
+    sub.add_parser("build-example", help="build a real-MRI example dataset: --atlas aal (default) or "
+                                         "harvard_oxford (see build-example --help)",
                    add_help=False)
     sub.add_parser("slices-figure", help="PNG of image, ground truth and prediction slices (see --help)",
                    add_help=False)

