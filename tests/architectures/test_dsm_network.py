@@ -166,7 +166,12 @@ def test_half_precision_on_a_patch_with_more_voxels_than_float16_can_count(stage
                 logits, maps = prompt_maps(net, image, torch.randn(2, TEXT_DIM))
             for value in (out.logits, out.class_logits, out.anomaly, logits, maps, *out.responses):
                 assert torch.isfinite(value).all(), dtype
-            agree = (out.logits.argmax(1) == reference.logits.argmax(1)).float().mean()
+            # an untrained network's top two logits are often a rounding apart: judge the voxels where float32
+            # decides by more than bfloat16's resolution (2^-8 of the logits' scale)
+            top2 = reference.logits.float().topk(2, dim=1).values
+            decided = (top2[:, 0] - top2[:, 1]) > reference.logits.float().abs().amax() * 2 ** -7
+            assert decided.float().mean() > 0.2
+            agree = (out.logits.argmax(1) == reference.logits.argmax(1))[decided].float().mean()
             assert agree > 0.98, (dtype, agree)
 
 

@@ -7,7 +7,7 @@ from torch import nn
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 
-from nnunet_diffusion.architectures.conditional_unet import keep_last_seg_layer
+from nnunet_diffusion.architectures.conditional_unet import initialize_like_nnunet, keep_last_seg_layer
 
 
 class UNetPixelDecoder(nn.Module):
@@ -23,6 +23,7 @@ class UNetPixelDecoder(nn.Module):
                                         n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op,
                                         dropout_op_kwargs, nonlin, nonlin_kwargs, return_skips=True)
         self.decoder = keep_last_seg_layer(UNetDecoder(self.encoder, dim, n_conv_per_stage_decoder, False))
+        initialize_like_nnunet(self)  # the plans' U-Net, initialised as stock nnU-Net's
         self.feature_channels = [self.encoder.output_channels[-1]] + \
             [self.encoder.output_channels[-(s + 2)] for s in range(len(self.decoder.stages) - 1)]
 

@@ -16,6 +16,8 @@ from torch import nn
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, get_matching_pool_op
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 
+from nnunet_diffusion.architectures.conditional_unet import initialize_like_nnunet
+
 MAX_CONTEXT_TOKENS = 512  # keys/values per attention: 512 x voxels scores (a 24^3 stage: 7M per head and patch)
 
 
@@ -83,6 +85,7 @@ class ImageEncoder(nn.Module):
         self.attention = nn.ModuleList([PooledSelfAttention(f, conv_op) if a else nn.Identity()
                                         for f, a in zip(features, attention)])
         self.head = conv_op(previous, out_channels, 1)
+        initialize_like_nnunet(self)  # the plans' conv stages, initialised as stock nnU-Net's
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = image

@@ -25,7 +25,7 @@ from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecod
 from torch import nn
 
 from nnunet_diffusion.architectures.activation_checkpointing import maybe_checkpoint
-from nnunet_diffusion.architectures.conditional_unet import TimestepMLP, keep_last_seg_layer
+from nnunet_diffusion.architectures.conditional_unet import TimestepMLP, initialize_like_nnunet, keep_last_seg_layer
 from nnunet_diffusion.architectures.unisegdiff.dca import DualCrossAttention
 
 HEADS = ("eps", "x0")
@@ -101,6 +101,7 @@ class UniSegDiffDenoiser(nn.Module):
         self.decoders = nn.ModuleDict({
             head: keep_last_seg_layer(UNetDecoder(self.noise_encoder, num_classes, n_conv_per_stage_decoder,
                                                   deep_supervision=False)) for head in self.heads})
+        initialize_like_nnunet(self)  # as stock nnU-Net builds its U-Nets (a pre-trained CFENet is loaded after)
 
     @property
     def cfenet_encoder(self) -> nn.Module:
