@@ -242,10 +242,11 @@ class RecurrentDiffusionSegmenter(DiffusionSegmenter):
     prediction: 'x0' (the default trainer's: class logits, each unrolled step trained with the trainer's Dice + CE,
         ``ChainTrainingPass``) or 'eps' (each step's eps regressed onto the noise that separates that step's x_k
         from the ground truth, weighted by ``min_snr_eps_weight``).
-    chain_start: how the chain reaches k0. 'burn_in' (default): from pure noise at the chain's first step, the
-        steps before k0 run without gradient with the model's own x_k and the state carried, as at test time
-        (the recycling paper's train/test alignment). 'noised_truth': x_k0 drawn from q(x_k0 | x0) and the state
-        empty at k0 (cheaper; at test the state is empty only at the first step).
+    chain_start: how the chain reaches k0. 'noised_truth' (default): x_k0 drawn from q(x_k0 | x0) and the state
+        empty at k0 (at test the state is empty only at the first step). 'burn_in': from pure noise at the
+        chain's first step, the steps before k0 run without gradient with the model's own x_k and the state
+        carried, as at test time (the recycling paper's train/test alignment); it costs the forward passes of
+        the burn-in.
     chain_gradient: 'state' (default): each step's model input x_k is detached, gradient flows between steps
         only through the recurrent state. Why: each step's loss is then a clean per-step loss with x_k a
         constant, as in plain DDPM training, while the state still learns from later steps. 'full':
@@ -256,7 +257,7 @@ class RecurrentDiffusionSegmenter(DiffusionSegmenter):
     def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, prediction: str,
                  sampler: Optional[SamplerSettings], unroll_steps: int = 2,
                  training_chain: Optional[SamplerSettings] = None, chain_gradient: str = "state",
-                 chain_start: str = "burn_in", **kwargs):
+                 chain_start: str = "noised_truth", **kwargs):
         super().__init__(denoiser, schedule, prediction, None, **kwargs)
         if unroll_steps < 1:
             raise ValueError(f"unroll_steps must be >= 1, got {unroll_steps}")

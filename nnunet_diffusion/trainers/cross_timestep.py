@@ -34,10 +34,10 @@ def _whole_number(name: str) -> Optional[int]:
 class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
     """The full model of the paper (eq. 20). Ablations (variants_cross_timestep.py) change ``options``.
 
-    Training unrolls ``unroll_steps`` consecutive steps of ``training_chain`` (RecurrentDiffusionSegmenter), each
-    trained with nnU-Net's Dice + CE on its mask logits (the prior decoder with its own Dice + CE), after a burn-in
-    from pure noise without gradient (``chain_start``), so the tLSTM state is trained the way it is used; the
-    chain, the options and the rest are stored with the model (plans.json) and prediction must
+    Training unrolls ``unroll_steps`` consecutive steps of ``training_chain`` (RecurrentDiffusionSegmenter) from a
+    noised ground truth, each trained with nnU-Net's Dice + CE on its mask logits (the prior decoder with its own
+    Dice + CE), so the tLSTM state is trained the way it is used (``_burnIn``: the chain from pure noise, the
+    steps before the drawn start without gradient); the chain, the options and the rest are stored with the model (plans.json) and prediction must
     visit exactly its timesteps: NNUNET_DIFFUSION_STEPS can only be its step count (the sampler kind, samples and
     seed are free). Sampling defaults to DDIM with 10 steps; the paper's 1000-step DDPM needs a model trained on
     that chain: NNUNET_DIFFUSION_CHAIN_STEPS=1000 at training, NNUNET_DIFFUSION_SAMPLER=ddpm at prediction.
@@ -49,7 +49,9 @@ class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
     default_sampler = SamplerSettings(kind="ddim", steps=10)
     training_chain: Optional[SamplerSettings] = None  # None: the default sampler's kind and steps
     chain_gradient = "state"  # 'state' or 'full': see RecurrentDiffusionSegmenter
-    chain_start = "burn_in"  # 'burn_in' or 'noised_truth': see RecurrentDiffusionSegmenter
+    # 'noised_truth' or 'burn_in' (see RecurrentDiffusionSegmenter): measured at equal time on the example
+    # (benchmarks/results_cpu_methods.md), burn-in cost 1.4x per iteration and reached a lower Dice (0.31 vs 0.50)
+    chain_start = "noised_truth"
     options = CrossTimestepOptions()
     unroll_steps = 2
     # activation checkpointing of every stage: without it, peak training memory at nnU-Net's planned patch and

@@ -15,7 +15,7 @@ __all__ = ["nnUNetTrainerCrossTimestep_noTLSTM", "nnUNetTrainerCrossTimestep_pla
            "nnUNetTrainerCrossTimestep_APDS_SC", "nnUNetTrainerCrossTimestep_APDS_FFT",
            "nnUNetTrainerCrossTimestep_noAPDS", "nnUNetTrainerCrossTimestep_convRA",
            "nnUNetTrainerCrossTimestep_fullChainGradient", "nnUNetTrainerCrossTimestep_eps",
-           "nnUNetTrainerCrossTimestep_noBurnIn", "nnUNetTrainerCrossTimestep_linearFFTGate"]
+           "nnUNetTrainerCrossTimestep_burnIn", "nnUNetTrainerCrossTimestep_linearFFTGate"]
 
 
 class nnUNetTrainerCrossTimestep_noTLSTM(nnUNetTrainerCrossTimestep):
@@ -75,15 +75,15 @@ class nnUNetTrainerCrossTimestep_fullChainGradient(nnUNetTrainerCrossTimestep):
 
 
 class nnUNetTrainerCrossTimestep_eps(nnUNetTrainerCrossTimestep):
-    """Eq. 19's reading: eps prediction (Min-SNR-weighted MSE per unrolled step), chains started from q(x_k | x0)
-    with an empty state: the package's default before the mask-predicting one (cross_timestep.py says why)."""
+    """Eq. 19's reading: eps prediction (Min-SNR-weighted MSE per unrolled step): the package's default before the
+    mask-predicting one (cross_timestep.py says why)."""
     prediction = "eps"
-    chain_start = "noised_truth"
 
 
-class nnUNetTrainerCrossTimestep_noBurnIn(nnUNetTrainerCrossTimestep):
-    """Training chains start at the drawn step from q(x_k | x0) with an empty state (no burn-in from pure noise)."""
-    chain_start = "noised_truth"
+class nnUNetTrainerCrossTimestep_burnIn(nnUNetTrainerCrossTimestep):
+    """Training chains from pure noise at the chain's first step: the steps before the drawn start run without
+    gradient with the model's own x_k and the state carried, as at test time (the recycling paper's alignment)."""
+    chain_start = "burn_in"
 
 
 class nnUNetTrainerCrossTimestep_linearFFTGate(nnUNetTrainerCrossTimestep):

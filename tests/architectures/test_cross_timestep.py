@@ -364,7 +364,7 @@ def test_mask_chain_loss_is_the_mean_dice_ce_of_each_step_plus_the_prior(configu
     class Stateless(nnUNetTrainerCrossTimestep):
         options = variants.nnUNetTrainerCrossTimestep_noTLSTM.options
     net = build(Stateless, configuration_manager).train()
-    assert net.prediction == "x0" and net.chain_start == "burn_in"
+    assert net.prediction == "x0" and net.chain_start == "noised_truth"
     calls = _record_calls(net)
     torch.manual_seed(3)
     image, labels = torch.randn(2, 1, 16, 16, 16), torch.randint(0, C, (2, 1, 16, 16, 16))
@@ -384,11 +384,11 @@ def test_mask_chain_loss_is_the_mean_dice_ce_of_each_step_plus_the_prior(configu
 def test_burn_in_runs_the_chain_from_pure_noise_without_gradient_then_unrolls(configuration_manager):
     """Start pinned at k0 = 4 of the 10-step chain, 2 unrolled steps: 5 burn-in calls (t = 999 ... 555) without
     gradient, each x_k the DDIM step of the model's own previous estimate, the state carried into the gradient
-    steps; then 2 calls with gradient. 'noised_truth': 2 calls, the first with an empty state."""
+    steps; then 2 calls with gradient. The default 'noised_truth': 2 calls, the first with an empty state."""
     from nnunet_diffusion.diffusion.gaussian import eps_from_x0 as eps_of
     from nnunet_diffusion.diffusion.masks import x0_from_logits
     from nnunet_diffusion.diffusion.samplers import ddim_step
-    net = build(nnUNetTrainerCrossTimestep, configuration_manager).train()
+    net = build(variants.nnUNetTrainerCrossTimestep_burnIn, configuration_manager).train()
     calls, outputs = _record_calls(net), []
     net.denoiser.register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone()))
     torch.manual_seed(4)
@@ -405,7 +405,7 @@ def test_burn_in_runs_the_chain_from_pure_noise_without_gradient_then_unrolls(co
         x0_hat = x0_from_logits(outputs[9 - k]).clamp(-1, 1)
         expected = ddim_step(chain, previous[0], k, x0_hat, eps_of(chain, previous[0], index, x0_hat))
         torch.testing.assert_close(x_next[0], expected, rtol=1e-4, atol=1e-5)
-    plain = build(variants.nnUNetTrainerCrossTimestep_noBurnIn, configuration_manager).train()
+    plain = build(nnUNetTrainerCrossTimestep, configuration_manager).train()
     calls = _record_calls(plain)
     with _pinned_start(4):
         plain(image, labels_to_x0(labels, C))
