@@ -12,7 +12,7 @@ from nnunet_diffusion.diffusion.schedules import make_schedule
 from nnunet_diffusion.diffusion.staged import StagedTargets
 from nnunet_diffusion.trainers.unisegdiff import nnUNetTrainerUniSegDiff
 from nnunet_diffusion.trainers.variants_unisegdiff import (nnUNetTrainerUniSegDiff_noPretraining,
-                                                          nnUNetTrainerUniSegDiff_x0LastJump)
+                                                          nnUNetTrainerUniSegDiff_epsLastJump)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 C = 3
@@ -209,13 +209,15 @@ def test_joint_ablation_trains_its_condition_encoder(configuration_manager):
     assert all(p.grad is not None for p in net.denoiser.cfenet.parameters())
 
 
-def test_the_last_jump_head_is_a_stored_setting_eps_by_default(configuration_manager):
-    assert nnUNetTrainerUniSegDiff.diffusion_settings()["last_jump_head"] == "eps"
-    assert nnUNetTrainerUniSegDiff_x0LastJump.diffusion_settings()["last_jump_head"] == "x0"
+def test_the_last_jump_head_is_a_stored_setting_x0_by_default(configuration_manager):
+    assert nnUNetTrainerUniSegDiff.diffusion_settings()["last_jump_head"] == "x0"
+    assert nnUNetTrainerUniSegDiff_epsLastJump.diffusion_settings()["last_jump_head"] == "eps"
     configuration = ConfigurationManager(configuration_manager(2, features=(4, 8)).configuration)
     assert staged_segmenter(configuration_manager).inference_plan()[-1].head == "eps"
-    net = nnUNetTrainerUniSegDiff_x0LastJump.build_network_architecture(None, configuration, 1, C, False)
+    net = nnUNetTrainerUniSegDiff.build_network_architecture(None, configuration, 1, C, False)
     net.set_sampler(SamplerSettings("staged", 10, 4, 0, "mean"))
     assert net.last_head == "x0" and net.inference_plan()[-1].head == "x0"
+    eps = nnUNetTrainerUniSegDiff_epsLastJump.build_network_architecture(None, configuration, 1, C, False)
+    assert eps.last_head == "eps"
     with pytest.raises(ValueError, match="heads"):
         StagedDiffusionSegmenter(net.denoiser, net.schedule, None, StagedTargets(), "chain")

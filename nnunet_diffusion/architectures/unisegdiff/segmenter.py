@@ -14,9 +14,10 @@ Our choices where the paper is vague (README, UniSegDiff):
   the ancestral (DDPM, eta = 1) jump X_299 -> X_0 with its own fresh noise: a one-step DDIM jump is deterministic,
   so the only "sampling" of one state in one step is the step's own noise. Its sigma is the DDPM posterior's
   (about 0.01 on the linear schedule), so a branch's ten masks differ near its decision boundary only.
-- The last head: the paper's eps head (default), or the x0 head (``last_head='x0'``, trainer
-  nnUNetTrainerUniSegDiff_x0LastJump), which is also trained in the refinement stage (weight 1/4 there, 3/4 in
-  the rapid stage) and needs no division by sqrt(abar_299).
+- The last head: the x0 head (the trainer's default, chosen by measurement), which is also trained in the
+  refinement stage (weight 1/4 there, 3/4 in the rapid stage) and needs no division by sqrt(abar_299); or the
+  paper's eps head (``last_head='eps'``, this class's default for models stored before the setting; trainer
+  nnUNetTrainerUniSegDiff_epsLastJump).
 """
 from __future__ import annotations
 
