@@ -1,6 +1,7 @@
 """Initial-stage collapse analysis (Cross-Timestep, Figs. 3 and 4) for trained nnU-Net diffusion models.
 
 For validation cases of a fold (nnU-Net's own split, preprocessed data, the central patch of each case):
+(2d models: the slice of each case with the most foreground)
 1. start sweep: noise the ground truth to a start timestep t_s, run the reverse process from there with the
    model's sampler, record the Dice of the final mask (Fig. 3: collapse = Dice falls as t_s approaches T);
 2. trajectory: one reverse run from pure noise, recording at every step the Dice of the main output (the
@@ -65,8 +66,12 @@ def validation_patches(predictor, fold: int, num_cases: int):
     patch = predictor.configuration_manager.patch_size
     for key in keys:
         data, seg, _, _ = dataset.load_case(key)
-        image = central_patch(np.asarray(data, dtype=np.float32), patch)
-        labels = central_patch(np.clip(np.asarray(seg), 0, None).astype(np.int64), patch)
+        data, seg = np.asarray(data, dtype=np.float32), np.clip(np.asarray(seg), 0, None).astype(np.int64)
+        if len(patch) == data.ndim - 2:  # a 2d model of a 3d case: the slice with the most foreground
+            z = int((seg[0] > 0).reshape(seg.shape[1], -1).sum(1).argmax())
+            data, seg = data[:, z], seg[:, z]
+        image = central_patch(data, patch)
+        labels = central_patch(seg, patch)
         yield key, torch.from_numpy(image)[None], torch.from_numpy(labels)[None]
 
 
