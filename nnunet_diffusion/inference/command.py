@@ -1,15 +1,23 @@
 """``nnunet-diffusion predict``: nnUNetv2_predict's arguments (same names, same meaning) on ``DiffusionPredictor``,
-plus --uncertainty, --max_batch and sampler overrides for diffusion trainers, and --prompts for DSM models."""
+plus --uncertainty, --max_batch and sampler overrides for diffusion trainers, and --prompts for DSM models.
+
+Before the first case every input is checked (``input_checks``): a missing or empty folder stops the run with the
+fix; a bad case (truncated file, no channel suffix, a 4D or 2D image that does not fit, ...) is refused with one
+message naming the file, what is wrong and the fix, the good cases are predicted, and the exit code is 1 when any
+case was refused (they have no output, so --continue_prediction picks them up once fixed)."""
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
+import sys
 
 import torch
 
 from nnunet_diffusion.diffusion.samplers import FUSIONS, SAMPLER_KINDS, SamplerSettings
 from nnunet_diffusion.inference.dsm_predictor import DSMPredictor
+from nnunet_diffusion.inference.input_checks import CheckedInputs, InputFolderError, check_inputs
 from nnunet_diffusion.inference.predictor import DEFAULT_MAX_BATCH, DiffusionPredictor
 
 # our sampler flags set the variables every diffusion trainer's network reads when it is built (and validates)
@@ -112,16 +120,93 @@ def make_predictor(args: argparse.Namespace) -> DiffusionPredictor:
     return predictor
 
 
-def predict_cases(args: argparse.Namespace, predictor: DiffusionPredictor) -> None:
+def model_files(args: argparse.Namespace):
+    """(dataset.json, plans.json) of the model folder the arguments name, or None where they cannot be read (the
+    predictor then says why when it loads the model)."""
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+    try:
+        folder = get_output_folder(args.d, args.tr, args.p, args.c)
+        with open(os.path.join(folder, "dataset.json")) as f:
+            dataset_json = json.load(f)
+        with open(os.path.join(folder, "plans.json")) as f:
+            plans = json.load(f)
+        if args.c not in plans.get("configurations", {}) or "file_ending" not in dataset_json:
+            return None
+    except Exception:  # no such dataset, model folder or file: the predictor's own message says which
+        return None
+    return dataset_json, plans
+
+
+def check_prediction_inputs(args: argparse.Namespace, dataset_json: dict, plans: dict) -> CheckedInputs:
+    """Every case of -i (this part's, with -num_parts) read and checked; SystemExit with the fix if none can be."""
+    try:
+        return check_inputs(args.i, dataset_json, plans, args.c, args.o, args.continue_prediction, args.part_id,
+                            args.num_parts, args.prev_stage_predictions,
+                            save_probabilities=args.save_probabilities)
+    except InputFolderError as error:
+        raise SystemExit(str(error)) from None
+
+
+def report_refused(checked: CheckedInputs, at_end: bool = False) -> None:
+    """The refused cases, one message each (file, what is wrong, the fix), on stderr."""
+    if not checked.refused:
+        return
+    total = len(checked.good) + len(checked.refused) + len(checked.unchecked)
+    if at_end:
+        head = (f"{len(checked.refused)} of {total} cases in {checked.folder} were refused; no segmentation was "
+                f"written for them:")
+    else:
+        head = (f"{len(checked.refused)} of {total} cases in {checked.folder} cannot be predicted"
+                f"{f' (the other {total - len(checked.refused)} will be)' if total > len(checked.refused) else ''}:")
+    lines = [head, *(f"  {case.message}" for case in checked.refused)]
+    if at_end:
+        lines.append("Fix them and run the same command with --continue_prediction: it predicts only the cases "
+                     "without a segmentation in the output folder.")
+        if checked.stale:
+            lines.append(f"Left as they were: the segmentations of {', '.join(c.name for c in checked.stale)} in "
+                         f"{checked.output_folder} are from an earlier run (delete them, or --continue_prediction "
+                         f"takes those cases as done).")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def predict_cases(args: argparse.Namespace, predictor: DiffusionPredictor, checked: CheckedInputs = None) -> None:
+    """Predict the cases of -i (``checked``: only its cases to predict, as lists of files)."""
     os.makedirs(args.o, exist_ok=True)
-    predictor.predict_from_files(args.i, args.o, save_probabilities=args.save_probabilities,
+    source, outputs, num_parts, part_id = args.i, args.o, args.num_parts, args.part_id
+    if checked is not None:  # already this part's cases
+        cases = checked.to_predict
+        if not cases:
+            return
+        source, outputs = [case.files for case in cases], [os.path.join(args.o, case.name) for case in cases]
+        num_parts, part_id = 1, 0
+    predictor.predict_from_files(source, outputs, save_probabilities=args.save_probabilities,
                                  overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
                                  num_processes_segmentation_export=args.nps,
                                  folder_with_segs_from_prev_stage=args.prev_stage_predictions,
-                                 num_parts=args.num_parts, part_id=args.part_id)
+                                 num_parts=num_parts, part_id=part_id)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    predict_cases(args, make_predictor(args))
+    if not 0 <= args.part_id < args.num_parts:
+        raise SystemExit(f"-part_id must be in 0..{args.num_parts - 1} (-num_parts {args.num_parts}), "
+                         f"got {args.part_id}")
+    model = model_files(args)
+    checked = check_prediction_inputs(args, *model) if model is not None else None  # before the model loads
+    if checked is not None:
+        if not checked.to_predict:
+            if not checked.refused:
+                print(f"Part {args.part_id} of {args.num_parts} holds no case of {args.i}: nothing to predict.")
+                return 0
+            report_refused(checked, at_end=True)
+            return 1
+        report_refused(checked)
+    predictor = make_predictor(args)
+    if checked is None:
+        checked = check_prediction_inputs(args, predictor.dataset_json, predictor.plans_manager.plans)
+        report_refused(checked)
+    predict_cases(args, predictor, checked)
+    if checked.refused:
+        report_refused(checked, at_end=True)
+        return 1
     return 0

@@ -1,13 +1,15 @@
 """What our trainers cannot train, found at trainer start with the fix in the message (never hours in).
 
 Two kinds of checks: on dataset.json and the plans (``check_dataset_and_plans``, before nnU-Net makes any folder),
-and on the preprocessed cases (``check_training_cases``, at ``on_train_start``, before the first iteration).
+and on the preprocessed cases and the raw training images (``check_training_cases``, ``check_training_images``, at
+``on_train_start``, before the first iteration).
 Each raises ``DataCheckError`` (a ValueError) that says what is wrong, where, and what to do.
 """
 from __future__ import annotations
 
 import os
 import pickle
+import re
 from typing import Optional
 
 import numpy as np
@@ -104,6 +106,54 @@ def check_training_cases(trainer_name: str, preprocessed_folder: str, identifier
         f"training cases in {preprocessed_folder}: {trainer_name} cannot learn a class it never sees. Check the "
         f"label files, or remove the class from dataset.json 'labels' (renumbering the others to stay "
         f"consecutive), then run nnUNetv2_plan_and_preprocess again.")
+
+
+def check_training_images(trainer_name: str, raw_dataset_folder: Optional[str], dataset_json: dict,
+                          configuration: str) -> None:
+    """The raw training images and labels (``imagesTr``/``labelsTr`` by dataset.json's file_ending, or its
+    'dataset' list) read whole (``input_checks.whole_file_problem``: a gzip stream to its end, a NIfTI file against
+    its header): SimpleITK reads a truncated .nii.gz without complaint and preprocessing makes zeros of what is
+    missing, so the preprocessed case is wrong too. Skipped without the raw folder (the preprocessed data may have
+    been made elsewhere)."""
+    if not raw_dataset_folder or not os.path.isdir(raw_dataset_folder):
+        return
+    files = _raw_training_files(raw_dataset_folder, dataset_json)
+    if not files:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    from nnunet_diffusion.inference.input_checks import whole_file_problem
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:  # zlib runs without the GIL
+        problems = list(pool.map(whole_file_problem, files))
+    bad = [f"{path} {problem}" for path, problem in zip(files, problems) if problem]
+    if not bad:
+        return
+    dataset = os.path.basename(os.path.normpath(raw_dataset_folder))
+    match = re.match(r"Dataset(\d+)_", dataset)
+    dataset_id = int(match.group(1)) if match else dataset
+    shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+    raise DataCheckError(
+        f"{len(bad)} raw training file(s) of {dataset} cannot be used: {shown}. nnU-Net's preprocessing reads such a "
+        f"file without complaint (what is missing becomes zeros), so the preprocessed cases made from them are wrong "
+        f"as well. Copy the file(s) again from their source, preprocess again (nnUNetv2_preprocess -d {dataset_id} -c {configuration}; "
+        f"or remove the case from nnUNet_raw and run nnUNetv2_plan_and_preprocess -d {dataset_id} "
+        f"--verify_dataset_integrity), then start {trainer_name} again.")
+
+
+def _raw_training_files(raw_dataset_folder: str, dataset_json: dict) -> list:
+    """The raw images and labels nnU-Net preprocesses for training (those that exist)."""
+    files = []
+    if isinstance(dataset_json.get("dataset"), dict):  # explicit file lists, relative to the dataset folder
+        for entry in dataset_json["dataset"].values():
+            for path in [*(entry.get("images") or []), entry.get("label")]:
+                if path:
+                    files.append(path if os.path.isabs(path) else os.path.join(raw_dataset_folder, path))
+    else:
+        ending = dataset_json.get("file_ending", "")
+        for sub in ("imagesTr", "labelsTr"):
+            folder = os.path.join(raw_dataset_folder, sub)
+            if ending and os.path.isdir(folder):
+                files += [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(ending)]
+    return [f for f in files if os.path.isfile(f)]
 
 
 def _class_locations(properties_file: str) -> Optional[dict]:

@@ -3,8 +3,9 @@ the package (README, "Faults").
 
 ``FaultSafetyMixin`` goes into a trainer's bases before TrainingBudgetMixin and nnUNetTrainer. It adds to nnU-Net's
 trainer:
-- the preprocessed cases checked at ``on_train_start`` (``data_checks``; dataset.json and the plans are checked by
-  each trainer's ``__init__`` first thing, before any folder is made);
+- the preprocessed cases and the raw training images (read whole: a truncated .nii.gz) checked at
+  ``on_train_start`` (``data_checks``; dataset.json and the plans are checked by each trainer's ``__init__`` first
+  thing, before any folder is made);
 - checkpoints written atomically (temporary file, then rename) and never from a model with non-finite weights;
 - on ``--c``, a checkpoint that is read and checked (readable, same trainer, same plans and configuration, same
   stored settings) before anything is loaded; without ``--c``, a folder that already holds checkpoints is refused
@@ -18,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from nnunet_diffusion.trainers.data_checks import check_training_cases
+from nnunet_diffusion.trainers.data_checks import check_training_cases, check_training_images
 
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 # configuration entries that decide the network and its data: a checkpoint trained with other values does not fit
@@ -113,6 +114,9 @@ class FaultSafetyMixin:
 
     def _check_training_cases(self) -> None:
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        raw = os.environ.get("nnUNet_raw")  # unset, or no such folder: the check is skipped
+        raw_folder = os.path.join(raw, self.plans_manager.dataset_name) if raw else None
+        check_training_images(self.__class__.__name__, raw_folder, self.dataset_json, self.configuration_name)
         folder = self.preprocessed_dataset_folder
         if not os.path.isdir(folder):
             return  # nnU-Net says so itself when it loads the data

@@ -213,7 +213,7 @@ def test_the_last_jump_head_is_a_stored_setting_x0_by_default(configuration_mana
     assert nnUNetTrainerUniSegDiff.diffusion_settings()["last_jump_head"] == "x0"
     assert nnUNetTrainerUniSegDiff_epsLastJump.diffusion_settings()["last_jump_head"] == "eps"
     configuration = ConfigurationManager(configuration_manager(2, features=(4, 8)).configuration)
-    assert staged_segmenter(configuration_manager).inference_plan()[-1].head == "eps"
+    assert staged_segmenter(configuration_manager).inference_plan()[-1].head == "x0"
     net = nnUNetTrainerUniSegDiff.build_network_architecture(None, configuration, 1, C, False)
     net.set_sampler(SamplerSettings("staged", 10, 4, 0, "mean"))
     assert net.last_head == "x0" and net.inference_plan()[-1].head == "x0"

@@ -42,7 +42,10 @@ def test_batched_mirroring_equals_nnunets_sequential_mirroring(max_batch, config
     got = ours._internal_maybe_mirror_and_predict(x)
     # all 8 copies in one sampler run (or in chunks of max_batch copies), image branch once per copy
     assert calls == [min(8, max_batch)] * (8 // min(8, max_batch)) + ([8 % max_batch] if 8 % max_batch else [])
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # another batch size rounds differently in the CPU kernels (tests/faults/test_determinism.py: up to 1.8e-3 after
+    # 4 DDIM steps, in a few values); with nnU-Net's He initialisation a few values reach 1.6e-3 here
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=3e-3)
+    assert (got - expected).abs().mean() < 1e-5
 
 
 def test_batched_mirroring_equals_sequential_for_a_recurrent_network_with_samples(configuration_manager, one_thread):
