@@ -30,7 +30,7 @@ import run_benchmark  # noqa: E402
 from nnunet_diffusion.analysis.ood_metrics import auroc, fpr_at_tpr  # noqa: E402
 from nnunet_diffusion.inference.dsm_predictor import map_name  # noqa: E402
 
-DEFAULT_TRAINERS = ["nnUNetTrainerBudget", "nnUNetTrainerDSM", "nnUNetTrainerDSMStage2"]
+DEFAULT_TRAINERS = ["nnUNetTrainerBudget", "nnUNetTrainerBudgetAdam1en3", "nnUNetTrainerDSM", "nnUNetTrainerDSMStage2"]
 
 
 def derive_dataset(source: Path, target: Path, unseen: str, tumour: str) -> None:
