@@ -30,7 +30,7 @@ if [[ $steps == *2* ]]; then
   echo "== 2. equal-budget benchmark, 3d_fullres, GPU plans"
   python3 benchmarks/run_benchmark.py --device cuda --configuration 3d_fullres --plans nnUNetPlans \
     --budget "${BUDGET:-20}" --mirror-axes 2 --work $work --out "$OUT/results_gpu.md" \
-    --trainers nnUNetTrainerBudget $trainers 2>&1 | grep -v '^{' | tail -n 40
+    --trainers nnUNetTrainerBudget nnUNetTrainerBudgetAdam1en3 $trainers 2>&1 | grep -v '^{' | tail -n 40
 fi
 if [[ $steps == *3* ]]; then
   echo "== 3. 2d on CUDA: final validation, --c, nnunet-diffusion predict"
