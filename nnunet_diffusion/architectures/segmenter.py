@@ -317,8 +317,7 @@ class RecurrentDiffusionSegmenter(DiffusionSegmenter):
         def model_fn(x, t):
             if next(step) > start:  # burn-in: the model's own chain, no graph kept
                 with torch.no_grad():
-                    out = self.denoise(x, t, condition)
-                return x0_from_logits(out) if self.prediction == "x0" else out
+                    return self.estimate(x, t, condition)
             if self.chain_gradient == "state":
                 x = x.detach()  # x_k is a constant input; only the state in ``condition`` keeps its graph
             out = self.denoise(x, t, condition)
