@@ -118,10 +118,8 @@ def measure_window(trainer, device: str) -> dict:
     return {"s_per_window": seconds, "window_peak_mib": peak, "window_finite": bool(torch.isfinite(logits).all())}
 
 
-def measure_one(trainer_name: str, plans_file: str, dataset_json_file: str, configuration: str, device: str,
-                iterations: int, window: bool = False) -> dict:
-    """Build ``trainer_name`` as nnUNetv2_train does and time ``iterations`` train steps after one warm-up; with
-    ``window``, first one prediction window (``measure_window``)."""
+def build_trainer(trainer_name: str, plans_file: str, dataset_json_file: str, configuration: str, device: str):
+    """``trainer_name`` built and initialised from a plans file as nnUNetv2_train builds it (fold 0)."""
     import torch
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     trainer_class = recursive_find_trainer_class_by_name(trainer_name)
@@ -131,6 +129,15 @@ def measure_one(trainer_name: str, plans_file: str, dataset_json_file: str, conf
     plans["continue_training"] = False  # what nnUNetv2_train's get_trainer_from_args adds
     trainer = trainer_class(plans, configuration, 0, dataset_json, device=torch.device(device))
     trainer.initialize()
+    return trainer
+
+
+def measure_one(trainer_name: str, plans_file: str, dataset_json_file: str, configuration: str, device: str,
+                iterations: int, window: bool = False) -> dict:
+    """Build ``trainer_name`` as nnUNetv2_train does and time ``iterations`` train steps after one warm-up; with
+    ``window``, first one prediction window (``measure_window``)."""
+    import torch
+    trainer = build_trainer(trainer_name, plans_file, dataset_json_file, configuration, device)
     predicted = measure_window(trainer, device) if window else {}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -30,6 +30,12 @@ from nnunet_diffusion.trainers.fault_safety import FaultSafetyMixin
 # key under plans['configurations'][<configuration>] that stores the diffusion settings with the trained model
 PLANS_KEY = "diffusion"
 
+# when the denoiser recomputes its activations in backward (``checkpoint_activations`` of its modules): 'cuda' only
+# when training on a GPU, whose memory nnU-Net planned the patch and batch for; 'always'; 'never'. It trades one more
+# forward per checkpointed block for memory and never changes the model (losses and gradients are equal: tested)
+ACTIVATION_CHECKPOINTING = ("cuda", "always", "never")
+ACTIVATION_CHECKPOINTING_ENV = "NNUNET_DIFFUSION_ACTIVATION_CHECKPOINTING"
+
 
 def model_plans_file(trainer_name: str, plans_manager, configuration_manager) -> str:
     """Where a trained model's plans.json lives (nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>), for
@@ -61,6 +67,8 @@ class nnUNetTrainerDiffusionBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTr
     optimizer_kind: str = "adamw"
     learning_rate: float | None = 1e-3  # None: nnU-Net's initial_lr (1e-2)
     adamw_weight_decay: float = 1e-2
+    # one of ACTIVATION_CHECKPOINTING; NNUNET_DIFFUSION_ACTIVATION_CHECKPOINTING overrides it at training
+    activation_checkpointing: str = "cuda"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -75,6 +83,7 @@ class nnUNetTrainerDiffusionBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTr
         except ValueError as error:
             raise ValueError(f"{error} ({', '.join(SamplerSettings.env_variables_set())} apply to the final "
                              f"validation and to prediction, not to training.)") from None
+        self._checkpointing_policy()  # a bad NNUNET_DIFFUSION_ACTIVATION_CHECKPOINTING fails here, not after planning
         plans = copy.deepcopy(plans)
         if configuration in plans.get("configurations", {}):
             # stored with the model: on_train_start copies these plans into the results folder
@@ -199,10 +208,34 @@ class nnUNetTrainerDiffusionBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTr
         return getattr(network, "_orig_mod", network)
 
     def initialize(self):
-        """nnU-Net's, then the stored sampler: build_network_architecture applied prediction-time overrides."""
+        """nnU-Net's, then the stored sampler (build_network_architecture applied prediction-time overrides) and
+        the activation checkpointing for this device (``activation_checkpointing_enabled``)."""
         super().initialize()
         stored = self.stored_settings(self.configuration_manager)
         self._segmenter().set_sampler(self.sampler_from(stored, apply_env=False))
+        blocks = [m for m in self._segmenter().modules() if hasattr(m, "checkpoint_activations")]
+        if blocks:
+            enabled = self.activation_checkpointing_enabled()
+            for module in blocks:
+                module.checkpoint_activations = enabled
+            self.print_to_log_file(
+                f"Activation checkpointing {'on' if enabled else 'off'} ({self._checkpointing_policy()!r} on "
+                f"{self.device.type}; {ACTIVATION_CHECKPOINTING_ENV}=always|cuda|never changes it): it costs one "
+                f"more forward per step and saves activation memory; the model is the same either way.")
+
+    def _checkpointing_policy(self) -> str:
+        policy = os.environ.get(ACTIVATION_CHECKPOINTING_ENV, "").strip() or self.activation_checkpointing
+        if policy not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"{ACTIVATION_CHECKPOINTING_ENV}={policy!r}: must be one of {ACTIVATION_CHECKPOINTING}.")
+        return policy
+
+    def activation_checkpointing_enabled(self) -> bool:
+        """Whether the denoiser recomputes activations in backward on this trainer's device: on CUDA the planned
+        patch and batch must fit the GPU nnU-Net planned for (without it Cross-Timestep needed 4.4x the stock
+        trainer's memory, benchmarks/gpu/memory_gpu.md); on the CPU no such plan applies and it cost 1.7x time
+        per iteration (benchmarks/profiles/)."""
+        policy = self._checkpointing_policy()
+        return policy == "always" or (policy == "cuda" and self.device.type == "cuda")
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """The final validation samples as nnUNetv2_predict would: stored settings plus NNUNET_DIFFUSION_*."""

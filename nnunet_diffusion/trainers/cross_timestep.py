@@ -54,9 +54,9 @@ class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
     chain_start = "noised_truth"
     options = CrossTimestepOptions()
     unroll_steps = 2
-    # activation checkpointing of every stage: without it, peak training memory at nnU-Net's planned patch and
-    # batch was 4.4x the stock trainer's (benchmarks/gpu/memory_gpu.md); it does not change the model
-    checkpoint_activations = True
+    # activation checkpointing of every stage, when training on CUDA (``activation_checkpointing``, the base's
+    # 'cuda'): without it, peak training memory at nnU-Net's planned patch and batch was 4.4x the stock trainer's
+    # (benchmarks/gpu/memory_gpu.md); it does not change the model
 
     @classmethod
     def diffusion_settings(cls) -> dict:
@@ -91,8 +91,7 @@ class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
         # the stored options (plans.json), not the class's: a model rebuilds as it was trained
         stored = configuration_manager.configuration.get(cls.settings_key, {}).get("options")
         options = cls.options if stored is None else CrossTimestepOptions(**{**asdict(cls.options), **stored})
-        return CrossTimestepDenoiser(num_input_channels, num_classes, cls.num_train_timesteps, options,
-                                     checkpoint_activations=cls.checkpoint_activations, **kwargs)
+        return CrossTimestepDenoiser(num_input_channels, num_classes, cls.num_train_timesteps, options, **kwargs)
 
     @classmethod
     def build_segmenter(cls, denoiser, schedule, sampler, stored: dict):

@@ -55,9 +55,9 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
     # it separately); 0.3 gave CFENet time to segment while leaving most of the run to DNet
     condition_pretrain_fraction = 0.3
     default_sampler = SamplerSettings(kind=STAGED, steps=10, num_samples=20, fusion="staple")
-    # recompute the decoders' activations in backward: without it, peak training memory at nnU-Net's plan for a
-    # lesion CT (24 x 256 x 256, batch 2) was 1.68x the stock trainer's on an H100 (benchmarks/gpu/memory_gpu.md)
-    checkpoint_decoders = True
+    # the decoders recompute their activations in backward when training on CUDA (the base's
+    # ``activation_checkpointing``): without it, peak training memory at nnU-Net's plan for a lesion CT
+    # (24 x 256 x 256, batch 2) was 1.68x the stock trainer's on an H100 (benchmarks/gpu/memory_gpu.md)
 
     # ---- settings stored with the model ---------------------------------------------------------------------
 
@@ -79,8 +79,7 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
     def build_denoiser(cls, configuration_manager, num_input_channels: int, num_classes: int) -> nn.Module:
         return UniSegDiffDenoiser(num_input_channels, num_classes, **cls.plans_unet_kwargs(configuration_manager),
                                   heads=cls.heads, condition=cls.condition_network, use_dca=cls.use_dca,
-                                  patch_size=configuration_manager.patch_size,
-                                  checkpoint_decoders=cls.checkpoint_decoders)
+                                  patch_size=configuration_manager.patch_size)
 
     @classmethod
     def build_segmenter(cls, denoiser, schedule, sampler, stored: dict) -> nn.Module:

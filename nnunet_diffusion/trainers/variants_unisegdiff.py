@@ -65,8 +65,8 @@ class nnUNetTrainerUniSegDiff_high700(nnUNetTrainerUniSegDiff):
 
 
 class nnUNetTrainerUniSegDiff_noCheckpointing(nnUNetTrainerUniSegDiff):
-    """Keeps the decoders' activations (faster backward, more memory: benchmarks/memory_*)."""
-    checkpoint_decoders = False
+    """Keeps the decoders' activations on every device (faster backward, more memory: benchmarks/memory_*)."""
+    activation_checkpointing = "never"
 
 
 class nnUNetTrainerUniSegDiff_epsLastJump(nnUNetTrainerUniSegDiff):

@@ -14,6 +14,7 @@ from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep
 from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
 from nnunet_diffusion.trainers.recycling import nnUNetTrainerDiffSegRecycling
+from nnunet_diffusion.trainers.unisegdiff import nnUNetTrainerUniSegDiff
 
 LABELS = {"background": 0, "organ": 1}
 SAMPLER_VARIABLES = ("NNUNET_DIFFUSION_SAMPLER", "NNUNET_DIFFUSION_STEPS", "NNUNET_DIFFUSION_SAMPLES",
@@ -168,3 +169,31 @@ def test_x0_model_without_recycling_trains_the_step_its_sampler_starts_at():
     network(torch.randn(32, 1, 8, 8, 8), labels_to_x0(torch.randint(0, 2, (32, 1, 8, 8, 8)), 2))
     assert seen == {0, 250, 500, 750, 1000}
     assert network.training_coverage().trained == (0, 250, 500, 750, 1000)
+
+
+@pytest.mark.parametrize("trainer_cls", [nnUNetTrainerCrossTimestep, nnUNetTrainerUniSegDiff])
+@pytest.mark.parametrize("policy, device, expected", [("", "cpu", False), ("", "cuda", True), ("always", "cpu", True),
+                                                      ("never", "cuda", False), ("cuda", "cpu", False)])
+def test_activation_checkpointing_follows_the_device_and_the_variable(trainer_cls, policy, device, expected,
+                                                                      tmp_path, monkeypatch):
+    """The default ('cuda') checkpoints where nnU-Net's memory plan applies (a GPU), not on the CPU; the variable
+    overrides it; every checkpointed block of the network is set, and the log says which."""
+    if policy:
+        monkeypatch.setenv("NNUNET_DIFFUSION_ACTIVATION_CHECKPOINTING", policy)
+    else:
+        monkeypatch.delenv("NNUNET_DIFFUSION_ACTIVATION_CHECKPOINTING", raising=False)
+    monkeypatch.setenv("NNUNET_DIFFUSION_CONDITION_CHECKPOINT", "")  # UniSegDiff: no stock model to look for
+    trainer = make(trainer_cls, tmp_path, monkeypatch)
+    trainer.device = torch.device(device)  # what the policy reads (no GPU here: the network stays on the CPU)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
+    network = initialize(trainer, monkeypatch)
+    flags = [m.checkpoint_activations for m in network.modules() if hasattr(m, "checkpoint_activations")]
+    assert flags and all(flag is expected for flag in flags)
+    assert f"Activation checkpointing {'on' if expected else 'off'}" in log_text(trainer)
+
+
+def test_bad_activation_checkpointing_variable_is_refused_at_trainer_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("NNUNET_DIFFUSION_ACTIVATION_CHECKPOINTING", "sometimes")
+    with pytest.raises(ValueError, match=r"NNUNET_DIFFUSION_ACTIVATION_CHECKPOINTING='sometimes': must be one of"):
+        make(nnUNetTrainerCrossTimestep, tmp_path, monkeypatch)
+    assert list(tmp_path.iterdir()) == []

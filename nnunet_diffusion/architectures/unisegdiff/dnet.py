@@ -68,7 +68,7 @@ class UniSegDiffDenoiser(nn.Module):
     Args mirror PlainConvUNet (the plans' arch_kwargs pass through) plus: ``heads`` (('eps', 'x0') for the staged
     model, one of them for the uniform ablations; a single head returns a tensor, two a tuple), ``condition``
     ('pretrained' or 'joint'), ``use_dca``, ``patch_size`` (decides where DCA fits), ``max_tokens`` and
-    ``checkpoint_decoders`` (see ``decode``).
+    ``checkpoint_activations`` (see ``decode``).
     """
 
     def __init__(self, image_channels: int, num_classes: int, n_stages: int, features_per_stage: Sequence[int],
@@ -76,7 +76,7 @@ class UniSegDiffDenoiser(nn.Module):
                  conv_bias: bool = True, norm_op=None, norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None,
                  nonlin=None, nonlin_kwargs=None, heads: Tuple[str, ...] = HEADS, condition: str = "pretrained",
                  use_dca: bool = True, patch_size: Sequence[int] = (), max_tokens: int = DCA_MAX_TOKENS,
-                 checkpoint_decoders: bool = False, time_embed_dim: int = 128):
+                 checkpoint_activations: bool = False, time_embed_dim: int = 128):
         super().__init__()
         if not heads or any(h not in HEADS for h in heads) or len(set(heads)) != len(heads):
             raise ValueError(f"heads must be distinct names out of {HEADS}, got {heads}")
@@ -88,7 +88,7 @@ class UniSegDiffDenoiser(nn.Module):
                               dropout_op=dropout_op, dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin,
                               nonlin_kwargs=nonlin_kwargs)
         self.num_classes, self.heads, self.condition = num_classes, tuple(heads), condition
-        self.checkpoint_decoders = checkpoint_decoders
+        self.checkpoint_activations = checkpoint_activations
         self.spatial_dims = convert_conv_op_to_dim(conv_op)
         self.cfenet = build_cfenet(image_channels, num_classes, condition, encoder_kwargs, n_conv_per_stage_decoder)
         self.noise_encoder = PlainConvEncoder(num_classes, **encoder_kwargs, return_skips=True)
@@ -148,7 +148,7 @@ class UniSegDiffDenoiser(nn.Module):
         return outputs[0] if len(outputs) == 1 else outputs
 
     def decode(self, head: str, skips: List[torch.Tensor]) -> torch.Tensor:
-        """One decoder on the fused skips. With ``checkpoint_decoders`` (training only), its activations are
+        """One decoder on the fused skips. With ``checkpoint_activations`` (training only), its activations are
         recomputed in the backward pass instead of kept: two full-resolution decoders otherwise hold twice the
         stock U-Net's decoder activations."""
-        return maybe_checkpoint(self, self.checkpoint_decoders, self.decoders[head], skips)
+        return maybe_checkpoint(self, self.checkpoint_activations, self.decoders[head], skips)
