@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("trainer-path", help="print the folder for env var nnUNet_extTrainer")
     sub.add_parser("check", help="check the environment variables nnU-Net needs; exit 1 with the fix if not")
+    sub.add_parser("settings", help="list every NNUNET_DIFFUSION_* variable: type, when it applies, default, value")
     dice = sub.add_parser("dice", help="print per-class Dice from nnUNetv2_evaluate_folder's summary.json")
     dice.add_argument("summary")
     dice.add_argument("dataset_json")
@@ -69,6 +70,10 @@ def main(argv=None) -> int:
         if not problems:
             print("nnunet-diffusion set-up OK: nnU-Net will find the diffusion trainers.")
         return 1 if problems else 0
+    if args.command == "settings":
+        from nnunet_diffusion.settings import text_table
+        print(text_table())
+        return 0
     if args.command == "dice":
         print(format_dice(args.summary, args.dataset_json))
         return 0

@@ -77,7 +77,7 @@ class DiffusionSegmenter(nn.Module):
         sampler = sampler.validated(self.schedule.num_steps)
         if sampler.kind not in SAMPLERS:
             raise ValueError(f"Sampler '{sampler.kind}' is for UniSegDiff's staged models; this model samples with "
-                             f"{list(SAMPLERS)} ({sampler.ENV_PREFIX}SAMPLER).")
+                             f"{list(SAMPLERS)} (NNUNET_DIFFUSION_SAMPLER).")
         if not allow_untrained:
             check_sampler_coverage(self.schedule, sampler, self.training_coverage())
         self.sampler = sampler

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
+from nnunet_diffusion.settings import read as read_setting
 from nnunet_diffusion.diffusion.gaussian import eps_from_x0, posterior_mean_variance, x0_from_eps, gather_coefficient
 from nnunet_diffusion.diffusion.schedules import NoiseSchedule, check_respacing, respace
 
@@ -61,44 +62,44 @@ class SamplerSettings:
     seed: int = 0
     fusion: str = "mean"
 
-    ENV_PREFIX = "NNUNET_DIFFUSION_"
-
     def validated(self, train_steps: int) -> "SamplerSettings":
         if self.kind not in SAMPLER_KINDS:
             raise ValueError(f"Unknown sampler '{self.kind}'. Choose one of {list(SAMPLER_KINDS)} "
-                             f"(environment variable {self.ENV_PREFIX}SAMPLER).")
+                             f"(environment variable NNUNET_DIFFUSION_SAMPLER).")
         if self.kind != STAGED:
             check_respacing(train_steps, self.steps)
         elif self.steps < 1:
             raise ValueError(f"the staged sampler needs >= 1 middle DDIM step, got {self.steps} "
-                             f"({self.ENV_PREFIX}STEPS).")
+                             f"(NNUNET_DIFFUSION_STEPS).")
         if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples} ({self.ENV_PREFIX}SAMPLES).")
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples} (NNUNET_DIFFUSION_SAMPLES).")
         if self.fusion not in FUSIONS:
             raise ValueError(f"Unknown fusion '{self.fusion}'. Choose one of {list(FUSIONS)} "
-                             f"(environment variable {self.ENV_PREFIX}FUSION).")
+                             f"(environment variable NNUNET_DIFFUSION_FUSION).")
         return self
 
+    # the prediction-time overrides (nnunet_diffusion.settings): variable -> (field, type)
+    ENV_FIELDS = {"NNUNET_DIFFUSION_SAMPLER": ("kind", str), "NNUNET_DIFFUSION_STEPS": ("steps", int),
+                  "NNUNET_DIFFUSION_SAMPLES": ("num_samples", int), "NNUNET_DIFFUSION_SEED": ("seed", int),
+                  "NNUNET_DIFFUSION_FUSION": ("fusion", str)}
+
     def with_env_overrides(self, environ=os.environ) -> "SamplerSettings":
-        """Apply NNUNET_DIFFUSION_{SAMPLER,STEPS,SAMPLES,SEED} from the environment, if set."""
-        fields = {"SAMPLER": ("kind", str), "STEPS": ("steps", int), "SAMPLES": ("num_samples", int),
-                  "SEED": ("seed", int), "FUSION": ("fusion", str)}
+        """Apply NNUNET_DIFFUSION_{SAMPLER,STEPS,SAMPLES,SEED,FUSION} from the environment, if set."""
         changes = {}
-        for suffix, (field, cast) in fields.items():
-            raw = environ.get(self.ENV_PREFIX + suffix)
-            if raw is None or raw.strip() == "":
+        for name, (field, cast) in self.ENV_FIELDS.items():
+            raw = read_setting(name, environ)
+            if raw is None:
                 continue
             try:
-                changes[field] = cast(raw.strip().lower() if cast is str else raw)
+                changes[field] = cast(raw.lower() if cast is str else raw)
             except ValueError:
-                raise ValueError(f"{self.ENV_PREFIX}{suffix}={raw!r} is not a valid {cast.__name__}.") from None
+                raise ValueError(f"{name}={raw!r} is not a valid {cast.__name__}.") from None
         return replace(self, **changes)
 
     @classmethod
     def env_variables_set(cls, environ=os.environ) -> dict:
-        """The NNUNET_DIFFUSION_{SAMPLER,STEPS,SAMPLES,SEED} variables that are set (non-empty): name -> value."""
-        names = [cls.ENV_PREFIX + suffix for suffix in ("SAMPLER", "STEPS", "SAMPLES", "SEED", "FUSION")]
-        return {name: environ[name] for name in names if environ.get(name, "").strip()}
+        """The NNUNET_DIFFUSION_{SAMPLER,STEPS,SAMPLES,SEED,FUSION} variables that are set (non-empty): name -> value."""
+        return {name: value for name in cls.ENV_FIELDS if (value := read_setting(name, environ)) is not None}
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "steps": self.steps, "num_samples": self.num_samples, "seed": self.seed,
@@ -234,9 +235,9 @@ def check_sampler_coverage(schedule: NoiseSchedule, settings: SamplerSettings, c
     visited = [int(t) for t in respace(schedule, settings.steps).timesteps]
     raise ValueError(
         f"This model cannot sample with {settings.steps} steps (timesteps {_short(visited[::-1])}): "
-        f"{coverage.description}. Valid {settings.ENV_PREFIX}STEPS for this model: "
+        f"{coverage.description}. Valid NNUNET_DIFFUSION_STEPS for this model: "
         f"{valid_sampler_steps(schedule, coverage)} (sampler {list(SAMPLERS)} and "
-        f"{settings.ENV_PREFIX}SAMPLES / SEED are free).")
+        f"NNUNET_DIFFUSION_SAMPLES / SEED are free).")
 
 
 def _short(values, head: int = 6) -> str:

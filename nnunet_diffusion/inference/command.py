@@ -15,13 +15,14 @@ import sys
 
 import torch
 
-from nnunet_diffusion.diffusion.samplers import FUSIONS, SAMPLER_KINDS, SamplerSettings
+from nnunet_diffusion.diffusion.samplers import FUSIONS, SAMPLER_KINDS
 from nnunet_diffusion.inference.dsm_predictor import DSMPredictor
 from nnunet_diffusion.inference.input_checks import CheckedInputs, InputFolderError, check_inputs
 from nnunet_diffusion.inference.predictor import DEFAULT_MAX_BATCH, DiffusionPredictor
 
 # our sampler flags set the variables every diffusion trainer's network reads when it is built (and validates)
-SAMPLER_FLAGS = {"sampler": "SAMPLER", "steps": "STEPS", "samples": "SAMPLES", "seed": "SEED", "fusion": "FUSION"}
+SAMPLER_FLAGS = {"sampler": "NNUNET_DIFFUSION_SAMPLER", "steps": "NNUNET_DIFFUSION_STEPS",
+                 "samples": "NNUNET_DIFFUSION_SAMPLES", "seed": "NNUNET_DIFFUSION_SEED", "fusion": "NNUNET_DIFFUSION_FUSION"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +96,7 @@ def make_predictor(args: argparse.Namespace) -> DiffusionPredictor:
     folds = [f if f == "all" else int(f) for f in args.f]
     overrides = {name: getattr(args, name) for name in SAMPLER_FLAGS if getattr(args, name) is not None}
     for name, value in overrides.items():  # read, and checked against the trained model, when the network is built
-        os.environ[SamplerSettings.ENV_PREFIX + SAMPLER_FLAGS[name]] = str(value)
+        os.environ[SAMPLER_FLAGS[name]] = str(value)
     if args.device == "cpu":
         torch.set_num_threads(multiprocessing.cpu_count())
     elif args.device == "cuda":

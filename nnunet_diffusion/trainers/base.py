@@ -26,6 +26,7 @@ from nnunet_diffusion.diffusion.schedules import make_schedule, respace
 from nnunet_diffusion.trainers.budget import TrainingBudgetMixin
 from nnunet_diffusion.trainers.data_checks import DataCheckError, check_dataset_and_plans, check_stored_settings
 from nnunet_diffusion.trainers.fault_safety import FaultSafetyMixin
+from nnunet_diffusion.settings import read as read_setting
 
 # key under plans['configurations'][<configuration>] that stores the diffusion settings with the trained model
 PLANS_KEY = "diffusion"
@@ -224,7 +225,7 @@ class nnUNetTrainerDiffusionBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTr
                 f"more forward per step and saves activation memory; the model is the same either way.")
 
     def _checkpointing_policy(self) -> str:
-        policy = os.environ.get(ACTIVATION_CHECKPOINTING_ENV, "").strip() or self.activation_checkpointing
+        policy = read_setting(ACTIVATION_CHECKPOINTING_ENV) or self.activation_checkpointing
         if policy not in ACTIVATION_CHECKPOINTING:
             raise ValueError(f"{ACTIVATION_CHECKPOINTING_ENV}={policy!r}: must be one of {ACTIVATION_CHECKPOINTING}.")
         return policy

@@ -42,6 +42,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import nnUNetTrainerAdam1en3
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from nnunet_diffusion.settings import read as read_setting
 
 ENV_INT_SETTINGS = {"NNUNET_DIFFUSION_EPOCHS": "num_epochs",
                     "NNUNET_DIFFUSION_ITERATIONS": "num_iterations_per_epoch",
@@ -56,7 +57,7 @@ ELAPSED_LOG_KEY = "budget_elapsed_s"  # per-epoch training seconds, kept in the 
 
 def read_mirror_axes(num_spatial_dims: int, environ=os.environ):
     """NNUNET_DIFFUSION_MIRROR_AXES -> None (unset: nnU-Net's default), () for 'none', or a tuple of axes."""
-    raw = environ.get(ENV_MIRROR_AXES, "").strip().lower()
+    raw = (read_setting(ENV_MIRROR_AXES, environ) or "").lower()
     if not raw:
         return None
     if raw == "none":
@@ -72,8 +73,8 @@ def read_mirror_axes(num_spatial_dims: int, environ=os.environ):
 
 
 def _read_env(name: str, cast):
-    raw = os.environ.get(name, "").strip()
-    if not raw:
+    raw = read_setting(name)
+    if raw is None:
         return None
     try:
         value = cast(raw)
@@ -252,7 +253,7 @@ class TrainingBudgetMixin:
                                             if self.device.type == "cuda" else None)}, f, indent=1)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        if os.environ.get(ENV_FINAL_VALIDATION, "1").strip() == "0":
+        if read_setting(ENV_FINAL_VALIDATION) == "0":
             self.print_to_log_file(f"{ENV_FINAL_VALIDATION}=0: skipping the final validation.")
             return
         return super().perform_actual_validation(save_probabilities)

@@ -8,6 +8,7 @@ import os
 import torch
 
 from nnunet_diffusion.planning.text_embeddings import class_text_embeddings
+from nnunet_diffusion.settings import read as read_setting
 from nnunet_diffusion.text.encoders import ENV_TEXT_MODEL
 from nnunet_diffusion.text.prompts import PROMPT_TEMPLATE
 from nnunet_diffusion.trainers.fault_safety import read_checkpoint
@@ -37,7 +38,7 @@ class ClassTextMixin:
                              "preprocessed data. Export it as for nnUNetv2_plan_and_preprocess.")
         self.class_embeddings = class_text_embeddings(
             dataset_json, os.path.join(preprocessed, plans["dataset_name"]),
-            os.environ.get(ENV_TEXT_MODEL, "").strip() or None, log=self._text_log.append,
+            read_setting(ENV_TEXT_MODEL), log=self._text_log.append,
             template=self.prompt_template)
         return self.class_embeddings.settings()
 

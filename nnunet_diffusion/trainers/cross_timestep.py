@@ -10,7 +10,6 @@ nnUNetTrainerCrossTimestep_eps.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from dataclasses import asdict
@@ -21,11 +20,12 @@ from nnunet_diffusion.architectures.cross_timestep_unet import CrossTimestepDeno
 from nnunet_diffusion.architectures.segmenter import RecurrentDiffusionSegmenter
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.diffusion.schedules import check_respacing
+from nnunet_diffusion.settings import read as read_setting
 from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
 
 
 def _whole_number(name: str) -> Optional[int]:
-    raw = os.environ.get(name, "").strip()
+    raw = read_setting(name)
     if raw and (not raw.isdigit() or int(raw) < 1):
         raise ValueError(f"{name}={raw!r} must be a whole number >= 1.")
     return int(raw) if raw else None

@@ -27,6 +27,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_diffusion.architectures.dsm.backbone import SwinUNETRPixelDecoder
 from nnunet_diffusion.architectures.dsm.network import DSMNetwork, DSMStage2Network
+from nnunet_diffusion.settings import read as read_setting
 from nnunet_diffusion.text.prompts import class_names
 from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
 from nnunet_diffusion.trainers.budget import TrainingBudgetMixin
@@ -47,7 +48,7 @@ DSM_PROMPT_TEMPLATE = "A {modality} scan of a {label}."
 
 def tumour_labels(dataset_json: dict) -> list[str]:
     """The label names stage 2 learns: NNUNET_DIFFUSION_DSM_TUMOUR_LABELS, else dataset.json's dsm_tumour_labels."""
-    from_env = os.environ.get(ENV_TUMOUR_LABELS, "").strip()
+    from_env = read_setting(ENV_TUMOUR_LABELS)
     names = [n.strip() for n in from_env.split(",") if n.strip()] if from_env else \
         list(dataset_json.get(TUMOUR_LABELS_KEY, []))
     known = class_names(dataset_json)

@@ -24,6 +24,7 @@ from nnunet_diffusion.architectures.unisegdiff.segmenter import StagedDiffusionS
 from nnunet_diffusion.diffusion.masks import x0_from_logits
 from nnunet_diffusion.diffusion.samplers import STAGED, SamplerSettings
 from nnunet_diffusion.diffusion.staged import StagedTargets
+from nnunet_diffusion.settings import read as read_setting
 from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
 from nnunet_diffusion.trainers.pretraining_phase import PretrainingPhaseMixin
 from nnunet_diffusion.trainers.pretrained_condition import (load_frozen_condition_network, read_condition_checkpoint,
@@ -103,7 +104,7 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
         if self.condition_network != "pretrained":
             return None, None
         results = os.environ.get("nnUNet_results")  # read now (nnunetv2.paths reads it once, at import)
-        explicit = os.environ.get(ENV_CONDITION_CHECKPOINT, "").strip()
+        explicit = read_setting(ENV_CONDITION_CHECKPOINT) or ""
         if explicit:
             path = Path(explicit)
         elif results:

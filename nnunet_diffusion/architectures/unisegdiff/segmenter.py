@@ -70,16 +70,16 @@ class StagedDiffusionSegmenter(DiffusionSegmenter):
         span = self.targets.upper - self.targets.lower
         if sampler.kind != STAGED:
             raise ValueError(f"A staged UniSegDiff model samples with sampler '{STAGED}' only, got '{sampler.kind}' "
-                             f"({sampler.ENV_PREFIX}SAMPLER). Its uniform-sampling ablations are separate trainers "
+                             f"(NNUNET_DIFFUSION_SAMPLER). Its uniform-sampling ablations are separate trainers "
                              f"(nnUNetTrainerUniSegDiff_uniformNoise, _uniformMask).")
         if span % sampler.steps:
             valid = [k for k in range(1, span + 1) if span % k == 0]
             raise ValueError(f"The staged sampler's middle stage spans t = {self.targets.upper} to "
                              f"{self.targets.lower}: {sampler.steps} DDIM steps do not divide it. Valid "
-                             f"{sampler.ENV_PREFIX}STEPS: {valid} (10 = the paper's interval of 30).")
+                             f"NNUNET_DIFFUSION_STEPS: {valid} (10 = the paper's interval of 30).")
         if sampler.num_samples % 2:
             raise ValueError(f"The staged sampler draws the same number of masks from each of its two branches: "
-                             f"{sampler.ENV_PREFIX}SAMPLES must be even, got {sampler.num_samples} (paper: 20).")
+                             f"NNUNET_DIFFUSION_SAMPLES must be even, got {sampler.num_samples} (paper: 20).")
         self.sampler = sampler
 
     def network_calls(self) -> int:
