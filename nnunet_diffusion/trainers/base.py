@@ -6,16 +6,11 @@ overrides ``build_denoiser`` / ``diffusion_loss``. Everything else (planning, da
 """
 from __future__ import annotations
 
-import copy
 import os
-import pydoc
 
 import torch
 from torch import nn
 
-from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_diffusion.architectures.conditional_unet import ImageConditionedDenoiser
@@ -23,19 +18,11 @@ from nnunet_diffusion.architectures.segmenter import DiffusionSegmenter, Trainin
 from nnunet_diffusion.diffusion.masks import labels_to_x0
 from nnunet_diffusion.diffusion.samplers import STAGED, SamplerSettings
 from nnunet_diffusion.diffusion.schedules import make_schedule, respace
-from nnunet_diffusion.trainers.budget import TrainingBudgetMixin
-from nnunet_diffusion.trainers.data_checks import DataCheckError, check_dataset_and_plans, check_stored_settings
-from nnunet_diffusion.trainers.fault_safety import FaultSafetyMixin
-from nnunet_diffusion.settings import read as read_setting
+from nnunet_diffusion.trainers.data_checks import DataCheckError, check_stored_settings
+from nnunet_diffusion.trainers.package_base import nnUNetTrainerPackageBase
 
 # key under plans['configurations'][<configuration>] that stores the diffusion settings with the trained model
 PLANS_KEY = "diffusion"
-
-# when the denoiser recomputes its activations in backward (``checkpoint_activations`` of its modules): 'cuda' only
-# when training on a GPU, whose memory nnU-Net planned the patch and batch for; 'always'; 'never'. It trades one more
-# forward per checkpointed block for memory and never changes the model (losses and gradients are equal: tested)
-ACTIVATION_CHECKPOINTING = ("cuda", "always", "never")
-ACTIVATION_CHECKPOINTING_ENV = "NNUNET_DIFFUSION_ACTIVATION_CHECKPOINTING"
 
 
 def model_plans_file(trainer_name: str, plans_manager, configuration_manager) -> str:
@@ -50,7 +37,7 @@ def model_plans_file(trainer_name: str, plans_manager, configuration_manager) ->
     return os.path.join("nnUNet_results", str(plans.get("dataset_name")), folder, "plans.json")
 
 
-class nnUNetTrainerDiffusionBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTrainer):
+class nnUNetTrainerDiffusionBase(nnUNetTrainerPackageBase):
     """Base class of all diffusion trainers. Not meant to be trained directly."""
 
     settings_key = PLANS_KEY
@@ -62,38 +49,11 @@ class nnUNetTrainerDiffusionBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTr
     recycling: bool = False
     clip_noisy_input: bool = False
     default_sampler = SamplerSettings(kind="ddim", steps=10, num_samples=1, seed=0)
-    # chosen by measurement (benchmarks/optimizers/): 'adamw' (the denoisers' usual: Diff-UNet, MedSegDiff,
-    # ImgX-DiffSeg) learned as well as or better than nnU-Net's 'sgd' (Nesterov, momentum 0.99, lr 1e-2) for
-    # every diffusion trainer at an equal budget; both with nnU-Net's poly decay. Variants: <trainer>_SGD
-    optimizer_kind: str = "adamw"
-    learning_rate: float | None = 1e-3  # None: nnU-Net's initial_lr (1e-2)
-    adamw_weight_decay: float = 1e-2
-    # one of ACTIVATION_CHECKPOINTING; NNUNET_DIFFUSION_ACTIVATION_CHECKPOINTING overrides it at training
-    activation_checkpointing: str = "cuda"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        # fail now, before any folder is made (and not hours later), on data or settings we cannot handle
-        check_dataset_and_plans(self.__class__.__name__, plans, configuration, dataset_json)
-        settings = self.training_settings()
-        # training uses these settings only; NNUNET_DIFFUSION_{SAMPLER,STEPS,SAMPLES,SEED} apply to the final
-        # validation and to prediction: check both samplers now rather than after training
-        self.check_sampler(settings, self.sampler_from(settings, apply_env=False))
-        try:
-            self.check_sampler(settings, self.sampler_from(settings))
-        except ValueError as error:
-            raise ValueError(f"{error} ({', '.join(SamplerSettings.env_variables_set())} apply to the final "
-                             f"validation and to prediction, not to training.)") from None
-        self._checkpointing_policy()  # a bad NNUNET_DIFFUSION_ACTIVATION_CHECKPOINTING fails here, not after planning
-        plans = copy.deepcopy(plans)
-        if configuration in plans.get("configurations", {}):
-            # stored with the model: on_train_start copies these plans into the results folder
-            plans["configurations"][configuration][PLANS_KEY] = {
-                **settings, **self.dataset_settings(plans, configuration, dataset_json)}
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.enable_deep_supervision = False
-        if self.learning_rate is not None:
-            self.initial_lr = self.learning_rate
+        settings = self.configuration_manager.configuration[PLANS_KEY]  # what model_settings stored
         if SamplerSettings.env_variables_set():
             self.print_to_log_file(
                 f"{', '.join(f'{k}={v}' for k, v in SamplerSettings.env_variables_set().items())}: sampler "
@@ -102,6 +62,19 @@ class nnUNetTrainerDiffusionBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTr
                 f"final validation samples with {self.sampler_from(settings).describe()}.")
 
     # ---- settings stored with the model ---------------------------------------------------------------------
+
+    def model_settings(self, plans: dict, configuration: str, fold, dataset_json: dict) -> dict:
+        """``training_settings`` and ``dataset_settings``, after checking the samplers of training and of the final
+        validation (NNUNET_DIFFUSION_{SAMPLER,STEPS,SAMPLES,SEED} apply to the final validation and to prediction,
+        not to training: both are checked now rather than after training)."""
+        settings = self.training_settings()
+        self.check_sampler(settings, self.sampler_from(settings, apply_env=False))
+        try:
+            self.check_sampler(settings, self.sampler_from(settings))
+        except ValueError as error:
+            raise ValueError(f"{error} ({', '.join(SamplerSettings.env_variables_set())} apply to the final "
+                             f"validation and to prediction, not to training.)") from None
+        return {**settings, **self.dataset_settings(plans, configuration, dataset_json)}
 
     @classmethod
     def diffusion_settings(cls) -> dict:
@@ -167,18 +140,6 @@ class nnUNetTrainerDiffusionBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTr
 
     # ---- network --------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def plans_unet_kwargs(configuration_manager: ConfigurationManager) -> dict:
-        """The plans' U-Net arguments (stages, features, kernels, strides, norm) with classes imported."""
-        kwargs = dict(configuration_manager.network_arch_init_kwargs)
-        for key in configuration_manager.network_arch_init_kwargs_req_import:
-            if kwargs.get(key) is not None:
-                kwargs[key] = pydoc.locate(kwargs[key])
-        if "n_blocks_per_stage" in kwargs:  # ResEnc plans: use as many plain convs as the plan has blocks
-            kwargs["n_conv_per_stage"] = kwargs.pop("n_blocks_per_stage")
-        kwargs.pop("deep_supervision", None)
-        return kwargs
-
     @classmethod
     def build_denoiser(cls, configuration_manager: ConfigurationManager, num_input_channels: int,
                        num_classes: int) -> nn.Module:
@@ -204,55 +165,22 @@ class nnUNetTrainerDiffusionBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTr
         # refused here, before the first case. The trainer resets its own network to the stored sampler.
         return cls.build_segmenter(denoiser, cls.training_schedule(stored), cls.sampler_from(stored), stored)
 
-    def _segmenter(self) -> DiffusionSegmenter:
-        network = self.network.module if self.is_ddp else self.network
-        return getattr(network, "_orig_mod", network)
-
     def initialize(self):
-        """nnU-Net's, then the stored sampler (build_network_architecture applied prediction-time overrides) and
-        the activation checkpointing for this device (``activation_checkpointing_enabled``)."""
+        """The package base's, then the stored sampler: build_network_architecture applied prediction-time
+        overrides, training uses the stored one."""
         super().initialize()
         stored = self.stored_settings(self.configuration_manager)
-        self._segmenter().set_sampler(self.sampler_from(stored, apply_env=False))
-        blocks = [m for m in self._segmenter().modules() if hasattr(m, "checkpoint_activations")]
-        if blocks:
-            enabled = self.activation_checkpointing_enabled()
-            for module in blocks:
-                module.checkpoint_activations = enabled
-            self.print_to_log_file(
-                f"Activation checkpointing {'on' if enabled else 'off'} ({self._checkpointing_policy()!r} on "
-                f"{self.device.type}; {ACTIVATION_CHECKPOINTING_ENV}=always|cuda|never changes it): it costs one "
-                f"more forward per step and saves activation memory; the model is the same either way.")
-
-    def _checkpointing_policy(self) -> str:
-        policy = read_setting(ACTIVATION_CHECKPOINTING_ENV) or self.activation_checkpointing
-        if policy not in ACTIVATION_CHECKPOINTING:
-            raise ValueError(f"{ACTIVATION_CHECKPOINTING_ENV}={policy!r}: must be one of {ACTIVATION_CHECKPOINTING}.")
-        return policy
-
-    def activation_checkpointing_enabled(self) -> bool:
-        """Whether the denoiser recomputes activations in backward on this trainer's device: on CUDA the planned
-        patch and batch must fit the GPU nnU-Net planned for (without it Cross-Timestep needed 4.4x the stock
-        trainer's memory, benchmarks/gpu/memory_gpu.md); on the CPU no such plan applies and it cost 1.7x time
-        per iteration (benchmarks/profiles/)."""
-        policy = self._checkpointing_policy()
-        return policy == "always" or (policy == "cuda" and self.device.type == "cuda")
+        self._network().set_sampler(self.sampler_from(stored, apply_env=False))
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """The final validation samples as nnUNetv2_predict would: stored settings plus NNUNET_DIFFUSION_*."""
         stored = self.stored_settings(self.configuration_manager)
-        self._segmenter().set_sampler(self.sampler_from(stored))
-        self.print_to_log_file(f"Final validation sampler: {self._segmenter().sampler.describe()}")
+        self._network().set_sampler(self.sampler_from(stored))
+        self.print_to_log_file(f"Final validation sampler: {self._network().sampler.describe()}")
         try:
             return super().perform_actual_validation(save_probabilities)
         finally:
-            self._segmenter().set_sampler(self.sampler_from(stored, apply_env=False))
-
-    def set_deep_supervision_enabled(self, enabled: bool):
-        pass  # the denoiser has a single output; deep supervision is always off
-
-    def _do_i_compile(self):
-        return False  # the reverse loop and training pass are not plain forwards; compile gains nothing here
+            self._network().set_sampler(self.sampler_from(stored, apply_env=False))
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         result = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
@@ -262,16 +190,6 @@ class nnUNetTrainerDiffusionBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTr
         self.print_to_log_file(f"Test-time mirroring runs the sampler {n_flips}x per window; "
                                f"nnUNetv2_predict --disable_tta runs it once.")
         return result
-
-    def configure_optimizers(self):
-        if self.optimizer_kind == "sgd":
-            return super().configure_optimizers()
-        if self.optimizer_kind != "adamw":
-            raise ValueError(f"{self.__class__.__name__}.optimizer_kind must be 'sgd' or 'adamw', "
-                             f"got {self.optimizer_kind!r}")
-        optimizer = torch.optim.AdamW(self.network.parameters(), self.initial_lr,
-                                      weight_decay=self.adamw_weight_decay)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     # ---- training and per-epoch validation --------------------------------------------------------------------
 
@@ -290,7 +208,8 @@ class nnUNetTrainerDiffusionBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTr
             loss = loss + self.loss(result.prior_logits, target)
         return loss
 
-    def _training_pass(self, batch: dict):
+    def training_loss(self, batch: dict):
+        """(loss, the TrainingPass, target labels) of one batch: the network's training draw and its loss."""
         image, target = self._batch_on_device(batch)
         x0 = labels_to_x0(target, self.label_manager.num_segmentation_heads)
         with self._autocast():
@@ -298,21 +217,6 @@ class nnUNetTrainerDiffusionBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTr
             loss = self.diffusion_loss(result, target)
         return loss, result, target
 
-    def train_step(self, batch: dict) -> dict:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, _, _ = self._training_pass(batch)
-        self.backward_and_step(loss)
-        return {"loss": loss.detach().cpu().numpy()}
-
-    def validation_step(self, batch: dict) -> dict:
-        """Cheap per-epoch validation: the training loss and the pseudo-Dice of the one-step mask estimate at a
-        random t (no reverse run; the final validation after training uses the real sampler)."""
-        with torch.no_grad():
-            loss, result, target = self._training_pass(batch)
-        segmentation = result.x0_hat.argmax(1, keepdim=True)
-        onehot = torch.zeros_like(result.x0_hat).scatter_(1, segmentation, 1)
-        axes = [0] + list(range(2, onehot.ndim))
-        tp, fp, fn, _ = get_tp_fp_fn_tn(onehot, target, axes=axes)
-        # [1:] drops the background class, as the stock trainer does
-        return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp.detach().cpu().numpy()[1:],
-                "fp_hard": fp.detach().cpu().numpy()[1:], "fn_hard": fn.detach().cpu().numpy()[1:]}
+    def validation_scores(self, result) -> torch.Tensor:
+        """The one-step mask estimate at the drawn t (x0_hat, (B, N, *S) in [-1, 1])."""
+        return result.x0_hat

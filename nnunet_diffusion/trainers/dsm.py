@@ -14,7 +14,6 @@ a tenth of stage 1's learning rate.
 """
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
@@ -22,18 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
-from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss, get_tp_fp_fn_tn
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunet_diffusion.architectures.dsm.backbone import SwinUNETRPixelDecoder
 from nnunet_diffusion.architectures.dsm.network import DSMNetwork, DSMStage2Network
 from nnunet_diffusion.settings import read as read_setting
 from nnunet_diffusion.text.prompts import class_names
-from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
-from nnunet_diffusion.trainers.budget import TrainingBudgetMixin
 from nnunet_diffusion.trainers.class_text import TEXT_KEY, ClassTextMixin
-from nnunet_diffusion.trainers.data_checks import check_dataset_and_plans
-from nnunet_diffusion.trainers.fault_safety import FaultSafetyMixin
+from nnunet_diffusion.trainers.package_base import nnUNetTrainerPackageBase
 from nnunet_diffusion.trainers.pretrained_condition import read_condition_checkpoint, stock_checkpoint_path
 
 DSM_KEY = "dsm"
@@ -59,7 +54,7 @@ def tumour_labels(dataset_json: dict) -> list[str]:
     return names
 
 
-class nnUNetTrainerDSM(ClassTextMixin, FaultSafetyMixin, TrainingBudgetMixin, nnUNetTrainer):
+class nnUNetTrainerDSM(ClassTextMixin, nnUNetTrainerPackageBase):
     """Stage 1: organ queries (one per organ class and background), kMMM decoder, text-aligned classes."""
 
     stage = 1
@@ -77,9 +72,9 @@ class nnUNetTrainerDSM(ClassTextMixin, FaultSafetyMixin, TrainingBudgetMixin, nn
     class_loss_weight = 0.1
     learning_rate = 1e-3     # AdamW, as the paper (its value is not legible); nnU-Net's poly decay
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        check_dataset_and_plans(self.__class__.__name__, plans, configuration, dataset_json)
+    def model_settings(self, plans: dict, configuration: str, fold, dataset_json: dict) -> dict:
+        """The 'dsm' block: stage, which classes are organs and tumours, the decoder's settings and the class text;
+        stage 2 also finds and reads stage 1's checkpoint here (before any folder is made)."""
         if self.backbone == "swin_unetr":
             SwinUNETRPixelDecoder.check_patch(plans["configurations"][configuration]["patch_size"])
         names = class_names(dataset_json)
@@ -90,11 +85,7 @@ class nnUNetTrainerDSM(ClassTextMixin, FaultSafetyMixin, TrainingBudgetMixin, nn
                     "anomaly": ANOMALY_ORGAN_QUERIES,
                     TEXT_KEY: self.compute_class_text(plans, dataset_json) if self.text_alignment else None}
         self.stage1_weights = self.find_stage1_weights(plans, configuration, fold)
-        plans = copy.deepcopy(plans)
-        plans["configurations"][configuration][DSM_KEY] = {**settings, **self.stage_settings()}
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.enable_deep_supervision = False
-        self.initial_lr = self.learning_rate
+        return {**settings, **self.stage_settings()}
 
     def stage_settings(self) -> dict:
         return {}
@@ -111,7 +102,7 @@ class nnUNetTrainerDSM(ClassTextMixin, FaultSafetyMixin, TrainingBudgetMixin, nn
         if settings is None:
             raise ValueError(f"{cls.__name__}: plans.json has no '{DSM_KEY}' entry: this model folder was not "
                              f"trained by a DSM trainer.")
-        kwargs = nnUNetTrainerDiffusionBase.plans_unet_kwargs(configuration_manager)
+        kwargs = cls.plans_unet_kwargs(configuration_manager)
         text = settings.get(TEXT_KEY)
         legacy = settings.get("anomaly") != ANOMALY_ORGAN_QUERIES  # a model from before: as it was trained
         stage1 = DSMNetwork(num_input_channels, num_output_channels, settings["organ_classes"],
@@ -123,24 +114,9 @@ class nnUNetTrainerDSM(ClassTextMixin, FaultSafetyMixin, TrainingBudgetMixin, nn
         return DSMStage2Network(stage1, settings["tumour_classes"], kwargs["conv_op"], amvp=settings["amvp"],
                                 dqr=settings["dqr"], legacy_anomaly=legacy)
 
-    def _network(self) -> nn.Module:
-        network = self.network.module if self.is_ddp else self.network
-        return getattr(network, "_orig_mod", network)
-
     def text_buffer(self) -> torch.Tensor:
         network = self._network()
         return (network.stage1 if isinstance(network, DSMStage2Network) else network).text_embeddings
-
-    def set_deep_supervision_enabled(self, enabled: bool):
-        pass  # the query decoder's layers are supervised by ``dsm_loss``, not nnU-Net's deep supervision
-
-    def _do_i_compile(self):
-        return False
-
-    def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.network.parameters(), self.initial_lr, weight_decay=1e-2)
-        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     # ---- loss ---------------------------------------------------------------------------------------------------
 
@@ -173,24 +149,17 @@ class nnUNetTrainerDSM(ClassTextMixin, FaultSafetyMixin, TrainingBudgetMixin, nn
         class_loss = F.cross_entropy(output.class_logits.flatten(0, 1).float(), query_targets)
         return loss + self.class_loss_weight * class_loss
 
-    def train_step(self, batch: dict) -> dict:
+    def training_loss(self, batch: dict):
+        """(the DSM loss, the DSMOutput, target labels) of one batch; the query decoder's layers are supervised
+        here (``dsm_loss``), not by nnU-Net's deep supervision."""
         image, target = self._batch_on_device(batch)
-        self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            loss = self.dsm_loss(self.network(image, full=True), target)
-        self.backward_and_step(loss)
-        return {"loss": loss.detach().cpu().numpy()}
-
-    def validation_step(self, batch: dict) -> dict:
-        image, target = self._batch_on_device(batch)
-        with torch.no_grad(), self._autocast():
             output = self.network(image, full=True)
             loss = self.dsm_loss(output, target)
-        segmentation = output.logits.argmax(1, keepdim=True)
-        onehot = torch.zeros_like(output.logits).scatter_(1, segmentation, 1)
-        tp, fp, fn, _ = get_tp_fp_fn_tn(onehot, target, axes=[0] + list(range(2, onehot.ndim)))
-        return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp.detach().cpu().numpy()[1:],
-                "fp_hard": fp.detach().cpu().numpy()[1:], "fn_hard": fn.detach().cpu().numpy()[1:]}
+        return loss, output, target
+
+    def validation_scores(self, output) -> torch.Tensor:
+        return output.logits
 
 
 class nnUNetTrainerDSMStage2(nnUNetTrainerDSM):

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 class PretrainingPhaseMixin:
     """For nnUNetTrainer subclasses. Subclasses say what the part is (``pretrained_part``), whether this step
-    belongs to the phase (``pretraining``) and how a phase step computes its loss (their ``_training_pass``)."""
+    belongs to the phase (``pretraining``) and how a phase step computes its loss (their ``training_loss``)."""
 
     pretrained_part_name = "the pre-trained part"
     _pretraining_wrapper: Optional[nn.Module] = None

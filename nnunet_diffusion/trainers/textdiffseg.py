@@ -112,7 +112,7 @@ class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrai
 
 
     def text_buffer(self) -> torch.Tensor:
-        return self._segmenter().denoiser.text_embeddings
+        return self._network().denoiser.text_embeddings
 
     # ---- loss (eqs. 4-6) ------------------------------------------------------------------------------------
 
@@ -128,15 +128,15 @@ class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrai
     pretrained_part_name = "the label autoencoder"
 
     def pretrained_part(self) -> nn.Module:
-        return self._segmenter().denoiser.label_autoencoder
+        return self._network().denoiser.label_autoencoder
 
     def pretraining(self) -> bool:
         return (self.label_autoencoder_training == "pretrained"
                 and self.training_progress() < self.label_autoencoder_pretrain_fraction)
 
-    def _training_pass(self, batch: dict):
+    def training_loss(self, batch: dict):
         if not self.pretraining():
-            return super()._training_pass(batch)
+            return super().training_loss(batch)
         _, target = self._batch_on_device(batch)
         autoencoder = self._part_for_pretraining() if torch.is_grad_enabled() else self.pretrained_part()
         onehot = torch.zeros((target.shape[0], self.label_manager.num_segmentation_heads, *target.shape[2:]),

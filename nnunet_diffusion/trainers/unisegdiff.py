@@ -132,7 +132,7 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
     def initialize(self):
         super().initialize()
         if self._condition_weights is not None:
-            denoiser = self._segmenter().denoiser
+            denoiser = self._network().denoiser
             load_frozen_condition_network(denoiser.cfenet, self.condition_checkpoint, self.plans_manager.dataset_name,
                                           self.plans_manager.plans_name, self.configuration_name, self.fold,
                                           weights=self._condition_weights)
@@ -147,7 +147,7 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
     pretrained_part_name = "CFENet"
 
     def pretrained_part(self) -> nn.Module:
-        return self._segmenter().denoiser.cfenet
+        return self._network().denoiser.cfenet
 
     def pretraining(self) -> bool:
         """Whether this step pre-trains CFENet (no stock checkpoint, first share of training)."""
@@ -156,9 +156,9 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
 
     # ---- one training draw ----------------------------------------------------------------------------------
 
-    def _training_pass(self, batch: dict):
+    def training_loss(self, batch: dict):
         if not self.pretraining():
-            return super()._training_pass(batch)
+            return super().training_loss(batch)
         image, target = self._batch_on_device(batch)
         network = self._part_for_pretraining() if torch.is_grad_enabled() else self.pretrained_part()
         with self._autocast():

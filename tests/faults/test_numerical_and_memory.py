@@ -14,7 +14,7 @@ NAN_AFTER_EPOCH_0 = """
 import sys
 from nnunetv2.run.run_training import run_training_entry
 from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
-real_pass, calls = nnUNetTrainerDiffusionBase._training_pass, []
+real_pass, calls = nnUNetTrainerDiffusionBase.training_loss, []
 
 def nan_pass(self, batch):
     loss, result, target = real_pass(self, batch)
@@ -23,7 +23,7 @@ def nan_pass(self, batch):
     calls.append(1)
     return (loss * float("nan") if len(calls) > 4 else loss), result, target  # epoch 0 (4 iterations) is finite
 
-nnUNetTrainerDiffusionBase._training_pass = nan_pass
+nnUNetTrainerDiffusionBase.training_loss = nan_pass
 sys.argv = ["nnUNetv2_train", *sys.argv[1:]]
 run_training_entry()
 """
