@@ -86,6 +86,26 @@ def test_staged_sampler_makes_twelve_sequential_calls_and_twenty_masks(configura
     assert masks.shape == (2, 20, C, 16, 16) and masks.min() >= -1 and masks.max() <= 1
 
 
+def test_each_middle_chain_runs_only_the_decoder_it_needs(configuration_manager):
+    """The middle steps decode the mask chain with the x0 decoder and the noise chain with the eps decoder only (one
+    encoder pass for both), and give what each decoder gives on its own chain."""
+    net = staged_segmenter(configuration_manager, SamplerSettings("staged", 10, 4, 0, "mean")).eval()
+    denoiser = net.denoiser
+    x, t = torch.randn(4, C, 16, 16), torch.tensor([500, 500, 500, 500])
+    with torch.no_grad():
+        condition = [torch.cat([f, f]) for f in denoiser.encode_image(torch.randn(2, 1, 16, 16))]
+        chunked = denoiser(x, t, condition, chunk_heads=("x0", "eps"))
+        eps_hat, logits = denoiser(x, t, condition)
+    torch.testing.assert_close(chunked, torch.cat([logits[:2], eps_hat[2:]]), atol=1e-5, rtol=1e-5)
+    decoded = {head: [] for head in denoiser.decoders}
+    for head, decoder in denoiser.decoders.items():
+        decoder.register_forward_hook(lambda m, i, o, head=head: decoded[head].append(o.shape[0]))
+    with torch.no_grad():
+        net.sample_x0(torch.randn(2, 1, 16, 16))
+    # x0: the first jump (2) + 10 middle mask-chain halves (2) + the last jump (4); eps: the 10 noise-chain halves
+    assert decoded == {"x0": [2] + [2] * 10 + [4], "eps": [2] * 10}
+
+
 class PerfectDenoiser(torch.nn.Module):
     """Knows the mask M: the x0 head returns logits whose softmax is M's one-hot, the eps head the noise that M
     implies for x_t at the noise level the staged sampler uses for the conditioning timestep (0 means t = lower)."""
@@ -100,7 +120,10 @@ class PerfectDenoiser(torch.nn.Module):
     def repeat_condition(self, features, n):
         return [f.repeat_interleave(n, 0) for f in features]
 
-    def forward(self, x_t, t, condition, head=None):
+    def forward(self, x_t, t, condition, head=None, chunk_heads=None):
+        if chunk_heads is not None:  # as UniSegDiffDenoiser: chunk i through head chunk_heads[i] only
+            return torch.cat([self.forward(x, s, condition, name) for name, x, s in
+                              zip(chunk_heads, x_t.chunk(len(chunk_heads)), t.chunk(len(chunk_heads)))])
         noise_level = torch.where(t == 0, torch.full_like(t, self.lower), t)
         mask = self.mask.expand(x_t.shape[0], *self.mask.shape[1:])
         out = {"x0": (mask + 1) * 50.0,  # softmax of +-50-logit gaps: the one-hot exactly, in float32
@@ -125,9 +148,9 @@ def test_staged_sampler_with_a_perfect_denoiser_returns_the_mask_in_every_sample
 class RecordingDenoiser(PerfectDenoiser):
     """The perfect denoiser that records what its last call saw and which head it was."""
 
-    def forward(self, x_t, t, condition, head=None):
+    def forward(self, x_t, t, condition, head=None, chunk_heads=None):
         self.last = (x_t.clone(), t.clone(), head)
-        return super().forward(x_t, t, condition, head)
+        return super().forward(x_t, t, condition, head, chunk_heads)
 
 
 @pytest.mark.parametrize("head", ["eps", "x0"])

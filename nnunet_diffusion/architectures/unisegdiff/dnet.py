@@ -137,11 +137,18 @@ class UniSegDiffDenoiser(nn.Module):
         return skips
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: List[torch.Tensor],
-                head: Optional[str] = None):
+                head: Optional[str] = None, chunk_heads: Optional[Sequence[str]] = None):
         """x_t (B, num_classes, *S), t (B,), CF from encode_image -> per head (B, num_classes, *S): eps, or class
         logits for 'x0'. One head (or ``head`` named: only that decoder runs, for samplers): that tensor; two: a
-        tuple in ``heads`` order."""
+        tuple in ``heads`` order. ``chunk_heads`` (samplers): the batch is len(chunk_heads) equal chunks, chunk i
+        decoded by head chunk_heads[i] only (B, num_classes, *S): the staged sampler's two chains share one encoder
+        pass and each runs only the decoder it needs."""
         skips = self.fused_skips(x_t, t, condition)
+        if chunk_heads is not None:
+            if x_t.shape[0] % len(chunk_heads):
+                raise ValueError(f"a batch of {x_t.shape[0]} does not split into {len(chunk_heads)} equal chunks")
+            chunks = zip(*[skip.chunk(len(chunk_heads)) for skip in skips])
+            return torch.cat([self.decode(name, list(chunk)) for name, chunk in zip(chunk_heads, chunks)])
         if head is not None:
             return self.decode(head, skips)
         outputs = tuple(self.decode(name, skips) for name in self.heads)

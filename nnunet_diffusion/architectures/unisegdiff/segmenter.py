@@ -136,11 +136,12 @@ class StagedDiffusionSegmenter(DiffusionSegmenter):
         x = ddim_jump(self.schedule, x, timesteps(first.t_from, b), first.t_to, x0_hat)
         # middle stage: the mask chain (x0 head) and the noise chain (eps head), one batch of 2B, branch-major
         chains, both = torch.cat([x, x]), [torch.cat([f, f]) for f in condition]
-        for step in middle:
-            eps_hat, logits = self.denoiser(chains, timesteps(step.model_t, 2 * b), both)
+        for step in middle:  # one encoder pass for both chains, each through the decoder it needs only
+            logits, eps_hat = self.denoiser(chains, timesteps(step.model_t, 2 * b), both,
+                                            chunk_heads=("x0", "eps")).split(b)
             t_from = timesteps(step.t_from, 2 * b)
-            x0_hat = torch.cat([x0_from_logits(logits[:b]),
-                                x0_from_eps(self.schedule, chains[b:], t_from[b:], eps_hat[b:].float()).clamp(-1, 1)])
+            x0_hat = torch.cat([x0_from_logits(logits),
+                                x0_from_eps(self.schedule, chains[b:], t_from[b:], eps_hat.float()).clamp(-1, 1)])
             if on_step is not None:
                 on_step(step.t_from, x0_hat)
             chains = ddim_jump(self.schedule, chains, t_from, step.t_to, x0_hat)
