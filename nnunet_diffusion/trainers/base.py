@@ -142,7 +142,7 @@ class nnUNetTrainerDiffusionBase(nnUNetTrainerPackageBase):
 
     @classmethod
     def build_denoiser(cls, configuration_manager: ConfigurationManager, num_input_channels: int,
-                       num_classes: int) -> nn.Module:
+                       num_classes: int, stored: dict) -> nn.Module:
         return ImageConditionedDenoiser(num_input_channels, num_classes, **cls.plans_unet_kwargs(configuration_manager))
 
     @classmethod
@@ -160,7 +160,8 @@ class nnUNetTrainerDiffusionBase(nnUNetTrainerPackageBase):
         """
         stored = cls.stored_settings(configuration_manager, model_plans_file(cls.__name__, plans_manager,
                                                                              configuration_manager))
-        denoiser = cls.build_denoiser(configuration_manager, num_input_channels, num_output_channels)
+        # the stored settings (plans.json) are the only input besides the plans' U-Net: a model rebuilds as trained
+        denoiser = cls.build_denoiser(configuration_manager, num_input_channels, num_output_channels, stored)
         # the predictor's path: environment overrides apply, and a sampler the model was not trained for is
         # refused here, before the first case. The trainer resets its own network to the stored sampler.
         return cls.build_segmenter(denoiser, cls.training_schedule(stored), cls.sampler_from(stored), stored)

@@ -86,12 +86,12 @@ class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
         return settings
 
     @classmethod
-    def build_denoiser(cls, configuration_manager, num_input_channels: int, num_classes: int) -> nn.Module:
-        kwargs = cls.plans_unet_kwargs(configuration_manager)
+    def build_denoiser(cls, configuration_manager, num_input_channels: int, num_classes: int,
+                       stored: dict) -> nn.Module:
         # the stored options (plans.json), not the class's: a model rebuilds as it was trained
-        stored = configuration_manager.configuration.get(cls.settings_key, {}).get("options")
-        options = cls.options if stored is None else CrossTimestepOptions(**{**asdict(cls.options), **stored})
-        return CrossTimestepDenoiser(num_input_channels, num_classes, cls.num_train_timesteps, options, **kwargs)
+        options = CrossTimestepOptions(**{**asdict(CrossTimestepOptions()), **stored["options"]})
+        return CrossTimestepDenoiser(num_input_channels, num_classes, stored["num_train_timesteps"], options,
+                                     **cls.plans_unet_kwargs(configuration_manager))
 
     @classmethod
     def build_segmenter(cls, denoiser, schedule, sampler, stored: dict):

@@ -88,8 +88,8 @@ class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrai
     # ---- network --------------------------------------------------------------------------------------------
 
     @classmethod
-    def build_denoiser(cls, configuration_manager, num_input_channels: int, num_classes: int) -> nn.Module:
-        stored = cls.stored_settings(configuration_manager)
+    def build_denoiser(cls, configuration_manager, num_input_channels: int, num_classes: int,
+                       stored: dict) -> nn.Module:
         if TEXT_KEY not in stored:
             raise ValueError(f"{cls.__name__}: plans.json has no '{PLANS_KEY}.{TEXT_KEY}' entry: this model folder "
                              f"was not trained by {cls.__name__} (or its plans.json was replaced).")

@@ -77,10 +77,11 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
     # ---- network --------------------------------------------------------------------------------------------
 
     @classmethod
-    def build_denoiser(cls, configuration_manager, num_input_channels: int, num_classes: int) -> nn.Module:
+    def build_denoiser(cls, configuration_manager, num_input_channels: int, num_classes: int,
+                       stored: dict) -> nn.Module:
         return UniSegDiffDenoiser(num_input_channels, num_classes, **cls.plans_unet_kwargs(configuration_manager),
-                                  heads=cls.heads, condition=cls.condition_network, use_dca=cls.use_dca,
-                                  patch_size=configuration_manager.patch_size)
+                                  heads=tuple(stored["heads"]), condition=stored["condition_network"],
+                                  use_dca=stored["dca"], patch_size=configuration_manager.patch_size)
 
     @classmethod
     def build_segmenter(cls, denoiser, schedule, sampler, stored: dict) -> nn.Module:

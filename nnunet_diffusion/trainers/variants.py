@@ -38,5 +38,6 @@ class nnUNetTrainerDiffSegRecycling_twoEncoders(nnUNetTrainerDiffSegRecycling):
     paper, so its old checkpoints predict with this trainer (after renaming the results folder)."""
 
     @classmethod
-    def build_denoiser(cls, configuration_manager, num_input_channels: int, num_classes: int) -> nn.Module:
+    def build_denoiser(cls, configuration_manager, num_input_channels: int, num_classes: int,
+                       stored: dict) -> nn.Module:
         return ImageConditionedDenoiser(num_input_channels, num_classes, **cls.plans_unet_kwargs(configuration_manager))
