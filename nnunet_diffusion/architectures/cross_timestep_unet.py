@@ -51,6 +51,9 @@ class CrossTimestepOptions:
     time_cell: bool = True
     carry_spatial: bool = True   # False: the cell's state is reset every step (no memory across timesteps)
     carry_channel: bool = True
+    # the paper gives no initialisation: True starts FFT-tLSTM and SC-tLSTM as the identity (zero output projection,
+    # open attention maps), so the network starts as its plain U-Net; False: nnU-Net's He init for them too
+    identity_start: bool = True
 
 
 class CrossTimestepDenoiser(ImageConditionedDenoiser):
@@ -88,6 +91,10 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
                         nonlin=unet_kwargs.get("nonlin"), nonlin_kwargs=unet_kwargs.get("nonlin_kwargs"))
             self.fusions = nn.ModuleList(PriorFusion(c, conv_op, **norm, ra=options.ra) for c in decoder_channels)
         initialize_like_nnunet(self)  # the blocks added here too (tLSTM, FFT, prior decoder), as nnU-Net's U-Net
+        if options.identity_start:
+            for block in [*(self.sc_encoder if options.sc else []), *(self.sc_decoder if options.sc else []),
+                          *([self.fft] if options.fft else [])]:
+                block.start_as_identity()
 
     def _checkpointed(self, function, *args):
         return maybe_checkpoint(self, self.checkpoint_activations, function, *args)

@@ -8,6 +8,7 @@ F_out = M_s * (M_c * F) (eqs. 13-14). The recurrent state lives in a dict owned 
 """
 from __future__ import annotations
 
+import math
 from typing import Type
 
 import torch
@@ -50,6 +51,14 @@ class SCTLSTM(nn.Module):
             self.channel_cell = LinearLSTMCell(2 * channels, channels)
         self.channel_out = nn.Linear(channels, channels)
         self.carry_spatial, self.carry_channel = carry_spatial, carry_channel
+
+    def start_as_identity(self, open_gate: float = 0.95) -> None:
+        """Both attention maps start at ``open_gate`` everywhere (zero weights, bias logit(open_gate)): F_out ~ F.
+        Why: random maps near 0.5 scale every stage by ~1/4 and multiply it by noise at the start of training."""
+        bias = math.log(open_gate / (1 - open_gate))
+        for layer in (self.channel_out, self.spatial_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.constant_(layer.bias, bias)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, state: dict) -> torch.Tensor:
         """Reads and updates this block's entries of ``state`` (``previous``, ``step``, ``store``)."""

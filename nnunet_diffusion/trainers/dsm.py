@@ -1,4 +1,5 @@
-"""DSM as nnU-Net trainers (``../shared/papers/dsm_kmeans_mask_mamba.txt``): ``nnUNetTrainerDSM`` trains stage 1
+"""DSM as nnU-Net trainers ("Unleashing Diffusion and State Space Models for Medical Image Segmentation"):
+``nnUNetTrainerDSM`` trains stage 1
 (organ queries with the kMMM decoder), ``nnUNetTrainerDSMStage2`` stage 2 (tumour queries with the anomaly mask
 prompt and diffusion-guided refinement) from stage 1's checkpoint in nnUNet_results.
 

@@ -1,5 +1,6 @@
 """nnUNetTrainerTextDiffSeg: latent label diffusion conditioned on the image and on text descriptions of the
-classes (TextDiffSeg, ``../shared/papers/textdiffseg.txt``; no public code, the paper is the spec).
+classes ("TextDiffSeg: Text-guided Latent Diffusion Model for 3d Medical Images Segmentation"; no public code,
+the paper is the spec).
 
 Text: one prompt per class from dataset.json (``text.prompts``), embedded once by a Hugging Face text model
 (``NNUNET_DIFFUSION_TEXT_MODEL``: a Hub id or a folder; default the bundled offline all-MiniLM-L6-v2) and cached

@@ -1,5 +1,6 @@
 """nnUNetTrainerUniSegDiff: staged diffusion with a frozen, segmentation-pre-trained condition network, dual
-decoders, DCA and STAPLE fusion of 20 samples (UniSegDiff, ``../shared/papers/unisegdiff.txt``).
+decoders, DCA and STAPLE fusion of 20 samples (UniSegDiff: "UniSegDiff: Boosting Unified Lesion Segmentation via
+a Staged Diffusion Model", MICCAI; reference code https://github.com/HUYILONG-Z/UniSegDiff).
 
 The condition network (CFENet) is nnU-Net's own U-Net for the plans. Where it comes from, in this order:
   1. NNUNET_DIFFUSION_CONDITION_CHECKPOINT=<file>: that stock nnU-Net checkpoint (an error if it is missing);

@@ -89,3 +89,9 @@ class nnUNetTrainerCrossTimestep_burnIn(nnUNetTrainerCrossTimestep):
 class nnUNetTrainerCrossTimestep_linearFFTGate(nnUNetTrainerCrossTimestep):
     """FFT-tLSTM gated by |F_c| / max |F_c| (the first reading; near the identity on real spectra)."""
     options = replace(_FULL, fft_gate="linear")
+
+
+class nnUNetTrainerCrossTimestep_heInit(nnUNetTrainerCrossTimestep):
+    """FFT-tLSTM and SC-tLSTM with nnU-Net's He init like the rest, not started as the identity (the paper gives
+    no initialisation; this was the default before the identity start was measured)."""
+    options = replace(_FULL, identity_start=False)

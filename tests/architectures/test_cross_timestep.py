@@ -453,3 +453,24 @@ def test_stored_options_rebuild_the_network_not_the_class(configuration_manager)
         None, configuration_manager(3, features=(4, 8, 16), extra={"diffusion": stored}), 1, C)
     assert not net.denoiser.options.fft and not hasattr(net.denoiser, "fft")
     assert nnUNetTrainerCrossTimestep.diffusion_settings()["options"]["fft_gate"] == "log"
+
+
+def test_tlstm_blocks_start_as_the_identity_and_learn_from_the_first_step(configuration_manager):
+    """identity_start (the default): at initialisation FFT-tLSTM returns x_t exactly and every SC-tLSTM scales its
+    input by 0.95 ** 2 (both maps open at 0.95, whatever the input), so the network starts as its plain U-Net;
+    the blocks' output layers still get a gradient in the first step. _heInit keeps the random start."""
+    net = build(nnUNetTrainerCrossTimestep, configuration_manager, dim=2)
+    denoiser = net.denoiser
+    x_t, image = torch.randn(2, C, 16, 16), torch.randn(2, 1, 16, 16)
+    condition = denoiser.encode_image(image)
+    emb = denoiser.time_mlp(torch.tensor([999, 500]))
+    torch.testing.assert_close(denoiser.fft(x_t, condition.spectrum, emb, {}), x_t, rtol=0, atol=1e-6)
+    for block in [*denoiser.sc_encoder, *denoiser.sc_decoder]:
+        features = torch.randn(2, block.channel_out.out_features, 8, 8)
+        torch.testing.assert_close(block(features, emb, {}), 0.95 ** 2 * features, rtol=1e-5, atol=1e-6)
+    result = net.train()(image, labels_to_x0(torch.randint(0, C, (2, 1, 16, 16)), C))
+    sum(logits.float().mean() for logits in result.step_logits).backward()
+    assert denoiser.fft.out.weight.grad.abs().sum() > 0
+    assert all(block.channel_out.weight.grad.abs().sum() > 0 for block in denoiser.sc_encoder)
+    he = build(variants.nnUNetTrainerCrossTimestep_heInit, configuration_manager, dim=2).denoiser
+    assert he.fft.out.weight.abs().sum() > 0 and he.sc_encoder[0].spatial_out.weight.abs().sum() > 0

@@ -1,2 +1,3 @@
-"""TextDiffSeg's networks (``../shared/papers/textdiffseg.txt``): label autoencoder, image encoder, text fusion
+"""TextDiffSeg's networks ("TextDiffSeg: Text-guided Latent Diffusion Model for 3d Medical Images Segmentation"):
+label autoencoder, image encoder, text fusion
 and the latent denoiser, assembled in ``network.TextDiffSegDenoiser``."""
