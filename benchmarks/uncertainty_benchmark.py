@@ -272,9 +272,9 @@ def write_markdown(rows: list[dict], failed: dict, command: str, args, cases: li
     lines += ["", verdict(rows)]
     if failed:
         lines += ["", "Failed runs:", ""] + [f"- {k}: `{v}`" for k, v in failed.items()]
-    lines += ["", f"Reliability diagram: {Path(args.out).with_suffix('.png').name}; rows, curves, per-class Dice, "
-                  f"AUROCs over all voxels and the exact predict commands: {Path(args.out).with_suffix('.json').name}.",
-              ""]
+    diagram = f"Reliability diagram: {Path(args.out).with_suffix('.png').name}; " if rows else ""
+    lines += ["", f"{diagram}rows, reliability curves, per-class Dice, AUROCs over all voxels and the exact predict "
+                  f"commands: {Path(args.out).with_suffix('.json').name}.", ""]
     return "\n".join(lines)
 
 

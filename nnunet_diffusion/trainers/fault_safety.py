@@ -1,5 +1,5 @@
 """Nothing the user had is lost, and bad input stops before any work: the fault guarantees of every trainer of
-the package (README, "Faults").
+the package (docs/explanation/faults.md).
 
 ``FaultSafetyMixin`` goes into a trainer's bases before TrainingBudgetMixin and nnUNetTrainer. It adds to nnU-Net's
 trainer:
@@ -138,8 +138,8 @@ class FaultSafetyMixin:
                 f"the checkpoints in {self.output_folder} are from before. Lower 'batch_size' (then 'patch_size', a "
                 f"multiple of the strides) of configuration '{self.configuration_name}' in nnUNetPlans.json, or plan "
                 f"with a smaller target: nnUNetv2_plan_experiment -d <dataset> -gpu_memory_target <GB> "
-                f"-overwrite_plans_name <name>, then train with -p <name>. The README's cost table says how much "
-                f"memory each trainer needs against the stock trainer.")
+                f"-overwrite_plans_name <name>, then train with -p <name>. The cost table "
+                f"(docs/explanation/benchmarks.md) says how much memory each trainer needs against the stock trainer.")
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
 

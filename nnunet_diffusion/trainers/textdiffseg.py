@@ -56,7 +56,7 @@ class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrai
     # segmenter.DENOISED_LATENTS
     denoised_latent = "x0_estimate"
     # 'joint' (eq. 6, end to end) or 'pretrained': the label autoencoder trains alone for the first
-    # ``label_autoencoder_pretrain_fraction`` of training, then is frozen. Chosen by measurement: README, TextDiffSeg
+    # ``label_autoencoder_pretrain_fraction`` of training, then is frozen. Chosen by measurement: docs/methods/textdiffseg.md
     label_autoencoder_training = "joint"
     label_autoencoder_pretrain_fraction = 0.2
 

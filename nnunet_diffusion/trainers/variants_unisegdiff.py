@@ -72,5 +72,5 @@ class nnUNetTrainerUniSegDiff_noCheckpointing(nnUNetTrainerUniSegDiff):
 class nnUNetTrainerUniSegDiff_epsLastJump(nnUNetTrainerUniSegDiff):
     """Staged inference whose last jump (X_299 -> mask, 10 draws per branch) goes through the eps head, as Sec. 2.2
     says ("sampled ten times by the noise prediction branch"), instead of the default's x0 head; training unchanged.
-    Measured worse at equal time (README, UniSegDiff)."""
+    Measured worse at equal time (docs/methods/unisegdiff.md)."""
     last_jump_head = "eps"

@@ -1,5 +1,5 @@
 """Helpers of the fault tests: real nnUNetv2_train / nnunet-diffusion processes on the tiny example dataset of the session,
-killed with SIGKILL, given truncated and foreign files, NaN losses and bad data (README, "Faults").
+killed with SIGKILL, given truncated and foreign files, NaN losses and bad data (docs/explanation/faults.md).
 
 Each test trains its own fold (1-4 or 'all') of the 2d configuration, so that they never share a results folder
 with each other or with the end-to-end tests (fold 0)."""

@@ -1,7 +1,7 @@
 """Bad input gets a clear error and loses nothing: ``nnunet-diffusion predict`` checks every input before the first
 case (one message per bad case: the file, what is wrong, the fix), predicts the good cases, exits 1 when it
 refused one, and --continue_prediction picks the refused ones up once fixed; a truncated raw training image stops
-training at its start (README, "Faults")."""
+training at its start (docs/explanation/faults.md)."""
 import json
 import shutil
 

@@ -6,7 +6,7 @@
                                                                over voxels as in MaskFormer's cross-attention
     Q <- LN(Q + W_o (assignment-weighted mean of F W_v)) ; Q <- Q + FFN(Q)
 
-Choices where the paper is vague (README, DSM):
+Choices where the paper is vague (docs/methods/dsm.md):
 - the SSM output is added to the response (residual), so the untrained SSM does not scramble the assignment;
 - the update is the *mean* of the values of a cluster's voxels (a k-means centre update), where kMaX sums them:
   a sum grows with the cluster's size and overflows float16 on a large patch;

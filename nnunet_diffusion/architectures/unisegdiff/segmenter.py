@@ -2,7 +2,7 @@
 two-headed ``UniSegDiffDenoiser``. The maths (stages, weights, jumps, the evaluation plan) is in
 ``diffusion.staged``; this module only runs the network along it.
 
-Our choices where the paper is vague (README, UniSegDiff):
+Our choices where the paper is vague (docs/methods/unisegdiff.md):
 - The replaced timesteps (999 in the rapid stage, 0 in the refinement stage) are what the network is
   *conditioned* on; x_t is noised at the drawn t, so the network sees every noise level of a stage, as it does
   at inference (pure noise at 999, x_299 in the last jump). Noising at 0 too would train the eps head only on
