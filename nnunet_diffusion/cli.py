@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -9,6 +10,11 @@ from pathlib import Path
 
 TRAINER_PATH = Path(__file__).resolve().parent / "nnunet_ext"
 ENV_LINE = 'export nnUNet_extTrainer="$(nnunet-diffusion trainer-path)"'
+# subcommands that are a module's main(argv) (their own --help)
+TOOLS = {"collapse-analysis": "nnunet_diffusion.analysis.collapse",
+         "build-example": "nnunet_diffusion.planning.example_dataset",
+         "slices-figure": "nnunet_diffusion.analysis.slices_figure", "predict": "nnunet_diffusion.inference.command",
+         "small-plans": "nnunet_diffusion.planning.small_plans"}
 
 
 def trainer_path() -> str:
@@ -77,24 +83,9 @@ def main(argv=None) -> int:
     if args.command == "dice":
         print(format_dice(args.summary, args.dataset_json))
         return 0
-    if args.command == "collapse-analysis":
-        from nnunet_diffusion.analysis.collapse import main as collapse_main
-        return collapse_main(rest)
-    if args.command == "build-example":
-        from nnunet_diffusion.planning.example_dataset import main as build_main
-        build_main(rest)
-        return 0
-    if args.command == "slices-figure":
-        from nnunet_diffusion.analysis.slices_figure import main as slices_main
-        slices_main(rest)
-        return 0
-    if args.command == "predict":
-        from nnunet_diffusion.inference.command import main as predict_main
-        return predict_main(rest)
-    if args.command == "small-plans":
-        from nnunet_diffusion.planning.small_plans import main as small_plans_main
-        small_plans_main(rest)
-        return 0
+    if args.command in TOOLS:  # imported here: each tool's imports (torch, nnU-Net) cost seconds
+        result = importlib.import_module(TOOLS[args.command]).main(rest)
+        return result if isinstance(result, int) else 0
     return 2
 
 

@@ -27,7 +27,7 @@ class Variable:
 
 
 VARIABLES = {v.name: v for v in [
-    # run length (trainers/budget.py): any trainer, the stock one included through nnUNetTrainerBudget
+    # run length (trainers/common/budget.py): any trainer, the stock one included through nnUNetTrainerBudget
     Variable("NNUNET_DIFFUSION_EPOCHS", "whole number > 0", TRAINING, "nnU-Net's 1000", "number of epochs"),
     Variable("NNUNET_DIFFUSION_ITERATIONS", "whole number > 0", TRAINING, "nnU-Net's 250",
              "training iterations per epoch"),

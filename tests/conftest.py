@@ -50,7 +50,7 @@ def configuration_manager():
 def diffusion_trainers():
     """Every diffusion trainer nnU-Net can find through our nnUNet_extTrainer entry point, sorted by name."""
     from nnunet_diffusion.nnunet_ext import nnunet_diffusion_trainers
-    from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
+    from nnunet_diffusion.trainers.common.diffusion_base import nnUNetTrainerDiffusionBase
     found = {cls for cls in vars(nnunet_diffusion_trainers).values()
              if isinstance(cls, type) and issubclass(cls, nnUNetTrainerDiffusionBase)
              and cls is not nnUNetTrainerDiffusionBase}

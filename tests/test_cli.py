@@ -1,10 +1,13 @@
 import pytest
 
 from nnunet_diffusion.cli import ENV_LINE, format_dice, main, setup_problems, trainer_path
-from nnunet_diffusion.trainers import variants, variants_cross_timestep
+from nnunet_diffusion.trainers.cross_timestep import variants as variants_cross_timestep
+from nnunet_diffusion.trainers.diffusion import variants as variants_diffusion
+from nnunet_diffusion.trainers.recycling import variants as variants_recycling
 
 ALL_TRAINERS = (["nnUNetTrainerDiffusion", "nnUNetTrainerDiffSegRecycling", "nnUNetTrainerCrossTimestep",
-                 "nnUNetTrainerBudget"] + variants.__all__ + variants_cross_timestep.__all__)
+                 "nnUNetTrainerBudget"] + variants_diffusion.__all__ + variants_recycling.__all__
+                 + variants_cross_timestep.__all__)
 
 
 @pytest.mark.parametrize("name", ALL_TRAINERS)

@@ -3,7 +3,7 @@ import torch
 
 from nnunet_diffusion.analysis.collapse import analyse_case, central_patch, dice_per_class
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
-from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep
+from nnunet_diffusion.trainers.cross_timestep.trainer import nnUNetTrainerCrossTimestep
 
 
 def test_dice_per_class_hand_computed():

@@ -21,11 +21,12 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from nnunet_diffusion.architectures import apds, conditional_unet
+from nnunet_diffusion.architectures import conditional_unet
+from nnunet_diffusion.architectures.cross_timestep import apds
 from nnunet_diffusion.diffusion.masks import labels_to_x0
-from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
-from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep
-from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
+from nnunet_diffusion.trainers.common.diffusion_base import nnUNetTrainerDiffusionBase
+from nnunet_diffusion.trainers.cross_timestep.trainer import nnUNetTrainerCrossTimestep
+from nnunet_diffusion.trainers.diffusion.trainer import nnUNetTrainerDiffusion
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 C = 3                      # classes incl. background
@@ -144,7 +145,7 @@ def _unisegdiff_pretraining_under_ddp(rank: int, port: int, configuration: dict,
     at build, so that DDP never registers it); the CFENet pre-training phase through the trainer's own wrapper
     (``_part_for_pretraining``), then frozen again (``_end_pretraining``) and DNet steps through
     the first DDP."""
-    from nnunet_diffusion.trainers.unisegdiff import nnUNetTrainerUniSegDiff
+    from nnunet_diffusion.trainers.unisegdiff.trainer import nnUNetTrainerUniSegDiff
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60))
@@ -176,7 +177,7 @@ def _unisegdiff_pretraining_under_ddp(rank: int, port: int, configuration: dict,
 
 
 def test_unisegdiff_condition_pretraining_phase_under_ddp(configuration, tmp_path):
-    from nnunet_diffusion.trainers.unisegdiff import nnUNetTrainerUniSegDiff
+    from nnunet_diffusion.trainers.unisegdiff.trainer import nnUNetTrainerUniSegDiff
     mp.spawn(_unisegdiff_pretraining_under_ddp, args=(_free_port(), configuration, str(tmp_path)), nprocs=WORLD_SIZE)
     ranks = [torch.load(tmp_path / f"pretraining.{rank}.pt") for rank in range(WORLD_SIZE)]
     initial = dict(build(nnUNetTrainerUniSegDiff, configuration).named_parameters())
@@ -190,7 +191,7 @@ def _dsm_under_ddp(rank: int, port: int, configuration: dict, out_dir: str) -> N
     """DSM's stage-1 and stage-2 networks trained with the trainer's own loss (``dsm_loss``: partial-label Dice +
     BCE, deep-supervised kMMM responses, text-aligned query classes) under DDP, 3 steps each."""
     from nnunet_diffusion.architectures.dsm.network import DSMNetwork, DSMStage2Network
-    from nnunet_diffusion.trainers.dsm import nnUNetTrainerDSM
+    from nnunet_diffusion.trainers.dsm.trainer import nnUNetTrainerDSM
     from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

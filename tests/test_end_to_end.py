@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 from conftest import DATASET_ID, model_folder, run
 
-from nnunet_diffusion.trainers import variants_cross_timestep
+from nnunet_diffusion.trainers.cross_timestep import variants as variants_cross_timestep
 
 def train_predict_evaluate(nnunet, trainer, configuration="3d_fullres"):
     env = nnunet["env"]

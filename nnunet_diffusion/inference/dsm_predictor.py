@@ -47,7 +47,7 @@ class DSMPredictor(DiffusionPredictor):
 
     def initialize_from_trained_model_folder(self, *args, **kwargs):
         super().initialize_from_trained_model_folder(*args, **kwargs)
-        from nnunet_diffusion.trainers.dsm import DSM_KEY, DSM_PROMPT_TEMPLATE
+        from nnunet_diffusion.trainers.dsm.trainer import DSM_KEY, DSM_PROMPT_TEMPLATE
         settings = self.configuration_manager.configuration.get(DSM_KEY)
         if settings is None:
             raise ValueError("--prompts is for DSM models (nnUNetTrainerDSM, nnUNetTrainerDSMStage2 and variants).")

@@ -1,20 +1,13 @@
 """Prediction inputs checked before the first case (``nnunet-diffusion predict``), and the raw training images at
-trainer start (``trainers.data_checks.check_training_images``).
+trainer start (``trainers.common.data_checks.check_training_images``).
 
-nnU-Net's own reading is trusting: SimpleITK reads a truncated ``.nii.gz`` (or ``.nii``) without complaint and
-fills what is missing with zeros, files without the ``_0000`` channel suffix or a 4D file end in an ``IndexError``
-deep in preprocessing, and a missing or empty folder in a bare traceback or "0 cases". Here every input is checked
-first:
-
-- the folder exists and holds files with the dataset's ``file_ending`` (``InputFolderError`` otherwise: nothing
-  can be predicted);
-- each case has exactly the channels dataset.json names (``<case>_0000<ending>`` ...);
-- each file is read whole: a gzip stream to its end (length and CRC), a NIfTI file against the size its header
-  announces, other formats by their reader;
-- dimensionality and geometry (size, spacing) agree across a case's channels and fit the configuration (no 2D
-  image for a 3d configuration, no 4D file where the model takes one channel).
-
-Each bad case gets one message naming the file, what is wrong and the fix; the good cases are predicted anyway.
+nnU-Net's own reading is trusting: SimpleITK reads a truncated ``.nii.gz`` (or ``.nii``) and fills what is missing
+with zeros, a missing ``_0000`` suffix or a 4D file ends in an ``IndexError`` deep in preprocessing, a missing
+folder in a bare traceback. Here, first: the folder holds files with the dataset's ``file_ending``
+(``InputFolderError`` otherwise); each case has exactly dataset.json's channels; each file is read whole (a gzip
+stream to its end, a NIfTI file against its header's size, other formats by their reader); dimensionality and
+geometry agree across a case's channels and fit the configuration. Each bad case gets one message naming the file,
+what is wrong and the fix; the good cases are predicted anyway.
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ from nnunet_diffusion.architectures.segmenter import DiffusionSegmenter
 from nnunet_diffusion.inference.ensemble import (UNCERTAINTY_MAPS, mirror_combinations, stack_mirrored,
                                                  uncertainty_maps, unflip)
 from nnunet_diffusion.inference.export import MAPS_FOLDER, case_complete, check_maps_writable, export_case
-from nnunet_diffusion.trainers.fault_safety import CheckpointError, read_checkpoint
+from nnunet_diffusion.trainers.common.fault_safety import CheckpointError, read_checkpoint
 
 # members (windows x mirrored copies x samples) per network call: a 3d window's 8 copies of one sample
 DEFAULT_MAX_BATCH = 8

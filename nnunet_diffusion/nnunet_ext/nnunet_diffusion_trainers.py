@@ -4,19 +4,20 @@ nnU-Net imports every module of that folder as a flat top-level module, so this 
 re-exports of trainers that live in the real package. Add new trainers here.
 """
 try:
-    from nnunet_diffusion.trainers.budget import nnUNetTrainerBudget, nnUNetTrainerBudgetAdam1en3  # noqa: F401
-    from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion  # noqa: F401
-    from nnunet_diffusion.trainers.recycling import nnUNetTrainerDiffSegRecycling  # noqa: F401
-    from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep  # noqa: F401
-    from nnunet_diffusion.trainers.unisegdiff import nnUNetTrainerUniSegDiff  # noqa: F401
-    from nnunet_diffusion.trainers.textdiffseg import nnUNetTrainerTextDiffSeg  # noqa: F401
-    from nnunet_diffusion.trainers.dsm import nnUNetTrainerDSM, nnUNetTrainerDSMStage2  # noqa: F401
-    from nnunet_diffusion.trainers.variants import *  # noqa: F401,F403
-    from nnunet_diffusion.trainers.variants_unisegdiff import *  # noqa: F401,F403
-    from nnunet_diffusion.trainers.variants_textdiffseg import *  # noqa: F401,F403
-    from nnunet_diffusion.trainers.variants_dsm import *  # noqa: F401,F403
-    from nnunet_diffusion.trainers.variants_cross_timestep import *  # noqa: F401,F403
-    from nnunet_diffusion.trainers.variants_optimizer import *  # noqa: F401,F403
+    from nnunet_diffusion.trainers.common.budget import nnUNetTrainerBudget, nnUNetTrainerBudgetAdam1en3  # noqa: F401
+    from nnunet_diffusion.trainers.diffusion.trainer import nnUNetTrainerDiffusion  # noqa: F401
+    from nnunet_diffusion.trainers.recycling.trainer import nnUNetTrainerDiffSegRecycling  # noqa: F401
+    from nnunet_diffusion.trainers.cross_timestep.trainer import nnUNetTrainerCrossTimestep  # noqa: F401
+    from nnunet_diffusion.trainers.unisegdiff.trainer import nnUNetTrainerUniSegDiff  # noqa: F401
+    from nnunet_diffusion.trainers.textdiffseg.trainer import nnUNetTrainerTextDiffSeg  # noqa: F401
+    from nnunet_diffusion.trainers.dsm.trainer import nnUNetTrainerDSM, nnUNetTrainerDSMStage2  # noqa: F401
+    from nnunet_diffusion.trainers.diffusion.variants import *  # noqa: F401,F403
+    from nnunet_diffusion.trainers.recycling.variants import *  # noqa: F401,F403
+    from nnunet_diffusion.trainers.unisegdiff.variants import *  # noqa: F401,F403
+    from nnunet_diffusion.trainers.textdiffseg.variants import *  # noqa: F401,F403
+    from nnunet_diffusion.trainers.dsm.variants import *  # noqa: F401,F403
+    from nnunet_diffusion.trainers.cross_timestep.variants import *  # noqa: F401,F403
+    from nnunet_diffusion.trainers.common.optimizer_variants import *  # noqa: F401,F403
 except ImportError as error:  # the env var outlived the environment the package was installed in
     raise ImportError(
         f"nnUNet_extTrainer points at nnunet-diffusion's trainer folder, but the package cannot be imported in "

@@ -3,12 +3,12 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from nnunet_diffusion.architectures.concat_unet import ConcatImageDenoiser, TwoEncoderCheckpointError
+from nnunet_diffusion.architectures.recycling.network import ConcatImageDenoiser, TwoEncoderCheckpointError
 from nnunet_diffusion.architectures.conditional_unet import ImageConditionedDenoiser
 from nnunet_diffusion.diffusion.masks import labels_to_x0
-from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
-from nnunet_diffusion.trainers.recycling import nnUNetTrainerDiffSegRecycling
-from nnunet_diffusion.trainers.variants import (nnUNetTrainerDiffSegRecycling_noRecycling,
+from nnunet_diffusion.trainers.common.diffusion_base import nnUNetTrainerDiffusionBase
+from nnunet_diffusion.trainers.recycling.trainer import nnUNetTrainerDiffSegRecycling
+from nnunet_diffusion.trainers.recycling.variants import (nnUNetTrainerDiffSegRecycling_noRecycling,
                                                 nnUNetTrainerDiffSegRecycling_twoEncoders)
 
 C = 3            # classes incl. background

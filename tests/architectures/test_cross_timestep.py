@@ -4,16 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_diffusion.architectures.apds import PriorFusion, apds_prior_weight
-from nnunet_diffusion.architectures.fft_tlstm import FFTTLSTM
-from nnunet_diffusion.architectures.tlstm import ConvTLSTMCell, LinearTGRUCell
-from nnunet_diffusion.architectures.segmenter import MIN_SNR_GAMMA, min_snr_eps_weight
+from nnunet_diffusion.architectures.cross_timestep.apds import PriorFusion, apds_prior_weight
+from nnunet_diffusion.architectures.cross_timestep.fft_tlstm import FFTTLSTM
+from nnunet_diffusion.architectures.cross_timestep.tlstm import ConvTLSTMCell, LinearTGRUCell
+from nnunet_diffusion.architectures.cross_timestep.segmenter import MIN_SNR_GAMMA, min_snr_eps_weight
 from nnunet_diffusion.diffusion.gaussian import eps_from_x0, x0_from_eps
 from nnunet_diffusion.diffusion.masks import labels_to_x0
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.diffusion.schedules import make_schedule, respace
-from nnunet_diffusion.trainers import variants_cross_timestep as variants
-from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep
+from nnunet_diffusion.trainers.cross_timestep import variants
+from nnunet_diffusion.trainers.cross_timestep.trainer import nnUNetTrainerCrossTimestep
 
 C = 3
 
@@ -426,7 +426,7 @@ def _real_image_patch(size: int = 40) -> torch.Tensor:
 
 
 def test_fft_gate_spreads_over_its_range_on_a_real_image_patch():
-    from nnunet_diffusion.architectures.fft_tlstm import spectrum_gate
+    from nnunet_diffusion.architectures.cross_timestep.fft_tlstm import spectrum_gate
     patch = _real_image_patch()
     spectrum = torch.fft.rfftn(patch, dim=(2, 3), norm="ortho")
     gate = spectrum_gate(spectrum, 2)

@@ -13,7 +13,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunet_diffusion.architectures.dsm.anomaly import anomaly_score
 from nnunet_diffusion.architectures.dsm.network import DSMNetwork, DSMStage2Network, prompt_maps
-from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
+from nnunet_diffusion.trainers.common.diffusion_base import nnUNetTrainerDiffusionBase
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEXT_DIM = 8
@@ -95,7 +95,7 @@ def test_stage_2_anomaly_comes_from_the_organ_queries_before_they_mix():
 def test_models_from_plans_without_the_anomaly_setting_score_as_they_were_trained():
     """plans.json of models trained before has no 'anomaly' entry: they build with the max over all organ queries
     (background included) and stage 2's map from the mixed queries; new plans get the organ queries only."""
-    from nnunet_diffusion.trainers.dsm import ANOMALY_ORGAN_QUERIES, nnUNetTrainerDSM
+    from nnunet_diffusion.trainers.dsm.trainer import ANOMALY_ORGAN_QUERIES, nnUNetTrainerDSM
     configuration = make_configuration(2, (8, 16, 32))
     settings = {"stage": 2, "organ_classes": [0, 1, 3], "tumour_classes": [2], "query_dim": 16, "max_kmmm_layers": 4,
                 "kmeans": True, "text": {"dim": TEXT_DIM}, "amvp": True, "dqr": True}
@@ -117,8 +117,8 @@ def test_stage_2_trains_at_a_tenth_of_stage_1s_learning_rate_and_keeps_the_organ
     from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-    from nnunet_diffusion.trainers import variants_dsm
-    from nnunet_diffusion.trainers.dsm import nnUNetTrainerDSM, nnUNetTrainerDSMStage2
+    from nnunet_diffusion.trainers.dsm import variants as variants_dsm
+    from nnunet_diffusion.trainers.dsm.trainer import nnUNetTrainerDSM, nnUNetTrainerDSMStage2
     assert nnUNetTrainerDSM.learning_rate == 1e-3 and nnUNetTrainerDSMStage2.learning_rate == 1e-4
     for name in variants_dsm.__all__:
         trainer = getattr(variants_dsm, name)

@@ -17,15 +17,15 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from torch import nn
 
-from nnunet_diffusion.architectures.fft_tlstm import FFTTLSTM
+from nnunet_diffusion.architectures.cross_timestep.fft_tlstm import FFTTLSTM
 from nnunet_diffusion.diffusion.masks import labels_to_x0
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
-from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
-from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep
-from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
-from nnunet_diffusion.trainers.recycling import nnUNetTrainerDiffSegRecycling
-from nnunet_diffusion.trainers.textdiffseg import nnUNetTrainerTextDiffSeg
-from nnunet_diffusion.trainers.unisegdiff import nnUNetTrainerUniSegDiff
+from nnunet_diffusion.trainers.common.diffusion_base import nnUNetTrainerDiffusionBase
+from nnunet_diffusion.trainers.cross_timestep.trainer import nnUNetTrainerCrossTimestep
+from nnunet_diffusion.trainers.diffusion.trainer import nnUNetTrainerDiffusion
+from nnunet_diffusion.trainers.recycling.trainer import nnUNetTrainerDiffSegRecycling
+from nnunet_diffusion.trainers.textdiffseg.trainer import nnUNetTrainerTextDiffSeg
+from nnunet_diffusion.trainers.unisegdiff.trainer import nnUNetTrainerUniSegDiff
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 C = 3  # classes incl. background

@@ -3,8 +3,8 @@ import torch
 
 from nnunet_diffusion.diffusion.masks import labels_to_x0
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
-from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
-from nnunet_diffusion.trainers.recycling import nnUNetTrainerDiffSegRecycling
+from nnunet_diffusion.trainers.diffusion.trainer import nnUNetTrainerDiffusion
+from nnunet_diffusion.trainers.recycling.trainer import nnUNetTrainerDiffSegRecycling
 
 C = 3  # classes incl. background
 
@@ -122,8 +122,9 @@ def test_stored_settings_win_over_class_defaults_and_env_over_both(configuration
 @pytest.mark.parametrize("denoiser_cls", ["ImageConditionedDenoiser", "ConcatImageDenoiser"])
 def test_plans_denoisers_are_initialised_as_nnunet_initialises_its_unet(denoiser_cls, configuration_manager):
     """nnU-Net's InitWeights_He(1e-2): convolution weights He-normal (std sqrt(2 / ((1 + a^2) fan_in))), biases 0."""
-    from nnunet_diffusion.architectures import concat_unet, conditional_unet
-    from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
+    from nnunet_diffusion.architectures import conditional_unet
+    from nnunet_diffusion.architectures.recycling import network as concat_unet
+    from nnunet_diffusion.trainers.common.diffusion_base import nnUNetTrainerDiffusionBase
     cls = getattr(conditional_unet, denoiser_cls, None) or getattr(concat_unet, denoiser_cls)
     torch.manual_seed(0)
     net = cls(1, 3, **nnUNetTrainerDiffusionBase.plans_unet_kwargs(configuration_manager(3, features=(32, 64))))

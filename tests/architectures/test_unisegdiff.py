@@ -10,8 +10,8 @@ from nnunet_diffusion.diffusion.masks import labels_to_x0
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.diffusion.schedules import make_schedule
 from nnunet_diffusion.diffusion.staged import StagedTargets
-from nnunet_diffusion.trainers.unisegdiff import nnUNetTrainerUniSegDiff
-from nnunet_diffusion.trainers.variants_unisegdiff import (nnUNetTrainerUniSegDiff_noPretraining,
+from nnunet_diffusion.trainers.unisegdiff.trainer import nnUNetTrainerUniSegDiff
+from nnunet_diffusion.trainers.unisegdiff.variants import (nnUNetTrainerUniSegDiff_noPretraining,
                                                           nnUNetTrainerUniSegDiff_epsLastJump)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -204,7 +204,7 @@ def test_staged_sampler_settings_are_validated_with_the_fix_in_the_message(confi
 
 
 def test_the_staged_sampler_is_refused_by_other_models(configuration_manager):
-    from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
+    from nnunet_diffusion.trainers.diffusion.trainer import nnUNetTrainerDiffusion
     net = nnUNetTrainerDiffusion.build_network_architecture(
         None, ConfigurationManager(configuration_manager(2, features=(4, 8)).configuration), 1, C, False)
     with pytest.raises(ValueError, match="UniSegDiff"):

@@ -8,11 +8,11 @@ import torch
 from conftest import make_configuration, run
 from faults_helpers import train_command
 
-from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep
-from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
-from nnunet_diffusion.trainers.dsm import nnUNetTrainerDSM
-from nnunet_diffusion.trainers.textdiffseg import nnUNetTrainerTextDiffSeg
-from nnunet_diffusion.trainers.unisegdiff import nnUNetTrainerUniSegDiff
+from nnunet_diffusion.trainers.cross_timestep.trainer import nnUNetTrainerCrossTimestep
+from nnunet_diffusion.trainers.diffusion.trainer import nnUNetTrainerDiffusion
+from nnunet_diffusion.trainers.dsm.trainer import nnUNetTrainerDSM
+from nnunet_diffusion.trainers.textdiffseg.trainer import nnUNetTrainerTextDiffSeg
+from nnunet_diffusion.trainers.unisegdiff.trainer import nnUNetTrainerUniSegDiff
 
 TRAINERS = [nnUNetTrainerDiffusion, nnUNetTrainerCrossTimestep, nnUNetTrainerUniSegDiff, nnUNetTrainerTextDiffSeg,
             nnUNetTrainerDSM]

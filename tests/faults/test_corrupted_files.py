@@ -14,9 +14,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunet_diffusion.inference.predictor import DiffusionPredictor
 from nnunet_diffusion.planning.text_embeddings import cache_path, class_text_embeddings
 from nnunet_diffusion.text.encoders import TextModelError
-from nnunet_diffusion.trainers.data_checks import DataCheckError
-from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
-from nnunet_diffusion.trainers.fault_safety import checkpoint_mismatch, read_checkpoint
+from nnunet_diffusion.trainers.common.data_checks import DataCheckError
+from nnunet_diffusion.trainers.diffusion.trainer import nnUNetTrainerDiffusion
+from nnunet_diffusion.trainers.common.fault_safety import checkpoint_mismatch, read_checkpoint
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from faults_helpers import (FAULT_RUN, fold_folder, log_text, logged, python_com
                             train_command, wait_for)
 from conftest import run
 
-from nnunet_diffusion.trainers.fault_safety import CheckpointError, read_checkpoint
+from nnunet_diffusion.trainers.common.fault_safety import CheckpointError, read_checkpoint
 
 EPOCHS = 3
 LONGER_RUN = {**FAULT_RUN, "NNUNET_DIFFUSION_EPOCHS": str(EPOCHS), "NNUNET_DIFFUSION_ITERATIONS": "6"}

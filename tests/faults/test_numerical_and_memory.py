@@ -7,13 +7,13 @@ from faults_helpers import FAULT_RUN, fold_folder, python_command, train_command
 
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.inference.predictor import DiffusionPredictor
-from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
-from nnunet_diffusion.trainers.fault_safety import read_checkpoint
+from nnunet_diffusion.trainers.diffusion.trainer import nnUNetTrainerDiffusion
+from nnunet_diffusion.trainers.common.fault_safety import read_checkpoint
 
 NAN_AFTER_EPOCH_0 = """
 import sys
 from nnunetv2.run.run_training import run_training_entry
-from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
+from nnunet_diffusion.trainers.common.diffusion_base import nnUNetTrainerDiffusionBase
 real_pass, calls = nnUNetTrainerDiffusionBase.training_loss, []
 
 def nan_pass(self, batch):
@@ -47,7 +47,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(nnu
 OUT_OF_MEMORY_AT_FIRST_STEP = """
 import sys, torch
 from nnunetv2.run.run_training import run_training_entry
-from nnunet_diffusion.trainers.base import nnUNetTrainerDiffusionBase
+from nnunet_diffusion.trainers.common.diffusion_base import nnUNetTrainerDiffusionBase
 
 def out_of_memory(self, batch):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

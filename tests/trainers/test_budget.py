@@ -5,9 +5,9 @@ import pytest
 import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
-from nnunet_diffusion.trainers import budget
-from nnunet_diffusion.trainers.budget import ELAPSED_LOG_KEY, BudgetDrivenSchedule, TrainingBudgetMixin
-from nnunet_diffusion.trainers.fault_safety import FaultSafetyMixin
+from nnunet_diffusion.trainers.common import budget
+from nnunet_diffusion.trainers.common.budget import ELAPSED_LOG_KEY, BudgetDrivenSchedule, TrainingBudgetMixin
+from nnunet_diffusion.trainers.common.fault_safety import FaultSafetyMixin
 
 
 def poly(lr0, fraction, exponent=0.9):

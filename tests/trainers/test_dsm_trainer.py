@@ -6,8 +6,8 @@ from conftest import initialize_trainer, make_configuration
 
 from nnunet_diffusion.architectures.dsm.network import ABSENT_LOGIT
 from nnunet_diffusion.planning import text_embeddings
-from nnunet_diffusion.trainers.dsm import nnUNetTrainerDSM, nnUNetTrainerDSMStage2
-from nnunet_diffusion.trainers.pretrained_condition import stock_checkpoint_path
+from nnunet_diffusion.trainers.dsm.trainer import nnUNetTrainerDSM, nnUNetTrainerDSMStage2
+from nnunet_diffusion.trainers.common.pretrained_condition import stock_checkpoint_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PLANS = {"label_manager": "LabelManager", "dataset_name": "Dataset999_X", "plans_name": "nnUNetPlans",

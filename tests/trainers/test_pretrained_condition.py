@@ -6,7 +6,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
 from conftest import make_configuration
-from nnunet_diffusion.trainers.pretrained_condition import load_frozen_condition_network, stock_checkpoint_path
+from nnunet_diffusion.trainers.common.pretrained_condition import load_frozen_condition_network, stock_checkpoint_path
 
 
 def plain_unet(seed, features=(4, 8)):

@@ -7,11 +7,11 @@ import torch
 from conftest import TEXT_DIM, make_configuration
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
-from nnunet_diffusion.architectures.cross_timestep_unet import CrossTimestepOptions
-from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep
-from nnunet_diffusion.trainers.dsm import nnUNetTrainerDSM
-from nnunet_diffusion.trainers.textdiffseg import nnUNetTrainerTextDiffSeg
-from nnunet_diffusion.trainers.unisegdiff import nnUNetTrainerUniSegDiff
+from nnunet_diffusion.architectures.cross_timestep.network import CrossTimestepOptions
+from nnunet_diffusion.trainers.cross_timestep.trainer import nnUNetTrainerCrossTimestep
+from nnunet_diffusion.trainers.dsm.trainer import nnUNetTrainerDSM
+from nnunet_diffusion.trainers.textdiffseg.trainer import nnUNetTrainerTextDiffSeg
+from nnunet_diffusion.trainers.unisegdiff.trainer import nnUNetTrainerUniSegDiff
 
 C = 3
 DSM_BLOCK = {"stage": 1, "organ_classes": [0, 1, 2], "tumour_classes": [], "query_dim": 16, "max_kmmm_layers": 4,

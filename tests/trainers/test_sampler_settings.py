@@ -11,10 +11,10 @@ from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as stock_module
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
-from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep
-from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
-from nnunet_diffusion.trainers.recycling import nnUNetTrainerDiffSegRecycling
-from nnunet_diffusion.trainers.unisegdiff import nnUNetTrainerUniSegDiff
+from nnunet_diffusion.trainers.cross_timestep.trainer import nnUNetTrainerCrossTimestep
+from nnunet_diffusion.trainers.diffusion.trainer import nnUNetTrainerDiffusion
+from nnunet_diffusion.trainers.recycling.trainer import nnUNetTrainerDiffSegRecycling
+from nnunet_diffusion.trainers.unisegdiff.trainer import nnUNetTrainerUniSegDiff
 
 LABELS = {"background": 0, "organ": 1}
 SAMPLER_VARIABLES = ("NNUNET_DIFFUSION_SAMPLER", "NNUNET_DIFFUSION_STEPS", "NNUNET_DIFFUSION_SAMPLES",
@@ -161,7 +161,7 @@ def test_x0_model_without_recycling_trains_the_step_its_sampler_starts_at():
     """Recycling trains t in 0..T-2 (T-1 is its no-gradient pass); without recycling nothing else would ever train
     t = T-1, where the sampler starts from pure noise, so training draws t over all T steps."""
     from nnunet_diffusion.diffusion.masks import labels_to_x0
-    from nnunet_diffusion.trainers.variants import nnUNetTrainerDiffSegRecycling_noRecycling
+    from nnunet_diffusion.trainers.recycling.variants import nnUNetTrainerDiffSegRecycling_noRecycling
     network = build_for_prediction(nnUNetTrainerDiffSegRecycling_noRecycling).train()
     seen = set()
     network.denoiser.register_forward_hook(lambda m, i, o: seen.update(i[1].tolist()))

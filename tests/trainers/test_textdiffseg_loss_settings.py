@@ -10,8 +10,8 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.diffusion.masks import labels_to_x0
-from nnunet_diffusion.trainers.textdiffseg import nnUNetTrainerTextDiffSeg
-from nnunet_diffusion.trainers.variants_textdiffseg import (nnUNetTrainerTextDiffSeg_noReconstructionLoss,
+from nnunet_diffusion.trainers.textdiffseg.trainer import nnUNetTrainerTextDiffSeg
+from nnunet_diffusion.trainers.textdiffseg.variants import (nnUNetTrainerTextDiffSeg_noReconstructionLoss,
                                                             nnUNetTrainerTextDiffSeg_pretrainedLabelAE,
                                                             nnUNetTrainerTextDiffSeg_reconstructionLossOnly,
                                                             nnUNetTrainerTextDiffSeg_x0)

@@ -6,8 +6,8 @@ from conftest import initialize_trainer as initialize, make_configuration
 
 from nnunet_diffusion.planning import text_embeddings
 from nnunet_diffusion.text.encoders import TextModelError
-from nnunet_diffusion.trainers.textdiffseg import nnUNetTrainerTextDiffSeg
-from nnunet_diffusion.trainers.variants_textdiffseg import nnUNetTrainerTextDiffSeg_noText
+from nnunet_diffusion.trainers.textdiffseg.trainer import nnUNetTrainerTextDiffSeg
+from nnunet_diffusion.trainers.textdiffseg.variants import nnUNetTrainerTextDiffSeg_noText
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PLANS = {"label_manager": "LabelManager", "dataset_name": "Dataset999_X", "plans_name": "nnUNetPlans",

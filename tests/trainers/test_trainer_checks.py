@@ -2,9 +2,9 @@
 import pytest
 from conftest import make_configuration
 
-from nnunet_diffusion.trainers.cross_timestep import nnUNetTrainerCrossTimestep
-from nnunet_diffusion.trainers.diffusion import nnUNetTrainerDiffusion
-from nnunet_diffusion.trainers.recycling import nnUNetTrainerDiffSegRecycling
+from nnunet_diffusion.trainers.cross_timestep.trainer import nnUNetTrainerCrossTimestep
+from nnunet_diffusion.trainers.diffusion.trainer import nnUNetTrainerDiffusion
+from nnunet_diffusion.trainers.recycling.trainer import nnUNetTrainerDiffSegRecycling
 
 PLANS = {"label_manager": "LabelManager", "dataset_name": "Dataset999_X", "plans_name": "nnUNetPlans",
          "configurations": {"3d_fullres": make_configuration(3)}}
@@ -70,7 +70,7 @@ def test_mirror_axes_setting_reaches_augmentation_and_test_time_mirroring(tmp_pa
 @pytest.mark.parametrize("name,optimizer,lr", [("nnUNetTrainerDiffSegRecycling", "AdamW", 1e-3),
                                                 ("nnUNetTrainerDiffSegRecycling_SGD", "SGD", 1e-2)])
 def test_optimizer_choice_reaches_the_built_trainer(name, optimizer, lr, tmp_path, monkeypatch):
-    from nnunet_diffusion.trainers import variants_optimizer
+    from nnunet_diffusion.trainers.common import optimizer_variants as variants_optimizer
     trainer_cls = getattr(variants_optimizer, name, nnUNetTrainerDiffSegRecycling)
     trainer = make(trainer_cls, {"background": 0, "organ": 1}, tmp_path, monkeypatch)
     trainer.network = __import__("torch").nn.Linear(2, 2)  # what initialize() would build; only its parameters count

@@ -3,8 +3,8 @@ import pytest
 import torch
 from conftest import initialize_trainer as initialize, make_configuration
 
-from nnunet_diffusion.trainers.pretrained_condition import stock_checkpoint_path
-from nnunet_diffusion.trainers.unisegdiff import ENV_CONDITION_CHECKPOINT, nnUNetTrainerUniSegDiff
+from nnunet_diffusion.trainers.common.pretrained_condition import stock_checkpoint_path
+from nnunet_diffusion.trainers.unisegdiff.trainer import ENV_CONDITION_CHECKPOINT, nnUNetTrainerUniSegDiff
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PLANS = {"label_manager": "LabelManager", "dataset_name": "Dataset999_X", "plans_name": "nnUNetPlans",

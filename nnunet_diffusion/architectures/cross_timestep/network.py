@@ -1,0 +1,162 @@
+"""Cross-Timestep denoiser: the image-conditioned U-Net plus APDS, SC-tLSTM and FFT-tLSTM (eq. 20).
+
+eps = D_{SC,APDS}(E_{SC,FFT}(x_t, t), X_c, t):
+- FFT-tLSTM filters the noisy mask x_t with the image's spectrum before the noise encoder;
+- an SC-tLSTM block follows every noise-encoder stage and every decoder stage;
+- APDS: a prior decoder on the image encoder gives 'APDS Out' and per-stage prior features, fused into every
+  decoder stage as (1 - w_t) RA + w_t F_prior (eq. 2; RA: reverse attention F * (1 - sigmoid(F_prior))) with the
+  weight w_t of eq. 23.
+The image branch (encoder, prior decoder, condition spectrum) runs once per patch (``encode_image``); the
+recurrent state of every tLSTM lives in the returned :class:`CrossTimestepCondition`, so it is reset per patch
+and every batch element (sample, mirrored copy) keeps its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from torch import nn
+
+from nnunet_diffusion.architectures.activation_checkpointing import maybe_checkpoint
+from nnunet_diffusion.architectures.cross_timestep.apds import PriorDecoder, PriorFusion, apds_prior_weight
+from nnunet_diffusion.architectures.conditional_unet import (ImageConditionedDenoiser, initialize_like_nnunet,
+                                                             unet_decoder_stage)
+from nnunet_diffusion.architectures.cross_timestep.fft_tlstm import FFTTLSTM
+from nnunet_diffusion.architectures.cross_timestep.sc_tlstm import SCTLSTM
+
+
+@dataclass
+class CrossTimestepCondition:
+    """Per-patch condition: image features, APDS prior, condition spectrum and the recurrent state (S_t)."""
+    features: List[torch.Tensor]
+    prior_logits: Optional[torch.Tensor] = None
+    prior_features: Optional[List[torch.Tensor]] = None
+    spectrum: Optional[torch.Tensor] = None
+    state: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CrossTimestepOptions:
+    """Which Cross-Timestep parts are on (the paper's ablations are combinations of these)."""
+    apds: bool = True
+    apds_alpha: float = 0.8      # the paper gives no value; 0.8 keeps a fifth of the main branch at t = T
+    ra: str = "reverse_attention"  # APDS RA block: the paper's F * (1 - sigmoid(F_prior)), or 'conv' (a conv block)
+    sc: bool = True
+    fft: bool = True
+    fft_gate: str = "log"        # FFT-tLSTM gate: 'log' (60 dB log-magnitude) or 'linear' (|F_c| / max): fft_tlstm.py
+    spatial_cell: str = "conv_tlstm"
+    channel_cell: str = "linear_tgru"
+    time_cell: bool = True
+    carry_spatial: bool = True   # False: the cell's state is reset every step (no memory across timesteps)
+    carry_channel: bool = True
+    # the paper gives no initialisation: True starts FFT-tLSTM and SC-tLSTM as the identity (zero output projection,
+    # open attention maps), so the network starts as its plain U-Net; False: nnU-Net's He init for them too
+    identity_start: bool = True
+
+
+class CrossTimestepDenoiser(ImageConditionedDenoiser):
+    """forward(x_t (B, C, *S), t (B,), condition) -> eps (B, C, *S); updates condition.state in place.
+
+    ``checkpoint_activations`` (training only): every encoder, tLSTM, decoder and prior-decoder stage recomputes
+    its activations in backward. Without it, training unrolls several full passes plus the image branch and the
+    prior decoder and needed 4.4x the stock trainer's GPU memory at nnU-Net's planned patch and batch.
+    """
+
+    def __init__(self, image_channels: int, num_classes: int, num_timesteps: int,
+                 options: CrossTimestepOptions = CrossTimestepOptions(), checkpoint_activations: bool = False,
+                 **unet_kwargs):
+        super().__init__(image_channels, num_classes, **unet_kwargs)
+        self.options = options
+        self.checkpoint_activations = checkpoint_activations
+        self.num_timesteps = num_timesteps
+        conv_op, time_dim = unet_kwargs["conv_op"], self.time_mlp.dim
+        channels = self.noise_encoder.output_channels
+        decoder_channels = [channels[-(s + 2)] for s in range(len(channels) - 1)]
+        sc_kwargs = dict(spatial_cell=options.spatial_cell, channel_cell=options.channel_cell,
+                         time_cell=options.time_cell, carry_spatial=options.carry_spatial,
+                         carry_channel=options.carry_channel)
+        if options.sc:
+            self.sc_encoder = nn.ModuleList(SCTLSTM(c, conv_op, time_dim, **sc_kwargs) for c in channels)
+            self.sc_decoder = nn.ModuleList(SCTLSTM(c, conv_op, time_dim, **sc_kwargs) for c in decoder_channels)
+        if options.fft:
+            self.fft = FFTTLSTM(num_classes, image_channels, conv_op, time_dim if options.time_cell else None,
+                                carry_state=options.carry_spatial, gate=options.fft_gate)
+        if options.apds:
+            self.prior_decoder = PriorDecoder(UNetDecoder(self.image_encoder, num_classes,
+                                                          unet_kwargs["n_conv_per_stage_decoder"],
+                                                          deep_supervision=False))
+            norm = dict(norm_op=unet_kwargs.get("norm_op"), norm_op_kwargs=unet_kwargs.get("norm_op_kwargs"),
+                        nonlin=unet_kwargs.get("nonlin"), nonlin_kwargs=unet_kwargs.get("nonlin_kwargs"))
+            self.fusions = nn.ModuleList(PriorFusion(c, conv_op, **norm, ra=options.ra) for c in decoder_channels)
+        initialize_like_nnunet(self)  # the blocks added here too (tLSTM, FFT, prior decoder), as nnU-Net's U-Net
+        if options.identity_start:
+            for block in [*(self.sc_encoder if options.sc else []), *(self.sc_decoder if options.sc else []),
+                          *([self.fft] if options.fft else [])]:
+                block.start_as_identity()
+
+    def _checkpointed(self, function, *args):
+        return maybe_checkpoint(self, self.checkpoint_activations, function, *args)
+
+    def encode_image(self, image: torch.Tensor) -> CrossTimestepCondition:
+        features, x = [], image
+        for stage in self.image_encoder.stages:  # PlainConvEncoder.forward, one checkpoint per stage
+            x = self._checkpointed(stage, x)
+            features.append(x)
+        condition = CrossTimestepCondition(features)
+        if self.options.apds:
+            condition.prior_logits, condition.prior_features = self.prior_decoder(features, self._checkpointed)
+        if self.options.fft:
+            condition.spectrum = self.fft.condition_spectrum(image)
+        return condition
+
+    def repeat_condition(self, condition: CrossTimestepCondition, n: int) -> CrossTimestepCondition:
+        def rep(x):
+            return None if x is None else x.repeat_interleave(n, dim=0)
+        return CrossTimestepCondition(
+            [rep(f) for f in condition.features], rep(condition.prior_logits),
+            None if condition.prior_features is None else [rep(f) for f in condition.prior_features],
+            rep(condition.spectrum))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: CrossTimestepCondition) -> torch.Tensor:
+        emb, state, checkpointed = self.time_mlp(t), condition.state, self.checkpoint_activations
+        x = self.fft(x_t, condition.spectrum, emb, state, checkpointed) if self.options.fft else x_t
+        skips = []
+        for s in range(len(self.noise_encoder.stages)):
+            sc = self.sc_encoder[s] if self.options.sc else None
+            x, *new_state = self._checkpointed(self.encoder_block, s, x, emb, condition.features,
+                                               sc.previous(state) if sc else None)
+            if sc:
+                sc.store(state, *new_state)
+            skips.append(x)
+        weight = apds_prior_weight(t, self.num_timesteps, self.options.apds_alpha) if self.options.apds else None
+        for s in range(len(self.decoder.stages)):
+            prior = condition.prior_features[s] if self.options.apds else None
+            sc = self.sc_decoder[s] if self.options.sc else None
+            x, *new_state = self._checkpointed(self.decoder_block, s, x, skips[-(s + 2)], prior, weight, emb,
+                                               sc.previous(state) if sc else None)
+            if sc:
+                sc.store(state, *new_state)
+        return self.decoder.seg_layers[-1](x)
+
+    # Each block below is one checkpoint: its SC-tLSTM state comes in and goes out explicitly (pure functions), so
+    # recomputation in backward sees the state of the forward pass, and only the block's output is kept.
+
+    def encoder_block(self, s: int, x, emb, features, previous):
+        """Noise-encoder stage s (+ image features and time) and its SC-tLSTM -> (out, new channel state, new
+        spatial state); the states are None without SC."""
+        x = self.conditioned_stage(s, x, emb, features)
+        return self.sc_encoder[s].step(x, emb, *previous) if previous is not None else (x, None, None)
+
+    def decoder_block(self, s: int, x, skip, prior, weight, emb, previous):
+        """Decoder stage s, the APDS fusion and its SC-tLSTM -> (out, new channel state, new spatial state)."""
+        x = self.decoder_stage(s, x, skip, prior, weight)
+        return self.sc_decoder[s].step(x, emb, *previous) if previous is not None else (x, None, None)
+
+    def decoder_stage(self, s: int, x: torch.Tensor, skip: torch.Tensor, prior: Optional[torch.Tensor],
+                      weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """Decoder stage s on the lower stage's output and the skip, then the APDS fusion with the prior's
+        features of that stage (when APDS is on)."""
+        x = unet_decoder_stage(self.decoder, s, x, skip)
+        return x if prior is None else self.fusions[s](x, prior, weight)

@@ -1,0 +1,1 @@
+"""Cross-Timestep (``trainer``) and its ablations (``variants``)."""

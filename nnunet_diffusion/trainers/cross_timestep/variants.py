@@ -1,0 +1,97 @@
+"""Cross-Timestep ablations (the paper's Tables 1 and 3, and APDS off for the collapse curve).
+
+Each variant changes ``options`` (or one training setting). Where the paper names a unit, it is swapped in;
+'no memory' keeps the same blocks but resets their state at every step.
+"""
+from dataclasses import replace
+
+from nnunet_diffusion.trainers.cross_timestep.trainer import nnUNetTrainerCrossTimestep
+
+_FULL = nnUNetTrainerCrossTimestep.options
+
+__all__ = ["nnUNetTrainerCrossTimestep_noTLSTM", "nnUNetTrainerCrossTimestep_plainLSTM",
+           "nnUNetTrainerCrossTimestep_ConvTLSTMOnly", "nnUNetTrainerCrossTimestep_LinearTGRUOnly",
+           "nnUNetTrainerCrossTimestep_noTimeCell", "nnUNetTrainerCrossTimestep_APDSOnly",
+           "nnUNetTrainerCrossTimestep_APDS_SC", "nnUNetTrainerCrossTimestep_APDS_FFT",
+           "nnUNetTrainerCrossTimestep_noAPDS", "nnUNetTrainerCrossTimestep_convRA",
+           "nnUNetTrainerCrossTimestep_fullChainGradient", "nnUNetTrainerCrossTimestep_eps",
+           "nnUNetTrainerCrossTimestep_burnIn", "nnUNetTrainerCrossTimestep_linearFFTGate"]
+
+
+class nnUNetTrainerCrossTimestep_noTLSTM(nnUNetTrainerCrossTimestep):
+    """No memory across timesteps: SC and FFT blocks with their state reset every step."""
+    options = replace(_FULL, carry_spatial=False, carry_channel=False)
+
+
+class nnUNetTrainerCrossTimestep_plainLSTM(nnUNetTrainerCrossTimestep):
+    """Table 1, 'LSTM': plain LSTMs (per-voxel and linear), no time modulation."""
+    options = replace(_FULL, spatial_cell="lstm", channel_cell="lstm", time_cell=False)
+
+
+class nnUNetTrainerCrossTimestep_ConvTLSTMOnly(nnUNetTrainerCrossTimestep):
+    """Table 1, 'Conv-LSTM': memory in the Conv-tLSTM (spatial, FFT) only; channel branch without memory."""
+    options = replace(_FULL, carry_channel=False)
+
+
+class nnUNetTrainerCrossTimestep_LinearTGRUOnly(nnUNetTrainerCrossTimestep):
+    """Table 1, 'Linear-GRU': memory in the Linear-tGRU (channel branch) only."""
+    options = replace(_FULL, carry_spatial=False)
+
+
+class nnUNetTrainerCrossTimestep_noTimeCell(nnUNetTrainerCrossTimestep):
+    """Table 1, Conv-LSTM + Linear-GRU without the 't-cell' (no time modulation of h_{t-1})."""
+    options = replace(_FULL, time_cell=False)
+
+
+class nnUNetTrainerCrossTimestep_APDSOnly(nnUNetTrainerCrossTimestep):
+    """Table 3, APDS only: neither SC-tLSTM nor FFT-tLSTM."""
+    options = replace(_FULL, sc=False, fft=False)
+
+
+class nnUNetTrainerCrossTimestep_APDS_SC(nnUNetTrainerCrossTimestep):
+    """Table 3, APDS + SC-tLSTM."""
+    options = replace(_FULL, fft=False)
+
+
+class nnUNetTrainerCrossTimestep_APDS_FFT(nnUNetTrainerCrossTimestep):
+    """Table 3, APDS + FFT-tLSTM."""
+    options = replace(_FULL, sc=False)
+
+
+class nnUNetTrainerCrossTimestep_noAPDS(nnUNetTrainerCrossTimestep):
+    """APDS off (tLSTM on): the 'Diff + tLSTM' curve of the collapse analysis (Fig. 3)."""
+    options = replace(_FULL, apds=False)
+
+
+class nnUNetTrainerCrossTimestep_convRA(nnUNetTrainerCrossTimestep):
+    """APDS RA block as one conv block on [F | F_prior] instead of the paper's reverse attention (the package's
+    earlier default: Cross-Timestep checkpoints with 'fusions.*.refine.*' weights load with this trainer)."""
+    options = replace(_FULL, ra="conv")
+
+
+class nnUNetTrainerCrossTimestep_fullChainGradient(nnUNetTrainerCrossTimestep):
+    """Training chain with backpropagation through the chain's x_k as well as the recurrent state."""
+    chain_gradient = "full"
+
+
+class nnUNetTrainerCrossTimestep_eps(nnUNetTrainerCrossTimestep):
+    """Eq. 19's reading: eps prediction (Min-SNR-weighted MSE per unrolled step): the package's default before the
+    mask-predicting one (cross_timestep.py says why)."""
+    prediction = "eps"
+
+
+class nnUNetTrainerCrossTimestep_burnIn(nnUNetTrainerCrossTimestep):
+    """Training chains from pure noise at the chain's first step: the steps before the drawn start run without
+    gradient with the model's own x_k and the state carried, as at test time (the recycling paper's alignment)."""
+    chain_start = "burn_in"
+
+
+class nnUNetTrainerCrossTimestep_linearFFTGate(nnUNetTrainerCrossTimestep):
+    """FFT-tLSTM gated by |F_c| / max |F_c| (the first reading; near the identity on real spectra)."""
+    options = replace(_FULL, fft_gate="linear")
+
+
+class nnUNetTrainerCrossTimestep_heInit(nnUNetTrainerCrossTimestep):
+    """FFT-tLSTM and SC-tLSTM with nnU-Net's He init like the rest, not started as the identity (the paper gives
+    no initialisation; this was the default before the identity start was measured)."""
+    options = replace(_FULL, identity_start=False)

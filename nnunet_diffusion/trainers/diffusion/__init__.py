@@ -1,0 +1,1 @@
+"""The plain image-conditioned DDPM (``trainer``) and its variants."""

@@ -1,0 +1,1 @@
+"""DSM's two stages (``trainer``) and their ablations (``variants``)."""

@@ -1,0 +1,1 @@
+"""Recycling for DDPM segmentation (``trainer``) and its variants."""

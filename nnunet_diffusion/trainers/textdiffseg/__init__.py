@@ -1,0 +1,1 @@
+"""TextDiffSeg (``trainer``) and its ablations (``variants``)."""

@@ -1,0 +1,156 @@
+"""nnUNetTrainerTextDiffSeg: latent label diffusion conditioned on the image and on text descriptions of the
+classes ("TextDiffSeg: Text-guided Latent Diffusion Model for 3d Medical Images Segmentation"; no public code,
+the paper is the spec).
+
+Text: one prompt per class from dataset.json (``text.prompts``), embedded once by a Hugging Face text model
+(``NNUNET_DIFFUSION_TEXT_MODEL``: a Hub id or a folder; default the bundled offline all-MiniLM-L6-v2) and cached
+with the preprocessed data. The vectors go into the network's ``text_embeddings`` buffer, so the checkpoint
+carries them: prediction needs no text model. plans.json stores the model, the prompts and their digest.
+"""
+from __future__ import annotations
+
+
+import torch
+from torch import nn
+
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+from nnunet_diffusion.architectures.textdiffseg.network import TextDiffSegDenoiser
+from nnunet_diffusion.architectures.textdiffseg.segmenter import LatentDiffusionSegmenter
+from nnunet_diffusion.diffusion.samplers import SamplerSettings
+from nnunet_diffusion.trainers.common.diffusion_base import PLANS_KEY, nnUNetTrainerDiffusionBase
+from nnunet_diffusion.trainers.common.class_text import TEXT_KEY, ClassTextMixin
+from nnunet_diffusion.trainers.common.pretraining_phase import PretrainingPhaseMixin
+
+
+class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrainerDiffusionBase):
+    """The full model. Ablations (Table II and more): ``variants_textdiffseg.py``."""
+
+    noise_schedule = "linear"
+    num_train_timesteps = 1000
+    prediction = "eps"  # eq. 5
+    default_sampler = SamplerSettings(kind="ddim", steps=10, num_samples=1, seed=0)  # the paper: DDIM, 10 steps
+    # k: the paper only says k << N. 4 channels code up to 2^4 = 16 classes by sign pattern per latent voxel
+    latent_channels = 4
+    # the latent grid skips the plans' first 2 downsamplings (4x per pooled axis): the paper gives no stride;
+    # LDSeg's 16x left a 40^3 patch 3 latent voxels wide, 4x keeps 10
+    latent_downsamplings = 2
+    image_branch = "encoder"        # 'downsample': Table II zeta_2
+    text_fusion = "attention"       # 'concat': Table II zeta_1
+    label_encoder = "learned"       # 'reduction': Table II zeta_3
+    text_source = "prompts"         # 'learned': class tokens instead of text (how much does text add?)
+    text_dim_without_text = 64      # width of the learned class tokens of the no-text ablation
+    # eq. 4 and 6: L = CE + gamma Dice + lambda eps-MSE. The paper gives no values: 1 and 1, nnU-Net's equal
+    # weighting of CE and Dice, and the eps MSE (about 1 at the start) on the same scale as the segmentation loss
+    dice_weight = 1.0
+    eps_loss_weight = 1.0
+    # eq. 4's L1 on the labels decoded from the denoised latent z_dn ("q_t(z_t | y, X) ~ N(z_dn, sigma^2 I)"), plus
+    # the same loss on the decoded ground-truth latent: it trains the decoder on exact clean latents (where the
+    # sampler ends) and is, for x0 models, the encoder's only segmentation signal (z0 enters them only as input and
+    # MSE target; a label-blind latent would satisfy both). 'denoised': the paper's L1 alone; 'reconstruction':
+    # before z_dn was decoded in training. Variants: _noReconstructionLoss, _reconstructionLossOnly
+    segmentation_loss = "denoised+reconstruction"
+    # an eps model's z_dn: the clipped x0 estimate, what DDIM steps through and ends on, its gradient capped where
+    # SNR < 1 ('z_t_minus_eps': LDSeg's z_t - eps_hat, which under eq. 3's scaling estimates z0 at no t).
+    # segmenter.DENOISED_LATENTS
+    denoised_latent = "x0_estimate"
+    # 'joint' (eq. 6, end to end) or 'pretrained': the label autoencoder trains alone for the first
+    # ``label_autoencoder_pretrain_fraction`` of training, then is frozen. Chosen by measurement: docs/methods/textdiffseg.md
+    label_autoencoder_training = "joint"
+    label_autoencoder_pretrain_fraction = 0.2
+
+    # ---- settings stored with the model ---------------------------------------------------------------------
+
+    @classmethod
+    def diffusion_settings(cls) -> dict:
+        return {**super().diffusion_settings(), "textdiffseg": {
+            "latent_channels": cls.latent_channels, "latent_downsamplings": cls.latent_downsamplings,
+            "image_branch": cls.image_branch, "text_fusion": cls.text_fusion, "label_encoder": cls.label_encoder,
+            "text_source": cls.text_source, "label_autoencoder_training": cls.label_autoencoder_training,
+            "segmentation_loss": cls.segmentation_loss, "denoised_latent": cls.denoised_latent}}
+
+    def dataset_settings(self, plans: dict, configuration: str, dataset_json: dict) -> dict:
+        """The class prompts, the text model and the embeddings' size: checked and computed (or read from the cache
+        beside the preprocessed data) now, before any folder is made."""
+        num_classes = len([v for k, v in dataset_json["labels"].items() if k != "ignore"])
+        capacity = 2 ** self.latent_channels
+        if num_classes > capacity:
+            raise ValueError(
+                f"{self.__class__.__name__}: {num_classes} classes are more than a {self.latent_channels}-channel "
+                f"label latent can separate (at most {capacity}: one sign pattern per class). Train a subclass with "
+                f"latent_channels = {max(1, (num_classes - 1).bit_length())}, e.g.\n"
+                f"    class {self.__class__.__name__}_k{(num_classes - 1).bit_length()}({self.__class__.__name__}):\n"
+                f"        latent_channels = {(num_classes - 1).bit_length()}")
+        if self.text_source != "prompts":
+            return {TEXT_KEY: {"model": None, "dim": self.text_dim_without_text}}
+        return {TEXT_KEY: self.compute_class_text(plans, dataset_json)}
+
+    # ---- network --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def build_denoiser(cls, configuration_manager, num_input_channels: int, num_classes: int,
+                       stored: dict) -> nn.Module:
+        if TEXT_KEY not in stored:
+            raise ValueError(f"{cls.__name__}: plans.json has no '{PLANS_KEY}.{TEXT_KEY}' entry: this model folder "
+                             f"was not trained by {cls.__name__} (or its plans.json was replaced).")
+        options = stored["textdiffseg"]
+        return TextDiffSegDenoiser(num_input_channels, num_classes, **cls.plans_unet_kwargs(configuration_manager),
+                                   text_dim=stored[TEXT_KEY]["dim"], latent_channels=options["latent_channels"],
+                                   latent_downsamplings=options["latent_downsamplings"],
+                                   image_branch=options["image_branch"], text_fusion=options["text_fusion"],
+                                   label_encoder=options["label_encoder"], text_source=options["text_source"],
+                                   freeze_label_autoencoder=options["label_autoencoder_training"] == "pretrained",
+                                   patch_size=configuration_manager.patch_size)
+
+    @classmethod
+    def build_segmenter(cls, denoiser, schedule, sampler, stored: dict) -> nn.Module:
+        # a plans.json written before these settings existed: the loss that model trained with (reconstruction only)
+        options = stored.get("textdiffseg", {})
+        return LatentDiffusionSegmenter(denoiser, schedule, sampler, stored["prediction"], cls.eps_loss_weight,
+                                        options.get("segmentation_loss", "reconstruction"),
+                                        options.get("denoised_latent", "x0_estimate"))
+
+
+    def text_buffer(self) -> torch.Tensor:
+        return self._network().denoiser.text_embeddings
+
+    # ---- loss (eqs. 4-6) ------------------------------------------------------------------------------------
+
+    def _build_loss(self):
+        """L1 (eq. 4): CE + gamma Dice on the decoded labels, nnU-Net's implementation (the segmenter's pass applies
+        it to the decoded denoised latent and / or the decoded ground-truth latent: ``segmentation_loss``)."""
+        return DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5, "do_bg": False,
+                               "ddp": self.is_ddp}, {}, weight_ce=1, weight_dice=self.dice_weight,
+                              ignore_label=self.label_manager.ignore_label, dice_class=MemoryEfficientSoftDiceLoss)
+
+    # ---- the label autoencoder's pre-training phase (label_autoencoder_training = 'pretrained') ----------------
+
+    pretrained_part_name = "the label autoencoder"
+
+    def pretrained_part(self) -> nn.Module:
+        return self._network().denoiser.label_autoencoder
+
+    def pretraining(self) -> bool:
+        return (self.label_autoencoder_training == "pretrained"
+                and self.training_progress() < self.label_autoencoder_pretrain_fraction)
+
+    def training_loss(self, batch: dict):
+        if not self.pretraining():
+            return super().training_loss(batch)
+        _, target = self._batch_on_device(batch)
+        autoencoder = self._part_for_pretraining() if torch.is_grad_enabled() else self.pretrained_part()
+        onehot = torch.zeros((target.shape[0], self.label_manager.num_segmentation_heads, *target.shape[2:]),
+                             device=self.device).scatter_(1, target.long(), 1)
+        with self._autocast():
+            logits = autoencoder(onehot)
+            loss = self.loss(logits, target)
+        x0_hat = torch.softmax(logits.float(), 1) * 2 - 1
+        return loss, LatentPretrainingPass(x0_hat), target
+
+
+class LatentPretrainingPass:
+    """What the per-epoch validation needs from a step of the autoencoder's phase: its reconstruction in [-1, 1]."""
+
+    def __init__(self, x0_hat: torch.Tensor):
+        self.x0_hat = x0_hat

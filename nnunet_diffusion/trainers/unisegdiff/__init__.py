@@ -1,0 +1,1 @@
+"""UniSegDiff (``trainer``) and its ablations (``variants``)."""
