@@ -102,3 +102,14 @@ def respace(schedule: NoiseSchedule, new_num_steps: int) -> NoiseSchedule:
     else:
         keep = torch.arange(0, num_steps, (num_steps - 1) // (new_num_steps - 1))
     return NoiseSchedule(schedule.alphas_cumprod[keep].clone(), schedule.timesteps[keep].clone())
+
+
+def subschedule(schedule: NoiseSchedule, timesteps) -> NoiseSchedule:
+    """The chain through ``timesteps`` (ascending, each a timestep of ``schedule``): a DDIM step from its entry k to
+    k - 1 is the DDIM jump between those two timesteps of ``schedule`` (the alpha_bar of both are kept)."""
+    wanted = [int(t) for t in timesteps]
+    position = {int(t): i for i, t in enumerate(schedule.timesteps)}
+    if wanted != sorted(set(wanted)) or any(t not in position for t in wanted):
+        raise ValueError(f"timesteps {wanted} must be ascending timesteps of the schedule")
+    keep = torch.tensor([position[t] for t in wanted])
+    return NoiseSchedule(schedule.alphas_cumprod[keep].clone(), schedule.timesteps[keep].clone())

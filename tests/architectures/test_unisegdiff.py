@@ -244,3 +244,19 @@ def test_the_last_jump_head_is_a_stored_setting_x0_by_default(configuration_mana
     assert eps.last_head == "eps"
     with pytest.raises(ValueError, match="heads"):
         StagedDiffusionSegmenter(net.denoiser, net.schedule, None, StagedTargets(), "chain")
+
+
+def test_staged_inference_runs_through_the_one_reverse_loop(configuration_manager, monkeypatch):
+    """After the first x0 jump, the middle stage and the last evaluation are one run of
+    diffusion.samplers.run_reverse_process on the chain of their timesteps (X_599 ... X_299)."""
+    from nnunet_diffusion.architectures.unisegdiff import segmenter as staged
+    net = staged_segmenter(configuration_manager).eval()
+    runs, real = [], staged.run_reverse_process
+
+    def recording(fn, x, schedule, *args, **kwargs):
+        runs.append(schedule.timesteps.tolist())
+        return real(fn, x, schedule, *args, **kwargs)
+    monkeypatch.setattr(staged, "run_reverse_process", recording)
+    with torch.no_grad():
+        net.sample_x0(torch.randn(2, 1, 16, 16))
+    assert runs == [list(range(299, 600, 30))]

@@ -62,3 +62,19 @@ def test_invalid_respacing_says_which_counts_are_valid(k):
 def test_unknown_schedule_name():
     with pytest.raises(ValueError, match="Unknown noise schedule 'quadratic'"):
         make_schedule("quadratic", 100)
+
+
+def test_a_ddim_step_on_a_subschedule_is_the_ddim_jump_between_its_timesteps():
+    from nnunet_diffusion.diffusion.samplers import ddim_step
+    from nnunet_diffusion.diffusion.gaussian import eps_from_x0
+    from nnunet_diffusion.diffusion.schedules import subschedule
+    from nnunet_diffusion.diffusion.staged import ddim_jump
+    full = make_schedule("linear", 1000)
+    chain = subschedule(full, [299, 329, 599])
+    assert chain.timesteps.tolist() == [299, 329, 599]
+    torch.testing.assert_close(chain.alphas_cumprod, full.alphas_cumprod[[299, 329, 599]])
+    x, x0 = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.rand(3, 2, 4, 4, dtype=torch.float64) * 2 - 1
+    stepped = ddim_step(chain, x, 2, x0, eps_from_x0(chain, x, torch.full((3,), 2), x0))   # 599 -> 329
+    torch.testing.assert_close(stepped, ddim_jump(full, x, torch.full((3,), 599), 329, x0))
+    with pytest.raises(ValueError, match="ascending"):
+        subschedule(full, [599, 299])

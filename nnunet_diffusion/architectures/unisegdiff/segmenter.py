@@ -28,8 +28,8 @@ import torch
 from nnunet_diffusion.architectures.segmenter import DiffusionSegmenter
 from nnunet_diffusion.diffusion.gaussian import q_sample, x0_from_eps
 from nnunet_diffusion.diffusion.masks import x0_from_logits
-from nnunet_diffusion.diffusion.samplers import STAGED, SamplerSettings
-from nnunet_diffusion.diffusion.schedules import NoiseSchedule
+from nnunet_diffusion.diffusion.samplers import STAGED, SamplerSettings, run_reverse_process
+from nnunet_diffusion.diffusion.schedules import NoiseSchedule, subschedule
 from nnunet_diffusion.diffusion.staged import StagedTargets, ddim_jump, staged_inference_steps, staged_loss
 from nnunet_diffusion.diffusion.timesteps import sample_timesteps
 
@@ -134,31 +134,33 @@ class StagedDiffusionSegmenter(DiffusionSegmenter):
         if on_step is not None:
             on_step(first.t_from, x0_hat)
         x = ddim_jump(self.schedule, x, timesteps(first.t_from, b), first.t_to, x0_hat)
-        # middle stage: the mask chain (x0 head) and the noise chain (eps head), one batch of 2B, branch-major
+        # the middle stage and the last evaluation through the one reverse loop, on the chain of their timesteps:
+        # the mask chain (x0 head) and the noise chain (eps head) in one batch of 2B, branch-major; it ends with
+        # each branch's X_lower evaluated once by the last head
         chains, both = torch.cat([x, x]), [torch.cat([f, f]) for f in condition]
-        for step in middle:  # one encoder pass for both chains, each through the decoder it needs only
-            logits, eps_hat = self.denoiser(chains, timesteps(step.model_t, 2 * b), both,
-                                            chunk_heads=("x0", "eps")).split(b)
-            t_from = timesteps(step.t_from, 2 * b)
-            x0_hat = torch.cat([x0_from_logits(logits),
-                                x0_from_eps(self.schedule, chains[b:], t_from[b:], eps_hat.float()).clamp(-1, 1)])
-            if on_step is not None:
-                on_step(step.t_from, x0_hat)
-            chains = ddim_jump(self.schedule, chains, t_from, step.t_to, x0_hat)
-        # last: each branch's X_lower evaluated once by the last head, then per_branch ancestral draws of the jump
-        # X_lower -> X_0, fresh noise per sample (the same for every copy); batch order (branch, patch, sample)
+        model_t, seen = {step.t_from: step.model_t for step in (*middle, last)}, {}
+
+        def x0_estimates(x_k: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            conditioned = timesteps(model_t[int(t[0])], 2 * b)
+            if int(t[0]) == last.t_from:
+                seen["x_lower"] = x_k  # the chains' state X_lower, which the samples are drawn from
+                out = self.denoiser(x_k, conditioned, both, head=last.head)
+                return (x0_from_logits(out) if last.head == "x0" else
+                        x0_from_eps(self.schedule, x_k, t, out.float()).clamp(-1, 1))
+            logits, eps_hat = self.denoiser(x_k, conditioned, both, chunk_heads=("x0", "eps")).split(b)
+            return torch.cat([x0_from_logits(logits), x0_from_eps(self.schedule, x_k[b:], t[b:], eps_hat.float())])
+
+        chain = subschedule(self.schedule, sorted(model_t))
+        x0_last = run_reverse_process(x0_estimates, chains, chain, "ddim", "x0", generator,
+                                      on_step=None if on_step is None else
+                                      lambda k, x0: on_step(int(chain.timesteps[k]), x0))
         t_last = timesteps(last.t_from, 2 * b)
-        if last.head == "x0":
-            x0_last = x0_from_logits(self.denoiser(chains, timesteps(last.model_t, 2 * b), both, head="x0"))
-        else:
-            eps_hat = self.denoiser(chains, timesteps(last.model_t, 2 * b), both, head="eps")
-            x0_last = x0_from_eps(self.schedule, chains, t_last, eps_hat.float()).clamp(-1, 1)
 
         def per_sample(x):  # (2B, ...) branch-major -> (2 * B * P, ...) in (branch, patch, sample) order
             return x.reshape(2, b, 1, *x.shape[1:]).expand(2, b, per_branch, *x.shape[1:]).flatten(0, 2)
 
         noise = seeded_noise(2, per_branch).transpose(1, 2).flatten(0, 2)  # (2, P, b, ...) -> (2 * b * P, ...)
-        masks = ddim_jump(self.schedule, per_sample(chains), per_sample(t_last), last.t_to, per_sample(x0_last),
+        masks = ddim_jump(self.schedule, per_sample(seen["x_lower"]), per_sample(t_last), last.t_to, per_sample(x0_last),
                           eta=1.0, noise=noise).clamp(-1, 1)
         if on_step is not None:
             on_step(0, masks)
