@@ -176,10 +176,26 @@ def test_half_precision_on_a_patch_with_more_voxels_than_float16_can_count(stage
 
 
 def test_swin_unetr_backbone_gives_the_same_outputs():
-    """MONAI's SwinUNETR as the backbone: decoder features at strides 32, 16, 8, 4 feed the kMMM layers."""
+    """MONAI's SwinUNETR as the backbone, with the outputs UNetPixelDecoder gives: decoder features at strides 32,
+    16, 8, 4 feed the kMMM layers, and they and the pixel embedding are MONAI's own (its forward, unchanged, and
+    the outputs of its encoder10 / decoder5 / decoder4 / decoder3 as hooks of the test record them)."""
     torch.manual_seed(0)
-    net = DSMNetwork(1, 3, [0, 1, 2], text_dim=TEXT_DIM, dim=16, backbone="swin_unetr", **unet_kwargs(2))
-    out = net(torch.randn(1, 1, 64, 64), full=True)
+    net = DSMNetwork(1, 3, [0, 1, 2], text_dim=TEXT_DIM, dim=16, backbone="swin_unetr", **unet_kwargs(2)).eval()
+    image = torch.randn(1, 1, 64, 64)
+    swin, recorded = net.backbone.swin, []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: recorded.append(out.detach().clone()))
+             for m in (swin.encoder10, swin.decoder5, swin.decoder4, swin.decoder3)]
+    with torch.no_grad():
+        reference = swin(image)
+        features, pixels = net.backbone(image)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(pixels, reference, rtol=0, atol=0)
+    assert len(features) == 4 and len(recorded) == 8  # the test's hooks saw both forwards
+    for feature, mine in zip(features, recorded[:4]):
+        torch.testing.assert_close(feature, mine, rtol=0, atol=0)
+    net.train()
+    out = net(image, full=True)
     assert out.logits.shape == (1, 3, 64, 64)
     assert [tuple(r.shape[2:]) for r in out.responses] == [(2, 2), (4, 4), (8, 8), (16, 16)]
     out.logits.square().mean().backward()
