@@ -74,6 +74,18 @@ def test_patch_the_strides_cannot_divide(trainer_cls, tmp_path, monkeypatch):
             configurations={"3d_fullres": stride_3})
 
 
+@pytest.mark.parametrize("trainer_cls", TRAINERS)
+def test_residual_encoder_plans_are_refused_not_silently_built_plain(trainer_cls, tmp_path, monkeypatch):
+    """nnU-Net's ResEnc presets (network ResidualEncoderUNet, n_blocks_per_stage): every method builds plain conv
+    encoders, so it refuses at start instead of training another network than the plans ask for."""
+    resenc = make_configuration(3)
+    architecture = resenc["architecture"]
+    architecture["network_class_name"] = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+    architecture["arch_kwargs"]["n_blocks_per_stage"] = architecture["arch_kwargs"].pop("n_conv_per_stage")
+    refused(trainer_cls, tmp_path, monkeypatch, r"asks for a ResidualEncoderUNet.*does not take residual blocks yet"
+            r".*-p nnUNetPlans", configurations={"3d_fullres": resenc})
+
+
 @pytest.mark.parametrize("trainer_cls", [nnUNetTrainerTextDiffSeg, nnUNetTrainerDSM])
 @pytest.mark.parametrize("name", ["1", "label_2", "foreground"])
 def test_text_trainer_without_class_names(trainer_cls, name, tmp_path, monkeypatch):

@@ -17,6 +17,9 @@ import numpy as np
 NUM_FOLDS = 5  # nnU-Net's default cross-validation (do_split: generate_crossval_split(..., n_splits=5))
 
 
+PLAIN_CONV_UNET = "PlainConvUNet"  # the network class of the plans every method's encoders are built like
+
+
 class DataCheckError(ValueError):
     """Input a trainer cannot use; the message says what to change."""
 
@@ -59,6 +62,15 @@ def check_configuration(trainer_name: str, plans: dict, configuration: str) -> N
         raise DataCheckError(f"The plans of {dataset} have no configuration '{configuration}'. {hint}")
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     manager = PlansManager(plans).get_configuration(configuration)
+    network = str(manager.network_arch_class_name).rsplit(".", 1)[-1]
+    if network != PLAIN_CONV_UNET:
+        # every method builds its encoders from the plans' stages as plain conv blocks: residual (ResEnc) plans
+        # would silently train a network other than the one asked for
+        raise DataCheckError(
+            f"Configuration '{configuration}' of {dataset} asks for a {network} (e.g. nnU-Net's ResEnc presets, "
+            f"-p nnUNetResEncUNet*Plans); {trainer_name} builds plain-conv encoders (PlainConvUNet stages) and "
+            f"does not take residual blocks yet. Train with the default plans (-p nnUNetPlans), or the stock "
+            f"trainer for ResEnc.")
     patch = [int(p) for p in manager.patch_size]
     if configuration.startswith("3d") and (len(patch) != 3 or 1 in patch):
         raise DataCheckError(

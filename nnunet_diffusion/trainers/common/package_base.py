@@ -86,7 +86,7 @@ class nnUNetTrainerPackageBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTrai
         for key in configuration_manager.network_arch_init_kwargs_req_import:
             if kwargs.get(key) is not None:
                 kwargs[key] = pydoc.locate(kwargs[key])
-        if "n_blocks_per_stage" in kwargs:  # ResEnc plans: use as many plain convs as the plan has blocks
+        if "n_blocks_per_stage" in kwargs:  # a model trained on ResEnc plans before they were refused: built plain
             kwargs["n_conv_per_stage"] = kwargs.pop("n_blocks_per_stage")
         kwargs.pop("deep_supervision", None)
         return kwargs
