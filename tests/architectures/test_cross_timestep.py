@@ -258,6 +258,9 @@ def test_reverse_attention_and_prior_fusion_by_hand():
     fused = fusion(x, prior, torch.tensor([0.25, 1.0]))                  # w_t per batch element
     torch.testing.assert_close(fused[0, :, 0], torch.tensor([0.75 * 1.0, 0.75 * -0.25 + 0.25 * math.log(3)]))
     torch.testing.assert_close(fused[1], prior[1])                       # w = 1: the prior alone
+    residual = PriorFusion(2, nn.Conv1d, None, None, None, None, ra="residual_reverse_attention")
+    assert list(residual.parameters()) == []
+    torch.testing.assert_close(residual.refined(x, prior)[0, :, 0], torch.tensor([2.0 + 1.0, -1.0 - 0.25]))  # F + RA
     conv = PriorFusion(2, nn.Conv1d, None, None, nn.LeakyReLU, None, ra="conv")
     assert sum(p.numel() for p in conv.parameters()) > 0
     with pytest.raises(ValueError, match="Unknown RA block 'gate'"):

@@ -42,7 +42,7 @@ class PriorDecoder(nn.Module):
         return unet_decoder_stage(self.decoder, s, x, skip)
 
 
-RA_KINDS = ("reverse_attention", "conv")
+RA_KINDS = ("reverse_attention", "conv", "residual_reverse_attention")
 
 
 class PriorFusion(nn.Module):
@@ -51,6 +51,8 @@ class PriorFusion(nn.Module):
     ra='reverse_attention' (default; the paper's RA block): RA = F * (1 - sigmoid(F_prior)), the main features
     where the prior is not already confident. It has no parameters: the fusion has no weights at all.
     ra='conv': one conv block on [F | F_prior] (this package's earlier RA; variant nnUNetTrainerCrossTimestep_convRA).
+    ra='residual_reverse_attention': F + F * (1 - sigmoid(F_prior)), PraNet's residual form: where the prior is
+    confident the main features pass unchanged instead of being suppressed (variant _residualRA).
     """
 
     def __init__(self, channels: int, conv_op: Type[nn.Module], norm_op, norm_op_kwargs, nonlin, nonlin_kwargs,
@@ -66,7 +68,8 @@ class PriorFusion(nn.Module):
     def refined(self, x: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         if self.ra == "conv":
             return self.refine(torch.cat([x, prior], dim=1))
-        return x * (1 - torch.sigmoid(prior))
+        attention = x * (1 - torch.sigmoid(prior))
+        return x + attention if self.ra == "residual_reverse_attention" else attention
 
     def forward(self, x: torch.Tensor, prior: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x, prior: (B, C, *S) main and prior decoder features; weight: (B,) w_t."""
@@ -77,7 +80,7 @@ class PriorFusion(nn.Module):
         """What a failed ``load_state_dict`` should say if the checkpoint has the other RA block, else None
         (DiffusionSegmenter.load_state_dict asks every submodule)."""
         has_conv = any(key.startswith(prefix + "refine.") for key in state_dict)
-        if self.ra == "reverse_attention" and has_conv:
+        if self.ra != "conv" and has_conv:
             return ("This checkpoint has weights for a conv RA block ('fusions.<stage>.refine.*'): it was trained "
                     "with the earlier Cross-Timestep fusion, which is now the variant "
                     "nnUNetTrainerCrossTimestep_convRA; nnUNetTrainerCrossTimestep now uses the paper's "

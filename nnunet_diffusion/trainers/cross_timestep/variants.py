@@ -15,7 +15,8 @@ __all__ = ["nnUNetTrainerCrossTimestep_noTLSTM", "nnUNetTrainerCrossTimestep_pla
            "nnUNetTrainerCrossTimestep_APDS_SC", "nnUNetTrainerCrossTimestep_APDS_FFT",
            "nnUNetTrainerCrossTimestep_noAPDS", "nnUNetTrainerCrossTimestep_convRA",
            "nnUNetTrainerCrossTimestep_fullChainGradient", "nnUNetTrainerCrossTimestep_eps",
-           "nnUNetTrainerCrossTimestep_burnIn", "nnUNetTrainerCrossTimestep_linearFFTGate"]
+           "nnUNetTrainerCrossTimestep_burnIn", "nnUNetTrainerCrossTimestep_linearFFTGate",
+           "nnUNetTrainerCrossTimestep_heInit", "nnUNetTrainerCrossTimestep_residualRA"]
 
 
 class nnUNetTrainerCrossTimestep_noTLSTM(nnUNetTrainerCrossTimestep):
@@ -95,3 +96,9 @@ class nnUNetTrainerCrossTimestep_heInit(nnUNetTrainerCrossTimestep):
     """FFT-tLSTM and SC-tLSTM with nnU-Net's He init like the rest, not started as the identity (the paper gives
     no initialisation; this was the default before the identity start was measured)."""
     options = replace(_FULL, identity_start=False)
+
+
+class nnUNetTrainerCrossTimestep_residualRA(nnUNetTrainerCrossTimestep):
+    """APDS's RA block in PraNet's residual form, F + F * (1 - sigmoid(F_prior)): at low t, where eq. 23's w_t is
+    small, the paper's reverse attention alone scales every main-decoder feature down."""
+    options = replace(_FULL, ra="residual_reverse_attention")
