@@ -37,6 +37,9 @@ def test_mixins_stand_in_the_order_the_guarantees_need(trainer):
             assert mro.index(mixin) < position[nnUNetTrainerPackageBase], f"{mixin.__name__} after the base"
     # the budgeted loop is FaultSafetyMixin's to wrap: nothing between them redefines it
     assert trainer.run_training is FaultSafetyMixin.run_training
+    # the package base's abstract hooks are defined (its NotImplementedError is never what a trainer runs)
+    for hook in ("model_settings", "training_loss", "validation_scores"):
+        assert getattr(trainer, hook) is not getattr(nnUNetTrainerPackageBase, hook), hook
 
 
 @pytest.mark.parametrize("anchor", sorted(STOCK_ANCHORS, key=lambda c: c.__name__), ids=lambda c: c.__name__)

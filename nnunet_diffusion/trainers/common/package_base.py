@@ -77,7 +77,7 @@ class nnUNetTrainerPackageBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTrai
     def model_settings(self, plans: dict, configuration: str, fold, dataset_json: dict) -> dict:
         """The settings block stored with the model (plans.json, ``settings_key``): what the network is rebuilt
         from. Called before nnU-Net's __init__: it may raise on bad input before any folder is made."""
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: the diffusion base and DSM define it (tests/trainers/test_mixin_order.py)
 
     @staticmethod
     def plans_unet_kwargs(configuration_manager: ConfigurationManager) -> dict:
@@ -143,11 +143,11 @@ class nnUNetTrainerPackageBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTrai
 
     def training_loss(self, batch: dict):
         """(loss, the network's output, target (B, 1, *S) labels) of one batch, under autocast."""
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: the diffusion base and DSM define it (tests/trainers/test_mixin_order.py)
 
     def validation_scores(self, output) -> torch.Tensor:
         """(B, N, *S) class scores of ``output`` whose argmax is the per-epoch pseudo-Dice's segmentation."""
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: the diffusion base and DSM define it (tests/trainers/test_mixin_order.py)
 
     def train_step(self, batch: dict) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
