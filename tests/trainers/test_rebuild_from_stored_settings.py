@@ -1,15 +1,21 @@
 """A stored model rebuilds from its plans.json block only: editing the trainer class after training (another
 default, a changed ablation) changes what a new training builds, never what a trained model rebuilds."""
 import copy
+import json
+from dataclasses import replace
 
 import pytest
-import torch
 from conftest import TEXT_DIM, make_configuration
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
-from nnunet_diffusion.architectures.cross_timestep.network import CrossTimestepOptions
+from nnunet_diffusion.architectures.dsm.options import DSMOptions
+from nnunet_diffusion.architectures.options import StoredOptions
+from nnunet_diffusion.architectures.textdiffseg.options import TextDiffSegOptions
+from nnunet_diffusion.architectures.unisegdiff.options import UniSegDiffOptions
+from nnunet_diffusion.diffusion.staged import StagedTargets
 from nnunet_diffusion.trainers.cross_timestep.trainer import nnUNetTrainerCrossTimestep
 from nnunet_diffusion.trainers.dsm.trainer import nnUNetTrainerDSM
+from nnunet_diffusion.trainers.recycling.trainer import nnUNetTrainerDiffSegRecycling
 from nnunet_diffusion.trainers.textdiffseg.trainer import nnUNetTrainerTextDiffSeg
 from nnunet_diffusion.trainers.unisegdiff.trainer import nnUNetTrainerUniSegDiff
 
@@ -19,10 +25,16 @@ DSM_BLOCK = {"stage": 1, "organ_classes": [0, 1, 2], "tumour_classes": [], "quer
 
 # (trainer, the class attributes edited after training, what the stored block says)
 CASES = [
-    (nnUNetTrainerCrossTimestep, {"options": CrossTimestepOptions(sc=False, fft=False, apds=False)}, None),
-    (nnUNetTrainerUniSegDiff, {"use_dca": False, "condition_network": "joint"}, None),
-    (nnUNetTrainerTextDiffSeg, {"latent_channels": 2, "text_fusion": "concat", "image_branch": "downsample"}, None),
-    (nnUNetTrainerDSM, {"query_dim": 32, "kmeans": False, "max_kmmm_layers": 1}, DSM_BLOCK),
+    (nnUNetTrainerCrossTimestep, {"options": replace(nnUNetTrainerCrossTimestep.options, sc=False, fft=False,
+                                                     apds=False)}, None),
+    (nnUNetTrainerUniSegDiff, {"options": replace(nnUNetTrainerUniSegDiff.options, dca=False,
+                                                  condition_network="joint")}, None),
+    (nnUNetTrainerTextDiffSeg, {"options": replace(nnUNetTrainerTextDiffSeg.options, latent_channels=2,
+                                                   text_fusion="concat", image_branch="downsample")}, None),
+    (nnUNetTrainerDSM, {"options": replace(nnUNetTrainerDSM.options, query_dim=32, kmeans=False, max_kmmm_layers=1)},
+     DSM_BLOCK),
+    # recycling's settings are the shared diffusion block's: the parametrisation and the recycling of x0
+    (nnUNetTrainerDiffSegRecycling, {"prediction": "eps", "recycling": False, "clip_noisy_input": False}, None),
 ]
 
 
@@ -40,7 +52,8 @@ def configuration(trainer_cls, dsm_block=None) -> ConfigurationManager:
 def architecture(network) -> dict:
     """Parameter and buffer names with their shapes, and the module types: what a checkpoint must fit."""
     return {"tensors": {k: tuple(v.shape) for k, v in network.state_dict().items()},
-            "modules": [type(m).__name__ for m in network.modules()]}
+            "modules": [type(m).__name__ for m in network.modules()],
+            "segmenter": {k: getattr(network, k, None) for k in ("prediction", "recycling", "clip_noisy_input")}}
 
 
 @pytest.mark.parametrize("trainer_cls, edits, dsm_block", CASES, ids=lambda v: getattr(v, "__name__", ""))
@@ -53,6 +66,34 @@ def test_editing_the_class_after_training_does_not_change_what_a_stored_model_re
     rebuilt = trainer_cls.build_network_architecture(None, trained, 1, C, False)
     assert architecture(rebuilt) == before
     # the edits are real: a model trained with the edited class (its own block) is another network
-    edited_block = dict(dsm_block, **edits) if dsm_block is not None else None
+    edited_block = dict(dsm_block, **edits["options"].to_stored()) if dsm_block is not None else None
     fresh = trainer_cls.build_network_architecture(None, configuration(trainer_cls, edited_block), 1, C, False)
     assert architecture(fresh) != before
+
+
+def every_trainer_with_options():
+    from nnunet_diffusion.nnunet_ext import nnunet_diffusion_trainers as exported
+    return sorted((name, cls) for name, cls in vars(exported).items()
+                  if isinstance(cls, type) and isinstance(getattr(cls, "options", None), StoredOptions))
+
+
+@pytest.mark.parametrize("name, trainer_cls", every_trainer_with_options(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_trainers_options_survive_plans_json(name, trainer_cls):
+    """What the trainer stores (JSON, as plans.json holds it) rebuilds the same frozen options."""
+    stored = json.loads(json.dumps(trainer_cls.options.to_stored()))
+    assert type(trainer_cls.options).from_stored(stored) == trainer_cls.options
+
+
+def test_a_block_from_before_a_setting_existed_rebuilds_what_that_model_was_trained_with():
+    """Fields added after models were trained take those models' values, not today's defaults."""
+    tds = TextDiffSegOptions.from_stored({k: v for k, v in TextDiffSegOptions().to_stored().items()
+                                          if k != "segmentation_loss"})
+    assert tds.segmentation_loss == "reconstruction" and TextDiffSegOptions().segmentation_loss != "reconstruction"
+    usd = UniSegDiffOptions.from_stored({"staged": {"upper": 699, "lower": 199, "ratios": [[1, 3], [1, 1], [3, 1]]},
+                                         "heads": ["eps", "x0"], "dca": False, "condition_network": "joint"})
+    assert usd == UniSegDiffOptions(staged=StagedTargets(699, 199), heads=("eps", "x0"), dca=False,
+                                    condition_network="joint", last_jump_head="eps")
+    assert UniSegDiffOptions.from_stored({**UniSegDiffOptions().to_stored(), "staged": None}).staged is None
+    # DSM before 'text_alignment' was stored: a model without class text had none
+    assert DSMOptions.from_stored({"query_dim": 16, "text": None}) == DSMOptions(query_dim=16, text_alignment=False)
+    assert DSMOptions.from_stored({"query_dim": 16, "text": {"dim": 8}}).text_alignment is True

@@ -25,6 +25,7 @@ from nnunet_diffusion.architectures.conditional_unet import (ImageConditionedDen
                                                              unet_decoder_stage)
 from nnunet_diffusion.architectures.cross_timestep.fft_tlstm import FFTTLSTM
 from nnunet_diffusion.architectures.cross_timestep.sc_tlstm import SCTLSTM
+from nnunet_diffusion.architectures.options import StoredOptions
 
 
 @dataclass
@@ -38,8 +39,9 @@ class CrossTimestepCondition:
 
 
 @dataclass(frozen=True)
-class CrossTimestepOptions:
-    """Which Cross-Timestep parts are on (the paper's ablations are combinations of these)."""
+class CrossTimestepOptions(StoredOptions):
+    """Which Cross-Timestep parts are on (the paper's ablations are combinations of these); stored in plans.json
+    ('diffusion' block, 'options')."""
     apds: bool = True
     apds_alpha: float = 0.8      # the paper gives no value; 0.8 keeps a fifth of the main branch at t = T
     ra: str = "reverse_attention"  # APDS RA block: the paper's F * (1 - sigmoid(F_prior)), or 'conv' (a conv block)

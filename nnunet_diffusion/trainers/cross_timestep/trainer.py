@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-from dataclasses import asdict
-
 from torch import nn
 
 from nnunet_diffusion.architectures.cross_timestep.network import CrossTimestepDenoiser, CrossTimestepOptions
@@ -64,7 +62,7 @@ class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
         chain = cls.training_chain or cls.default_sampler
         return {**super().diffusion_settings(), "unroll_steps": cls.unroll_steps,
                 "training_chain": {"kind": chain.kind, "steps": chain.steps}, "chain_gradient": cls.chain_gradient,
-                "chain_start": cls.chain_start, "options": asdict(cls.options)}
+                "chain_start": cls.chain_start, "options": cls.options.to_stored()}
 
     @classmethod
     def training_settings(cls) -> dict:
@@ -89,7 +87,7 @@ class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
     def build_denoiser(cls, configuration_manager, num_input_channels: int, num_classes: int,
                        stored: dict) -> nn.Module:
         # the stored options (plans.json), not the class's: a model rebuilds as it was trained
-        options = CrossTimestepOptions(**{**asdict(CrossTimestepOptions()), **stored["options"]})
+        options = CrossTimestepOptions.from_stored(stored["options"])
         return CrossTimestepDenoiser(num_input_channels, num_classes, stored["num_train_timesteps"], options,
                                      **cls.plans_unet_kwargs(configuration_manager))
 

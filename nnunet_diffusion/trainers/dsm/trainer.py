@@ -26,6 +26,7 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunet_diffusion.architectures.dsm.backbone import SwinUNETRPixelDecoder
 from nnunet_diffusion.architectures.dsm.network import DSMNetwork, DSMStage2Network
+from nnunet_diffusion.architectures.dsm.options import DSMOptions
 from nnunet_diffusion.settings import read as read_setting
 from nnunet_diffusion.text.prompts import class_names
 from nnunet_diffusion.trainers.common.class_text import TEXT_KEY, ClassTextMixin
@@ -59,11 +60,7 @@ class nnUNetTrainerDSM(ClassTextMixin, nnUNetTrainerPackageBase):
     """Stage 1: organ queries (one per organ class and background), kMMM decoder, text-aligned classes."""
 
     stage = 1
-    query_dim = 64           # the paper does not give the query width; 64 keeps the decoder light beside the U-Net
-    max_kmmm_layers = 4      # the paper: 4 kMMM layers (output strides 32 .. 4)
-    kmeans = True            # False: MaskFormer's cross-attention, no SSM (Table 5, no kMMM)
-    text_alignment = True    # False: a linear class head (Table 5, no CLIP)
-    backbone = "unet"        # 'swin_unetr': MONAI's SwinUNETR, the paper's (patch axes divisible by 32)
+    options = DSMOptions()  # the query decoder, the backbone, stage 2's blocks: architectures/dsm/options.py
     prompt_template = DSM_PROMPT_TEMPLATE
     settings_key = DSM_KEY
     # deep supervision of every kMMM layer's response (kMaX-DeepLab supervises its cluster logits): weight of their
@@ -76,15 +73,14 @@ class nnUNetTrainerDSM(ClassTextMixin, nnUNetTrainerPackageBase):
     def model_settings(self, plans: dict, configuration: str, fold, dataset_json: dict) -> dict:
         """The 'dsm' block: stage, which classes are organs and tumours, the decoder's settings and the class text;
         stage 2 also finds and reads stage 1's checkpoint here (before any folder is made)."""
-        if self.backbone == "swin_unetr":
+        if self.options.backbone == "swin_unetr":
             SwinUNETRPixelDecoder.check_patch(plans["configurations"][configuration]["patch_size"])
         names = class_names(dataset_json)
         tumours = tumour_labels(dataset_json)
         settings = {"stage": self.stage, "organ_classes": [i for i, n in enumerate(names) if n not in tumours],
-                    "tumour_classes": [names.index(n) for n in tumours], "query_dim": self.query_dim,
-                    "max_kmmm_layers": self.max_kmmm_layers, "kmeans": self.kmeans, "backbone": self.backbone,
+                    "tumour_classes": [names.index(n) for n in tumours], **self.options.to_stored(),
                     "anomaly": ANOMALY_ORGAN_QUERIES,
-                    TEXT_KEY: self.compute_class_text(plans, dataset_json) if self.text_alignment else None}
+                    TEXT_KEY: self.compute_class_text(plans, dataset_json) if self.options.text_alignment else None}
         self.stage1_weights = self.find_stage1_weights(plans, configuration, fold)
         return {**settings, **self.stage_settings()}
 
@@ -105,15 +101,16 @@ class nnUNetTrainerDSM(ClassTextMixin, nnUNetTrainerPackageBase):
                              f"trained by a DSM trainer.")
         kwargs = cls.plans_unet_kwargs(configuration_manager)
         text = settings.get(TEXT_KEY)
+        options = DSMOptions.from_stored(settings)
         legacy = settings.get("anomaly") != ANOMALY_ORGAN_QUERIES  # a model from before: as it was trained
         stage1 = DSMNetwork(num_input_channels, num_output_channels, settings["organ_classes"],
-                            text_dim=text["dim"] if text else None, dim=settings["query_dim"],
-                            max_layers=settings["max_kmmm_layers"], kmeans=settings["kmeans"],
-                            backbone=settings.get("backbone", "unet"), legacy_anomaly=legacy, **kwargs)
+                            text_dim=text["dim"] if options.text_alignment else None, dim=options.query_dim,
+                            max_layers=options.max_kmmm_layers, kmeans=options.kmeans, backbone=options.backbone,
+                            legacy_anomaly=legacy, **kwargs)
         if settings["stage"] == 1:
             return stage1
-        return DSMStage2Network(stage1, settings["tumour_classes"], kwargs["conv_op"], amvp=settings["amvp"],
-                                dqr=settings["dqr"], legacy_anomaly=legacy)
+        return DSMStage2Network(stage1, settings["tumour_classes"], kwargs["conv_op"], amvp=options.amvp,
+                                dqr=options.dqr, legacy_anomaly=legacy)
 
     def text_buffer(self) -> torch.Tensor:
         network = self._network()
@@ -169,15 +166,13 @@ class nnUNetTrainerDSMStage2(nnUNetTrainerDSM):
 
     stage = 2
     stage1_trainer = "nnUNetTrainerDSM"
-    amvp = True
-    dqr = True
     # the paper: "(2) Stage 2: We utilize the pretrained model from Stage 1, while setting the initial learning rate
     # to ." (both stages' values are lost in our copy; the reference code's train.py defaults to 1e-4 for either):
     # a tenth of stage 1's, our ratio, so fine-tuning with the tumour queries moves the organ queries less
     learning_rate = 1e-4  # nnUNetTrainerDSM.learning_rate / 10
 
     def stage_settings(self) -> dict:
-        return {"amvp": self.amvp, "dqr": self.dqr, "stage1_trainer": self.stage1_trainer}
+        return {"stage1_trainer": self.stage1_trainer}
 
     def find_stage1_weights(self, plans: dict, configuration: str, fold):
         results = os.environ.get("nnUNet_results")

@@ -1,48 +1,52 @@
 """DSM ablations (Table 5); each changes one thing. A stage-2 ablation starts from the matching stage-1 model."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from nnunet_diffusion.trainers.dsm.trainer import nnUNetTrainerDSM, nnUNetTrainerDSMStage2
 
 __all__ = ["nnUNetTrainerDSM_noKMMM", "nnUNetTrainerDSM_noText", "nnUNetTrainerDSMStage2_noKMMM",
            "nnUNetTrainerDSMStage2_noAMVP", "nnUNetTrainerDSMStage2_noDQR", "nnUNetTrainerDSMStage2_noText",
            "nnUNetTrainerDSM_swinUNETR", "nnUNetTrainerDSMStage2_swinUNETR"]
 
+_FULL = nnUNetTrainerDSM.options
+
 
 class nnUNetTrainerDSM_noKMMM(nnUNetTrainerDSM):
     """MaskFormer's spatial-softmax cross-attention instead of the k-means argmax, no SSM."""
-    kmeans = False
+    options = replace(_FULL, kmeans=False)
 
 
 class nnUNetTrainerDSM_noText(nnUNetTrainerDSM):
     """A linear class head instead of the alignment with the class prompts' text embeddings (eq. 20)."""
-    text_alignment = False
+    options = replace(_FULL, text_alignment=False)
 
 
 class nnUNetTrainerDSMStage2_noKMMM(nnUNetTrainerDSMStage2):
     stage1_trainer = "nnUNetTrainerDSM_noKMMM"
-    kmeans = False
+    options = replace(_FULL, kmeans=False)
 
 
 class nnUNetTrainerDSMStage2_noAMVP(nnUNetTrainerDSMStage2):
     """The anomaly score concatenated to the features instead of biasing the tumour queries' attention."""
-    amvp = False
+    options = replace(_FULL, amvp=False)
 
 
 class nnUNetTrainerDSMStage2_noDQR(nnUNetTrainerDSMStage2):
     """A projection layer fused with the coarser map instead of the diffusion-guided enhancement."""
-    dqr = False
+    options = replace(_FULL, dqr=False)
 
 
 class nnUNetTrainerDSMStage2_noText(nnUNetTrainerDSMStage2):
     stage1_trainer = "nnUNetTrainerDSM_noText"
-    text_alignment = False
+    options = replace(_FULL, text_alignment=False)
 
 
 class nnUNetTrainerDSM_swinUNETR(nnUNetTrainerDSM):
     """The paper's backbone: MONAI's SwinUNETR instead of the plans' U-Net (patch axes divisible by 32)."""
-    backbone = "swin_unetr"
+    options = replace(_FULL, backbone="swin_unetr")
 
 
 class nnUNetTrainerDSMStage2_swinUNETR(nnUNetTrainerDSMStage2):
     stage1_trainer = "nnUNetTrainerDSM_swinUNETR"
-    backbone = "swin_unetr"
+    options = replace(_FULL, backbone="swin_unetr")

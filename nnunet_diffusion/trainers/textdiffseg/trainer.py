@@ -17,11 +17,14 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunet_diffusion.architectures.textdiffseg.network import TextDiffSegDenoiser
+from nnunet_diffusion.architectures.textdiffseg.options import TextDiffSegOptions
 from nnunet_diffusion.architectures.textdiffseg.segmenter import LatentDiffusionSegmenter
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.trainers.common.diffusion_base import PLANS_KEY, nnUNetTrainerDiffusionBase
 from nnunet_diffusion.trainers.common.class_text import TEXT_KEY, ClassTextMixin
 from nnunet_diffusion.trainers.common.pretraining_phase import PretrainingPhaseMixin
+
+OPTIONS_KEY = "textdiffseg"  # the options' block inside plans.json's 'diffusion' block
 
 
 class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrainerDiffusionBase):
@@ -31,58 +34,35 @@ class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrai
     num_train_timesteps = 1000
     prediction = "eps"  # eq. 5
     default_sampler = SamplerSettings(kind="ddim", steps=10, num_samples=1, seed=0)  # the paper: DDIM, 10 steps
-    # k: the paper only says k << N. 4 channels code up to 2^4 = 16 classes by sign pattern per latent voxel
-    latent_channels = 4
-    # the latent grid skips the plans' first 2 downsamplings (4x per pooled axis): the paper gives no stride;
-    # LDSeg's 16x left a 40^3 patch 3 latent voxels wide, 4x keeps 10
-    latent_downsamplings = 2
-    image_branch = "encoder"        # 'downsample': Table II zeta_2
-    text_fusion = "attention"       # 'concat': Table II zeta_1
-    label_encoder = "learned"       # 'reduction': Table II zeta_3
-    text_source = "prompts"         # 'learned': class tokens instead of text (how much does text add?)
+    options = TextDiffSegOptions()  # the network, its loss terms, the label autoencoder's training: options.py
     text_dim_without_text = 64      # width of the learned class tokens of the no-text ablation
     # eq. 4 and 6: L = CE + gamma Dice + lambda eps-MSE. The paper gives no values: 1 and 1, nnU-Net's equal
     # weighting of CE and Dice, and the eps MSE (about 1 at the start) on the same scale as the segmentation loss
     dice_weight = 1.0
     eps_loss_weight = 1.0
-    # eq. 4's L1 on the labels decoded from the denoised latent z_dn ("q_t(z_t | y, X) ~ N(z_dn, sigma^2 I)"), plus
-    # the same loss on the decoded ground-truth latent: it trains the decoder on exact clean latents (where the
-    # sampler ends) and is, for x0 models, the encoder's only segmentation signal (z0 enters them only as input and
-    # MSE target; a label-blind latent would satisfy both). 'denoised': the paper's L1 alone; 'reconstruction':
-    # before z_dn was decoded in training. Variants: _noReconstructionLoss, _reconstructionLossOnly
-    segmentation_loss = "denoised+reconstruction"
-    # an eps model's z_dn: the clipped x0 estimate, what DDIM steps through and ends on, its gradient capped where
-    # SNR < 1 ('z_t_minus_eps': LDSeg's z_t - eps_hat, which under eq. 3's scaling estimates z0 at no t).
-    # segmenter.DENOISED_LATENTS
-    denoised_latent = "x0_estimate"
-    # 'joint' (eq. 6, end to end) or 'pretrained': the label autoencoder trains alone for the first
-    # ``label_autoencoder_pretrain_fraction`` of training, then is frozen. Chosen by measurement: docs/methods/textdiffseg.md
-    label_autoencoder_training = "joint"
+    # options.label_autoencoder_training = 'pretrained': the share of training the autoencoder trains alone
     label_autoencoder_pretrain_fraction = 0.2
 
     # ---- settings stored with the model ---------------------------------------------------------------------
 
     @classmethod
     def diffusion_settings(cls) -> dict:
-        return {**super().diffusion_settings(), "textdiffseg": {
-            "latent_channels": cls.latent_channels, "latent_downsamplings": cls.latent_downsamplings,
-            "image_branch": cls.image_branch, "text_fusion": cls.text_fusion, "label_encoder": cls.label_encoder,
-            "text_source": cls.text_source, "label_autoencoder_training": cls.label_autoencoder_training,
-            "segmentation_loss": cls.segmentation_loss, "denoised_latent": cls.denoised_latent}}
+        return {**super().diffusion_settings(), OPTIONS_KEY: cls.options.to_stored()}
 
     def dataset_settings(self, plans: dict, configuration: str, dataset_json: dict) -> dict:
         """The class prompts, the text model and the embeddings' size: checked and computed (or read from the cache
         beside the preprocessed data) now, before any folder is made."""
         num_classes = len([v for k, v in dataset_json["labels"].items() if k != "ignore"])
-        capacity = 2 ** self.latent_channels
+        capacity, needed = 2 ** self.options.latent_channels, max(1, (num_classes - 1).bit_length())
         if num_classes > capacity:
+            name = self.__class__.__name__
             raise ValueError(
-                f"{self.__class__.__name__}: {num_classes} classes are more than a {self.latent_channels}-channel "
-                f"label latent can separate (at most {capacity}: one sign pattern per class). Train a subclass with "
-                f"latent_channels = {max(1, (num_classes - 1).bit_length())}, e.g.\n"
-                f"    class {self.__class__.__name__}_k{(num_classes - 1).bit_length()}({self.__class__.__name__}):\n"
-                f"        latent_channels = {(num_classes - 1).bit_length()}")
-        if self.text_source != "prompts":
+                f"{name}: {num_classes} classes are more than a {self.options.latent_channels}-channel label latent "
+                f"can separate (at most {capacity}: one sign pattern per class). Train a subclass with "
+                f"latent_channels = {needed}, e.g.\n"
+                f"    class {name}_k{needed}({name}):\n"
+                f"        options = dataclasses.replace({name}.options, latent_channels={needed})")
+        if self.options.text_source != "prompts":
             return {TEXT_KEY: {"model": None, "dim": self.text_dim_without_text}}
         return {TEXT_KEY: self.compute_class_text(plans, dataset_json)}
 
@@ -94,22 +74,20 @@ class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrai
         if TEXT_KEY not in stored:
             raise ValueError(f"{cls.__name__}: plans.json has no '{PLANS_KEY}.{TEXT_KEY}' entry: this model folder "
                              f"was not trained by {cls.__name__} (or its plans.json was replaced).")
-        options = stored["textdiffseg"]
+        options = TextDiffSegOptions.from_stored(stored[OPTIONS_KEY])
         return TextDiffSegDenoiser(num_input_channels, num_classes, **cls.plans_unet_kwargs(configuration_manager),
-                                   text_dim=stored[TEXT_KEY]["dim"], latent_channels=options["latent_channels"],
-                                   latent_downsamplings=options["latent_downsamplings"],
-                                   image_branch=options["image_branch"], text_fusion=options["text_fusion"],
-                                   label_encoder=options["label_encoder"], text_source=options["text_source"],
-                                   freeze_label_autoencoder=options["label_autoencoder_training"] == "pretrained",
+                                   text_dim=stored[TEXT_KEY]["dim"], latent_channels=options.latent_channels,
+                                   latent_downsamplings=options.latent_downsamplings,
+                                   image_branch=options.image_branch, text_fusion=options.text_fusion,
+                                   label_encoder=options.label_encoder, text_source=options.text_source,
+                                   freeze_label_autoencoder=options.label_autoencoder_training == "pretrained",
                                    patch_size=configuration_manager.patch_size)
 
     @classmethod
     def build_segmenter(cls, denoiser, schedule, sampler, stored: dict) -> nn.Module:
-        # a plans.json written before these settings existed: the loss that model trained with (reconstruction only)
-        options = stored.get("textdiffseg", {})
+        options = TextDiffSegOptions.from_stored(stored.get(OPTIONS_KEY, {}))
         return LatentDiffusionSegmenter(denoiser, schedule, sampler, stored["prediction"], cls.eps_loss_weight,
-                                        options.get("segmentation_loss", "reconstruction"),
-                                        options.get("denoised_latent", "x0_estimate"))
+                                        options.segmentation_loss, options.denoised_latent)
 
 
     def text_buffer(self) -> torch.Tensor:
@@ -132,7 +110,7 @@ class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrai
         return self._network().denoiser.label_autoencoder
 
     def pretraining(self) -> bool:
-        return (self.label_autoencoder_training == "pretrained"
+        return (self.options.label_autoencoder_training == "pretrained"
                 and self.training_progress() < self.label_autoencoder_pretrain_fraction)
 
     def training_loss(self, batch: dict):

@@ -1,6 +1,8 @@
 """TextDiffSeg ablations (Table II) and choices measured against the full model; each changes one thing."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from nnunet_diffusion.trainers.textdiffseg.trainer import nnUNetTrainerTextDiffSeg
 
 __all__ = ["nnUNetTrainerTextDiffSeg_concatFusion", "nnUNetTrainerTextDiffSeg_downsampleImage",
@@ -9,30 +11,33 @@ __all__ = ["nnUNetTrainerTextDiffSeg_concatFusion", "nnUNetTrainerTextDiffSeg_do
            "nnUNetTrainerTextDiffSeg_noReconstructionLoss", "nnUNetTrainerTextDiffSeg_reconstructionLossOnly"]
 
 
+_FULL = nnUNetTrainerTextDiffSeg.options
+
+
 class nnUNetTrainerTextDiffSeg_concatFusion(nnUNetTrainerTextDiffSeg):
     """zeta_1: the class embeddings concatenated to the image features instead of the cross-attention of eq. 2."""
-    text_fusion = "concat"
+    options = replace(_FULL, text_fusion="concat")
 
 
 class nnUNetTrainerTextDiffSeg_downsampleImage(nnUNetTrainerTextDiffSeg):
     """zeta_2: average pooling to the latent grid instead of the image encoder."""
-    image_branch = "downsample"
+    options = replace(_FULL, image_branch="downsample")
 
 
 class nnUNetTrainerTextDiffSeg_reduceLabels(nnUNetTrainerTextDiffSeg):
     """zeta_3: a fixed pooling + projection instead of the learned label encoder (the decoder still learns)."""
-    label_encoder = "reduction"
+    options = replace(_FULL, label_encoder="reduction")
 
 
 class nnUNetTrainerTextDiffSeg_noText(nnUNetTrainerTextDiffSeg):
     """Learned class tokens in place of the prompts' embeddings: what the text itself adds."""
-    text_source = "learned"
+    options = replace(_FULL, text_source="learned")
 
 
 class nnUNetTrainerTextDiffSeg_pretrainedLabelAE(nnUNetTrainerTextDiffSeg):
     """The label autoencoder trained alone for the first 20% of training, then frozen (instead of eq. 6's joint
     training)."""
-    label_autoencoder_training = "pretrained"
+    options = replace(_FULL, label_autoencoder_training="pretrained")
 
 
 class nnUNetTrainerTextDiffSeg_x0(nnUNetTrainerTextDiffSeg):
@@ -44,11 +49,11 @@ class nnUNetTrainerTextDiffSeg_x0(nnUNetTrainerTextDiffSeg):
 class nnUNetTrainerTextDiffSeg_noReconstructionLoss(nnUNetTrainerTextDiffSeg):
     """Eq. 4's L1 on the decoded denoised latent only (the paper's loss as written), without the added
     reconstruction term on the decoded ground-truth latent."""
-    segmentation_loss = "denoised"
+    options = replace(_FULL, segmentation_loss="denoised")
 
 
 class nnUNetTrainerTextDiffSeg_reconstructionLossOnly(nnUNetTrainerTextDiffSeg):
     """L1 on the decoded ground-truth latent only (this trainer before the denoised term): the segmentation loss
     never reaches the denoiser, only the MSE of eq. 5 does."""
-    segmentation_loss = "reconstruction"
+    options = replace(_FULL, segmentation_loss="reconstruction")
 

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
 
 from nnunet_diffusion.architectures.segmenter import TrainingPass
-from nnunet_diffusion.architectures.unisegdiff.dnet import HEADS, UniSegDiffDenoiser
+from nnunet_diffusion.architectures.unisegdiff.dnet import UniSegDiffDenoiser
+from nnunet_diffusion.architectures.unisegdiff.options import UniSegDiffOptions
 from nnunet_diffusion.architectures.unisegdiff.segmenter import StagedDiffusionSegmenter
 from nnunet_diffusion.diffusion.masks import x0_from_logits
 from nnunet_diffusion.diffusion.samplers import STAGED, SamplerSettings
-from nnunet_diffusion.diffusion.staged import StagedTargets
 from nnunet_diffusion.settings import read as read_setting
 from nnunet_diffusion.trainers.common.diffusion_base import nnUNetTrainerDiffusionBase
 from nnunet_diffusion.trainers.common.pretraining_phase import PretrainingPhaseMixin
@@ -43,15 +42,7 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
     noise_schedule = "linear"
     num_train_timesteps = 1000
     prediction = "x0"  # the uniform ablations' head; the staged model trains both heads
-    staged: Optional[StagedTargets] = StagedTargets()  # None: uniform training of the one head in ``heads``
-    heads = HEADS
-    # the head of the staged sampler's last jump, X_299 -> mask. Sec. 2.2 says the noise prediction branch ('eps',
-    # nnUNetTrainerUniSegDiff_epsLastJump); measured at equal time on the example (benchmarks/results_cpu_methods.md)
-    # the x0 head reached held-out Dice 0.80 against 0.29, so it is the default. Stored as 'last_jump_head'
-    # (models from before the setting: 'eps').
-    last_jump_head = "x0"
-    use_dca = True
-    condition_network = "pretrained"  # or 'joint': an encoder trained with DNet (the ablation without pre-training)
+    options = UniSegDiffOptions()  # staged targets, heads, DCA, condition network, last jump: options.py
     condition_trainer = "nnUNetTrainer"  # whose checkpoint in nnUNet_results is the pre-trained CFENet
     # share of training spent pre-training CFENet when no stock checkpoint exists: our choice (the paper pre-trains
     # it separately); 0.3 gave CFENet time to segment while leaving most of the run to DNet
@@ -65,31 +56,24 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
 
     @classmethod
     def diffusion_settings(cls) -> dict:
-        staged = (None if cls.staged is None else
-                  {"upper": cls.staged.upper, "lower": cls.staged.lower, "ratios": [list(r) for r in cls.staged.ratios]})
-        return {**super().diffusion_settings(), "staged": staged, "heads": list(cls.heads), "dca": cls.use_dca,
-                "condition_network": cls.condition_network, "last_jump_head": cls.last_jump_head}
-
-    @staticmethod
-    def staged_targets(stored: dict) -> StagedTargets:
-        staged = stored["staged"]
-        return StagedTargets(staged["upper"], staged["lower"], tuple(tuple(r) for r in staged["ratios"]))
+        return {**super().diffusion_settings(), **cls.options.to_stored()}
 
     # ---- network --------------------------------------------------------------------------------------------
 
     @classmethod
     def build_denoiser(cls, configuration_manager, num_input_channels: int, num_classes: int,
                        stored: dict) -> nn.Module:
+        options = UniSegDiffOptions.from_stored(stored)
         return UniSegDiffDenoiser(num_input_channels, num_classes, **cls.plans_unet_kwargs(configuration_manager),
-                                  heads=tuple(stored["heads"]), condition=stored["condition_network"],
-                                  use_dca=stored["dca"], patch_size=configuration_manager.patch_size)
+                                  heads=options.heads, condition=options.condition_network, use_dca=options.dca,
+                                  patch_size=configuration_manager.patch_size)
 
     @classmethod
     def build_segmenter(cls, denoiser, schedule, sampler, stored: dict) -> nn.Module:
-        if stored.get("staged") is None:
+        options = UniSegDiffOptions.from_stored(stored)
+        if options.staged is None:
             return super().build_segmenter(denoiser, schedule, sampler, stored)
-        return StagedDiffusionSegmenter(denoiser, schedule, sampler, cls.staged_targets(stored),
-                                        stored.get("last_jump_head", "eps"))
+        return StagedDiffusionSegmenter(denoiser, schedule, sampler, options.staged, options.last_jump_head)
 
     # ---- where the condition network comes from -------------------------------------------------------------
 
@@ -103,7 +87,7 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
             self.condition_source
 
     def _find_condition_checkpoint(self, plans: dict, configuration: str, fold):
-        if self.condition_network != "pretrained":
+        if self.options.condition_network != "pretrained":
             return None, None
         results = os.environ.get("nnUNet_results")  # read now (nnunetv2.paths reads it once, at import)
         explicit = read_setting(ENV_CONDITION_CHECKPOINT) or ""
@@ -124,7 +108,7 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
         return path, weights
 
     def _describe_condition_source(self) -> str:
-        if self.condition_network == "joint":
+        if self.options.condition_network == "joint":
             return "an encoder trained jointly with DNet (no pre-training)"
         if self.condition_checkpoint is not None:
             return f"stock nnU-Net checkpoint {self.condition_checkpoint}, frozen"
@@ -153,7 +137,7 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
 
     def pretraining(self) -> bool:
         """Whether this step pre-trains CFENet (no stock checkpoint, first share of training)."""
-        return (self.condition_network == "pretrained" and self.condition_checkpoint is None
+        return (self.options.condition_network == "pretrained" and self.condition_checkpoint is None
                 and self.training_progress() < self.condition_pretrain_fraction)
 
     # ---- one training draw ----------------------------------------------------------------------------------

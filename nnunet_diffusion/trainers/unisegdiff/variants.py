@@ -1,4 +1,6 @@
 """UniSegDiff ablations (Tables 4, 5 and 6 of the paper): each changes one thing of nnUNetTrainerUniSegDiff."""
+from dataclasses import replace
+
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.diffusion.staged import StagedTargets
 from nnunet_diffusion.trainers.unisegdiff.trainer import nnUNetTrainerUniSegDiff
@@ -12,16 +14,19 @@ __all__ = ["nnUNetTrainerUniSegDiff_uniformNoise", "nnUNetTrainerUniSegDiff_unif
 # the paper's 100 uniform DDIM steps do not respace T = 1000 evenly ((T - 1) % (K - 1) == 0); 112 is the nearest
 # step count that does
 UNIFORM_DDIM = SamplerSettings(kind="ddim", steps=112)
+_FULL = nnUNetTrainerUniSegDiff.options
 
 
 class nnUNetTrainerUniSegDiff_uniformNoise(nnUNetTrainerUniSegDiff):
     """Table 4 'Uniform, noise': one eps decoder, t uniform, DDIM sampling (112 steps)."""
-    staged, heads, prediction, default_sampler = None, ("eps",), "eps", UNIFORM_DDIM
+    options = replace(_FULL, staged=None, heads=("eps",))
+    prediction, default_sampler = "eps", UNIFORM_DDIM
 
 
 class nnUNetTrainerUniSegDiff_uniformMask(nnUNetTrainerUniSegDiff):
     """Table 4 'Uniform, mask': one x0 decoder (nnU-Net's Dice + CE), t uniform, DDIM sampling (112 steps)."""
-    staged, heads, prediction, default_sampler = None, ("x0",), "x0", UNIFORM_DDIM
+    options = replace(_FULL, staged=None, heads=("x0",))
+    prediction, default_sampler = "x0", UNIFORM_DDIM
 
 
 class nnUNetTrainerUniSegDiff_oneStep(nnUNetTrainerUniSegDiff_uniformMask):
@@ -31,12 +36,12 @@ class nnUNetTrainerUniSegDiff_oneStep(nnUNetTrainerUniSegDiff_uniformMask):
 
 class nnUNetTrainerUniSegDiff_noPretraining(nnUNetTrainerUniSegDiff):
     """Table 6 without 'Pre-Tra': the condition encoder is trained jointly with DNet, never frozen."""
-    condition_network = "joint"
+    options = replace(_FULL, condition_network="joint")
 
 
 class nnUNetTrainerUniSegDiff_noDCA(nnUNetTrainerUniSegDiff):
     """Table 6 without 'DCA': condition features added to DNet's at every stage (Diff-UNet's fusion)."""
-    use_dca = False
+    options = replace(_FULL, dca=False)
 
 
 class nnUNetTrainerUniSegDiff_noFusion(nnUNetTrainerUniSegDiff):
@@ -46,22 +51,22 @@ class nnUNetTrainerUniSegDiff_noFusion(nnUNetTrainerUniSegDiff):
 
 class nnUNetTrainerUniSegDiff_baseline(nnUNetTrainerUniSegDiff_uniformMask):
     """Table 6's first row: uniform x0 training, no pre-training, no DCA, no fusion."""
-    condition_network, use_dca = "joint", False
+    options = replace(nnUNetTrainerUniSegDiff_uniformMask.options, condition_network="joint", dca=False)
 
 
 class nnUNetTrainerUniSegDiff_low200(nnUNetTrainerUniSegDiff):
     """Table 5: low threshold 200 (t <= 199 is the refinement stage)."""
-    staged = StagedTargets(upper=599, lower=199)
+    options = replace(_FULL, staged=StagedTargets(upper=599, lower=199))
 
 
 class nnUNetTrainerUniSegDiff_low400(nnUNetTrainerUniSegDiff):
     """Table 5: low threshold 400 (t <= 399 is the refinement stage)."""
-    staged = StagedTargets(upper=599, lower=399)
+    options = replace(_FULL, staged=StagedTargets(upper=599, lower=399))
 
 
 class nnUNetTrainerUniSegDiff_high700(nnUNetTrainerUniSegDiff):
     """Table 5: high threshold 700 (t > 699 is the rapid stage)."""
-    staged = StagedTargets(upper=699, lower=299)
+    options = replace(_FULL, staged=StagedTargets(upper=699, lower=299))
 
 
 class nnUNetTrainerUniSegDiff_noCheckpointing(nnUNetTrainerUniSegDiff):
@@ -73,4 +78,4 @@ class nnUNetTrainerUniSegDiff_epsLastJump(nnUNetTrainerUniSegDiff):
     """Staged inference whose last jump (X_299 -> mask, 10 draws per branch) goes through the eps head, as Sec. 2.2
     says ("sampled ten times by the noise prediction branch"), instead of the default's x0 head; training unchanged.
     Measured worse at equal time (docs/methods/unisegdiff.md)."""
-    last_jump_head = "eps"
+    options = replace(_FULL, last_jump_head="eps")

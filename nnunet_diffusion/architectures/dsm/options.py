@@ -1,0 +1,24 @@
+"""DSMOptions: what a DSM model is (stored in plans.json's 'dsm' block beside its classes and class text)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nnunet_diffusion.architectures.options import StoredOptions
+
+
+@dataclass(frozen=True)
+class DSMOptions(StoredOptions):
+    """The query decoder, the backbone and stage 2's two blocks; the paper's Table 5 ablations change one each."""
+    query_dim: int = 64           # the paper does not give the query width; 64 keeps the decoder light beside the U-Net
+    max_kmmm_layers: int = 4      # the paper: 4 kMMM layers (output strides 32 .. 4)
+    kmeans: bool = True           # False: MaskFormer's cross-attention, no SSM (Table 5, no kMMM)
+    text_alignment: bool = True   # False: a linear class head (Table 5, no CLIP)
+    backbone: str = "unet"        # 'swin_unetr': MONAI's SwinUNETR, the paper's (patch axes divisible by 32)
+    amvp: bool = True             # stage 2: the anomaly map biases the tumour queries' attention (False: concatenated)
+    dqr: bool = True              # stage 2: diffusion-guided query refinement (False: a projection layer)
+
+    @classmethod
+    def from_stored(cls, block: dict) -> "DSMOptions":
+        # a block from before 'text_alignment' was stored: a model without text alignment stored no class text
+        legacy = {} if "text_alignment" in block else {"text_alignment": block.get("text") is not None}
+        return super().from_stored({**block, **legacy})

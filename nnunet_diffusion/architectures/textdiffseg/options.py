@@ -1,0 +1,38 @@
+"""TextDiffSegOptions: what a TextDiffSeg model is (stored in plans.json as the 'textdiffseg' block)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nnunet_diffusion.architectures.options import StoredOptions
+
+
+@dataclass(frozen=True)
+class TextDiffSegOptions(StoredOptions):
+    """The network, its loss and how the label autoencoder trains; the paper's Table II ablations change one each."""
+    # k: the paper only says k << N. 4 channels code up to 2^4 = 16 classes by sign pattern per latent voxel
+    latent_channels: int = 4
+    # the latent grid skips the plans' first 2 downsamplings (4x per pooled axis): the paper gives no stride;
+    # LDSeg's 16x left a 40^3 patch 3 latent voxels wide, 4x keeps 10
+    latent_downsamplings: int = 2
+    image_branch: str = "encoder"     # 'downsample': Table II zeta_2
+    text_fusion: str = "attention"    # 'concat': Table II zeta_1
+    label_encoder: str = "learned"    # 'reduction': Table II zeta_3
+    text_source: str = "prompts"      # 'learned': class tokens instead of text (how much does text add?)
+    # 'joint' (eq. 6, end to end) or 'pretrained': the label autoencoder trains alone for the first part of
+    # training, then is frozen. Chosen by measurement: docs/methods/textdiffseg.md
+    label_autoencoder_training: str = "joint"
+    # eq. 4's L1 on the labels decoded from the denoised latent z_dn ("q_t(z_t | y, X) ~ N(z_dn, sigma^2 I)"), plus
+    # the same loss on the decoded ground-truth latent: it trains the decoder on exact clean latents (where the
+    # sampler ends) and is, for x0 models, the encoder's only segmentation signal (z0 enters them only as input and
+    # MSE target; a label-blind latent would satisfy both). 'denoised': the paper's L1 alone; 'reconstruction':
+    # before z_dn was decoded in training. Variants: _noReconstructionLoss, _reconstructionLossOnly
+    segmentation_loss: str = "denoised+reconstruction"
+    # an eps model's z_dn: the clipped x0 estimate, what DDIM steps through and ends on, its gradient capped where
+    # SNR < 1 ('z_t_minus_eps': LDSeg's z_t - eps_hat, which under eq. 3's scaling estimates z0 at no t).
+    # segmenter.DENOISED_LATENTS
+    denoised_latent: str = "x0_estimate"
+
+    @classmethod
+    def legacy_values(cls) -> dict:
+        # a plans.json from before the denoised term: the loss that model trained with (reconstruction only)
+        return {"segmentation_loss": "reconstruction"}
