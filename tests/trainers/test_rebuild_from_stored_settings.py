@@ -8,6 +8,7 @@ import pytest
 from conftest import TEXT_DIM, make_configuration
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
+from nnunet_diffusion.architectures.cross_timestep.network import CrossTimestepOptions
 from nnunet_diffusion.architectures.dsm.options import DSMOptions
 from nnunet_diffusion.architectures.options import StoredOptions
 from nnunet_diffusion.architectures.textdiffseg.options import TextDiffSegOptions
@@ -94,6 +95,9 @@ def test_a_block_from_before_a_setting_existed_rebuilds_what_that_model_was_trai
     assert usd == UniSegDiffOptions(staged=StagedTargets(699, 199), heads=("eps", "x0"), dca=False,
                                     condition_network="joint", last_jump_head="eps")
     assert UniSegDiffOptions.from_stored({**UniSegDiffOptions().to_stored(), "staged": None}).staged is None
+    ct = CrossTimestepOptions.from_stored({"apds": True})  # before the residual RA default and the identity start
+    assert (ct.ra, ct.identity_start) == ("reverse_attention", False)
+    assert (CrossTimestepOptions().ra, CrossTimestepOptions().identity_start) == ("residual_reverse_attention", True)
     # DSM before 'text_alignment' was stored: a model without class text had none
     assert DSMOptions.from_stored({"query_dim": 16, "text": None}) == DSMOptions(query_dim=16, text_alignment=False)
     assert DSMOptions.from_stored({"query_dim": 16, "text": {"dim": 8}}).text_alignment is True

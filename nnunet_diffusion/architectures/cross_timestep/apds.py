@@ -48,11 +48,12 @@ RA_KINDS = ("reverse_attention", "conv", "residual_reverse_attention")
 class PriorFusion(nn.Module):
     """F_fused = (1 - w_t) * RA(F, F_prior) + w_t * F_prior (eq. 2).
 
-    ra='reverse_attention' (default; the paper's RA block): RA = F * (1 - sigmoid(F_prior)), the main features
-    where the prior is not already confident. It has no parameters: the fusion has no weights at all.
+    ra='reverse_attention' (the RA block of the paper's OpenReview notes): RA = F * (1 - sigmoid(F_prior)), the main
+    features where the prior is not already confident (variant _reverseAttention). It has no parameters.
     ra='conv': one conv block on [F | F_prior] (this package's earlier RA; variant nnUNetTrainerCrossTimestep_convRA).
-    ra='residual_reverse_attention': F + F * (1 - sigmoid(F_prior)), PraNet's residual form: where the prior is
-    confident the main features pass unchanged instead of being suppressed (variant _residualRA).
+    ra='residual_reverse_attention' (CrossTimestepOptions' default): F + F * (1 - sigmoid(F_prior)), PraNet's
+    residual form: where the prior is confident the main features pass unchanged instead of being suppressed, so at
+    low t (w_t ~ 0) the prior does not "overly interfere" with the main branch. No parameters either.
     """
 
     def __init__(self, channels: int, conv_op: Type[nn.Module], norm_op, norm_op_kwargs, nonlin, nonlin_kwargs,
@@ -83,8 +84,8 @@ class PriorFusion(nn.Module):
         if self.ra != "conv" and has_conv:
             return ("This checkpoint has weights for a conv RA block ('fusions.<stage>.refine.*'): it was trained "
                     "with the earlier Cross-Timestep fusion, which is now the variant "
-                    "nnUNetTrainerCrossTimestep_convRA; nnUNetTrainerCrossTimestep now uses the paper's "
-                    "parameter-free reverse attention F * (1 - sigmoid(F_prior)). To predict with (or continue) this "
+                    "nnUNetTrainerCrossTimestep_convRA; nnUNetTrainerCrossTimestep now uses the "
+                    "parameter-free reverse attention, F + F * (1 - sigmoid(F_prior)). To predict with (or continue) this "
                     "model, point its checkpoint at the variant: c = torch.load(path, weights_only=False); "
                     "c['trainer_name'] = 'nnUNetTrainerCrossTimestep_convRA'; torch.save(c, path), and rename the "
                     "model folder to nnUNetTrainerCrossTimestep_convRA__<plans>__<configuration> for -tr lookups. "

@@ -4,7 +4,7 @@ eps = D_{SC,APDS}(E_{SC,FFT}(x_t, t), X_c, t):
 - FFT-tLSTM filters the noisy mask x_t with the image's spectrum before the noise encoder;
 - an SC-tLSTM block follows every noise-encoder stage and every decoder stage;
 - APDS: a prior decoder on the image encoder gives 'APDS Out' and per-stage prior features, fused into every
-  decoder stage as (1 - w_t) RA + w_t F_prior (eq. 2; RA: reverse attention F * (1 - sigmoid(F_prior))) with the
+  decoder stage as (1 - w_t) RA + w_t F_prior (eq. 2; RA: reverse attention F * (1 - sigmoid(F_prior)) added to F) with the
   weight w_t of eq. 23.
 The image branch (encoder, prior decoder, condition spectrum) runs once per patch (``encode_image``); the
 recurrent state of every tLSTM lives in the returned :class:`CrossTimestepCondition`, so it is reset per patch
@@ -44,7 +44,13 @@ class CrossTimestepOptions(StoredOptions):
     ('diffusion' block, 'options')."""
     apds: bool = True
     apds_alpha: float = 0.8      # the paper gives no value; 0.8 keeps a fifth of the main branch at t = T
-    ra: str = "reverse_attention"  # APDS RA block: the paper's F * (1 - sigmoid(F_prior)), or 'conv' (a conv block)
+    # APDS RA block (apds.RA_KINDS). The paper wants the prior "to prevent ... overly interfering with the main model's
+    # predictions, especially during the later, low-noise stages", where eq. 23's w_t < 0.1 (t < 555) leaves the fused
+    # feature ~RA: the reverse attention of the OpenReview notes, F * (1 - sigmoid(F_prior)), scales every main
+    # feature down there (held-out Dice 0.46 against 0.70 for the residual form F + F * (1 - sigmoid(F_prior)) in
+    # one run, benchmarks/results_cpu_cross_timestep_fusion.md). The residual form is the default;
+    # 'reverse_attention': nnUNetTrainerCrossTimestep_reverseAttention; 'conv': a conv block (_convRA)
+    ra: str = "residual_reverse_attention"
     sc: bool = True
     fft: bool = True
     fft_gate: str = "log"        # FFT-tLSTM gate: 'log' (60 dB log-magnitude) or 'linear' (|F_c| / max): fft_tlstm.py
@@ -56,6 +62,11 @@ class CrossTimestepOptions(StoredOptions):
     # the paper gives no initialisation: True starts FFT-tLSTM and SC-tLSTM as the identity (zero output projection,
     # open attention maps), so the network starts as its plain U-Net; False: nnU-Net's He init for them too
     identity_start: bool = True
+
+    @classmethod
+    def legacy_values(cls) -> dict:
+        # what models stored before these defaults had: the reverse attention alone, nnU-Net's He init throughout
+        return {"ra": "reverse_attention", "identity_start": False}
 
 
 class CrossTimestepDenoiser(ImageConditionedDenoiser):

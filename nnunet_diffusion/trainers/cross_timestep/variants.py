@@ -16,7 +16,8 @@ __all__ = ["nnUNetTrainerCrossTimestep_noTLSTM", "nnUNetTrainerCrossTimestep_pla
            "nnUNetTrainerCrossTimestep_noAPDS", "nnUNetTrainerCrossTimestep_convRA",
            "nnUNetTrainerCrossTimestep_fullChainGradient", "nnUNetTrainerCrossTimestep_eps",
            "nnUNetTrainerCrossTimestep_burnIn", "nnUNetTrainerCrossTimestep_linearFFTGate",
-           "nnUNetTrainerCrossTimestep_heInit", "nnUNetTrainerCrossTimestep_residualRA"]
+           "nnUNetTrainerCrossTimestep_heInit", "nnUNetTrainerCrossTimestep_residualRA",
+           "nnUNetTrainerCrossTimestep_reverseAttention"]
 
 
 class nnUNetTrainerCrossTimestep_noTLSTM(nnUNetTrainerCrossTimestep):
@@ -98,7 +99,13 @@ class nnUNetTrainerCrossTimestep_heInit(nnUNetTrainerCrossTimestep):
     options = replace(_FULL, identity_start=False)
 
 
+class nnUNetTrainerCrossTimestep_reverseAttention(nnUNetTrainerCrossTimestep):
+    """APDS's RA block as the OpenReview notes write it, F * (1 - sigmoid(F_prior)), without the default's residual
+    F +: at low t, where eq. 23's w_t is small, it scales every main-decoder feature down (measured worse:
+    docs/methods/cross-timestep.md). The default before 2026-12-01; its models rebuild with it from plans.json."""
+    options = replace(_FULL, ra="reverse_attention")
+
+
 class nnUNetTrainerCrossTimestep_residualRA(nnUNetTrainerCrossTimestep):
-    """APDS's RA block in PraNet's residual form, F + F * (1 - sigmoid(F_prior)): at low t, where eq. 23's w_t is
-    small, the paper's reverse attention alone scales every main-decoder feature down."""
-    options = replace(_FULL, ra="residual_reverse_attention")
+    """The default since 2026-12-01 (APDS's RA in its residual form); the name stays for the benchmark rows and
+    models trained under it."""
