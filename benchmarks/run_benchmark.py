@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from nnunet_diffusion.cli import trainer_path
-from nnunet_diffusion.planning.example_dataset import build_example_dataset
+from nnunet_diffusion.planning.example_dataset import DEFAULT_RECIPE, RECIPES, build_example_dataset
 from nnunet_diffusion.planning.small_plans import write_small_plans
 
 STOCK = "nnUNetTrainerBudget"
@@ -148,7 +148,7 @@ def write_table(rows: list[dict], labels: dict, args, command: str, elapsed: flo
              f"{args.iterations_per_epoch} "
              f"iterations per epoch, {args.val_iterations} validation iterations per epoch, final validation "
              f"skipped), then prediction of the {args.num_test} held-out cases without mirroring and evaluation "
-             f"against their labels. Dataset: {args.num_train} training cases at {args.spacing} mm; mirroring (augmentation) "
+             f"against their labels. Dataset: {args.num_train} training cases at {args.spacing} mm (atlas {args.atlas}); mirroring (augmentation) "
              f"along axes {args.mirror_axes} only (NNUNET_DIFFUSION_MIRROR_AXES). "
              f"Whole run: {elapsed / 60:.0f} min. Ratios are against the stock trainer in this run.", "",
              "| trainer | iterations | mean Dice | " + " | ".join(names[k] for k in sorted(names, key=int)) +
@@ -185,6 +185,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dataset-id", type=int, default=503)
     parser.add_argument("--spacing", type=float, default=5.0)
+    parser.add_argument("--atlas", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
+                        help="the example's atlas (build-example --atlas): aal (Dataset503, 4 classes) or harvard_oxford "
+                             "(the second dataset, 6 classes with a small one; use it with --dataset-id 505 --spacing 4)")
     parser.add_argument("--configuration", default="2d")
     parser.add_argument("--mirror-axes", default="1", help="NNUNET_DIFFUSION_MIRROR_AXES (default: left-right of a "
                         "2d slice; the example's labels are symmetric only left-right)")
@@ -220,7 +223,11 @@ def main(argv=None):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
     existing = sorted(Path(env["nnUNet_raw"]).glob(f"Dataset{args.dataset_id:03d}_*"))
     raw = existing[0] if existing else Path(build_example_dataset(
-        env["nnUNet_raw"], args.dataset_id, "BrainAtlasBench", args.num_train, args.num_test, args.spacing, seed=0))
+        env["nnUNet_raw"], args.dataset_id, "BrainAtlasBench" if args.atlas == DEFAULT_RECIPE else "BrainAtlasHOBench",
+        args.num_train, args.num_test, args.spacing, seed=0, recipe=args.atlas))
+    built_with = json.loads((raw / "dataset.json").read_text()).get("generator", {}).get("recipe", DEFAULT_RECIPE)
+    if built_with != args.atlas:
+        parser.error(f"{raw} exists with another atlas than --atlas {args.atlas}: use another --dataset-id or --work")
     if not (Path(env["nnUNet_preprocessed"]) / raw.name / f"nnUNetPlans_{args.configuration}").is_dir():
         run_measured(["nnUNetv2_plan_and_preprocess", "-d", str(args.dataset_id), "-c", args.configuration, "-np", "2",
                       "--verify_dataset_integrity"], {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"})
