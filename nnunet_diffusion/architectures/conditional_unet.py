@@ -9,7 +9,7 @@ specific.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Type
+from typing import List
 
 import torch
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
@@ -59,6 +59,13 @@ def initialize_like_nnunet(module: nn.Module) -> nn.Module:
     return module.apply(InitWeights_He(1e-2))
 
 
+def plans_encoder(in_channels: int, **encoder_kwargs) -> PlainConvEncoder:
+    """The plans' encoder (PlainConvUNet's encoder arguments: n_stages, features_per_stage, conv_op, kernel_sizes,
+    strides, n_conv_per_stage, conv_bias, norm / dropout / nonlin ops and kwargs) on ``in_channels`` inputs,
+    returning every stage's output (the decoder's skips)."""
+    return PlainConvEncoder(in_channels, **encoder_kwargs, return_skips=True)
+
+
 class TimestepMLP(nn.Module):
     """(B,) timesteps -> (B, dim): sinusoidal embedding followed by a two-layer MLP."""
 
@@ -74,25 +81,18 @@ class TimestepMLP(nn.Module):
 class ImageConditionedDenoiser(nn.Module):
     """Denoiser f(x_t, t, image) -> (B, num_classes, *S): eps or class logits, as its user decides.
 
-    Args mirror dynamic_network_architectures' PlainConvUNet (so plans' arch_kwargs pass straight through),
-    plus ``image_channels`` (input modalities), ``num_classes`` (channels of x_t and of the output) and
-    ``time_embed_dim``.
+    Args: ``image_channels`` (input modalities), ``num_classes`` (channels of x_t and of the output),
+    ``n_conv_per_stage_decoder`` and ``time_embed_dim``; ``encoder_kwargs`` are dynamic_network_architectures'
+    PlainConvUNet's encoder arguments (``plans_encoder``), so the plans' arch_kwargs pass straight through.
     """
 
-    def __init__(self, image_channels: int, num_classes: int, n_stages: int, features_per_stage: Sequence[int],
-                 conv_op: Type[nn.Module], kernel_sizes, strides, n_conv_per_stage, n_conv_per_stage_decoder,
-                 conv_bias: bool = True, norm_op=None, norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None,
-                 nonlin=None, nonlin_kwargs=None, time_embed_dim: int = 128):
+    def __init__(self, image_channels: int, num_classes: int, n_conv_per_stage_decoder, time_embed_dim: int = 128,
+                 **encoder_kwargs):
         super().__init__()
-        encoder_kwargs = dict(n_stages=n_stages, features_per_stage=features_per_stage, conv_op=conv_op,
-                              kernel_sizes=kernel_sizes, strides=strides, n_conv_per_stage=n_conv_per_stage,
-                              conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs,
-                              dropout_op=dropout_op, dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin,
-                              nonlin_kwargs=nonlin_kwargs, return_skips=True)
         self.num_classes = num_classes
-        self.spatial_dims = convert_conv_op_to_dim(conv_op)
-        self.image_encoder = PlainConvEncoder(image_channels, **encoder_kwargs)
-        self.noise_encoder = PlainConvEncoder(num_classes, **encoder_kwargs)
+        self.spatial_dims = convert_conv_op_to_dim(encoder_kwargs["conv_op"])
+        self.image_encoder = plans_encoder(image_channels, **encoder_kwargs)
+        self.noise_encoder = plans_encoder(num_classes, **encoder_kwargs)
         self.time_mlp = TimestepMLP(time_embed_dim)
         self.time_projections = nn.ModuleList(nn.Linear(time_embed_dim, f) for f in self.noise_encoder.output_channels)
         self.decoder = keep_last_seg_layer(

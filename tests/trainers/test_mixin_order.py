@@ -40,6 +40,9 @@ def test_mixins_stand_in_the_order_the_guarantees_need(trainer):
     # the package base's abstract hooks are defined (its NotImplementedError is never what a trainer runs)
     for hook in ("model_settings", "training_loss", "validation_scores"):
         assert getattr(trainer, hook) is not getattr(nnUNetTrainerPackageBase, hook), hook
+    if issubclass(trainer, PretrainingPhaseMixin):
+        for hook in ("pretrained_part", "pretraining", "pretraining_loss"):
+            assert getattr(trainer, hook) is not getattr(PretrainingPhaseMixin, hook), hook
 
 
 @pytest.mark.parametrize("anchor", sorted(STOCK_ANCHORS, key=lambda c: c.__name__), ids=lambda c: c.__name__)

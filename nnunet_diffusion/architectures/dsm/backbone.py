@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 
-from nnunet_diffusion.architectures.conditional_unet import initialize_like_nnunet, keep_last_seg_layer
+from nnunet_diffusion.architectures.conditional_unet import initialize_like_nnunet, keep_last_seg_layer, plans_encoder
 
 
 class UNetPixelDecoder(nn.Module):
@@ -15,13 +14,9 @@ class UNetPixelDecoder(nn.Module):
     stage, coarse to fine; pixel embedding (B, dim, *S)). Arguments: the plans' PlainConvUNet arguments; the
     decoder's last 1x1 head (nnU-Net's segmentation layer) gives the ``dim``-channel pixel embedding."""
 
-    def __init__(self, image_channels: int, dim: int, n_stages: int, features_per_stage, conv_op, kernel_sizes,
-                 strides, n_conv_per_stage, n_conv_per_stage_decoder, conv_bias=True, norm_op=None,
-                 norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None, nonlin=None, nonlin_kwargs=None):
+    def __init__(self, image_channels: int, dim: int, n_conv_per_stage_decoder, **encoder_kwargs):
         super().__init__()
-        self.encoder = PlainConvEncoder(image_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
-                                        n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op,
-                                        dropout_op_kwargs, nonlin, nonlin_kwargs, return_skips=True)
+        self.encoder = plans_encoder(image_channels, **encoder_kwargs)
         self.decoder = keep_last_seg_layer(UNetDecoder(self.encoder, dim, n_conv_per_stage_decoder, False))
         initialize_like_nnunet(self)  # the plans' U-Net, initialised as stock nnU-Net's
         self.feature_channels = [self.encoder.output_channels[-1]] + \

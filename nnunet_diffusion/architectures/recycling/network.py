@@ -8,15 +8,13 @@ time embedding added at every encoder stage (as in ImageConditionedDenoiser).
 """
 from __future__ import annotations
 
-from typing import Sequence, Type
-
 import torch
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
-from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import nn
 
-from nnunet_diffusion.architectures.conditional_unet import TimestepMLP, initialize_like_nnunet, keep_last_seg_layer
+from nnunet_diffusion.architectures.conditional_unet import (TimestepMLP, initialize_like_nnunet, keep_last_seg_layer,
+                                                             plans_encoder)
 
 # key prefixes of the two-encoder network (ImageConditionedDenoiser) that nnUNetTrainerDiffSegRecycling built
 # before it followed the paper; see ConcatImageDenoiser._refuse_two_encoder_checkpoint
@@ -42,24 +40,16 @@ class ConcatImageDenoiser(nn.Module):
     is that of a stock PlainConvUNet with image_channels + num_classes inputs (one encoder, one decoder), less
     than the two-encoder ImageConditionedDenoiser during training.
 
-    Args mirror dynamic_network_architectures' PlainConvUNet (so plans' arch_kwargs pass straight through),
-    plus ``image_channels`` (input modalities), ``num_classes`` (channels of x_t and of the output) and
-    ``time_embed_dim``.
+    Args as ImageConditionedDenoiser's (the plans' PlainConvUNet arguments pass straight through).
     """
 
-    def __init__(self, image_channels: int, num_classes: int, n_stages: int, features_per_stage: Sequence[int],
-                 conv_op: Type[nn.Module], kernel_sizes, strides, n_conv_per_stage, n_conv_per_stage_decoder,
-                 conv_bias: bool = True, norm_op=None, norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None,
-                 nonlin=None, nonlin_kwargs=None, time_embed_dim: int = 128):
+    def __init__(self, image_channels: int, num_classes: int, n_conv_per_stage_decoder, time_embed_dim: int = 128,
+                 **encoder_kwargs):
         super().__init__()
         self.image_channels = image_channels
         self.num_classes = num_classes
-        self.spatial_dims = convert_conv_op_to_dim(conv_op)
-        self.encoder = PlainConvEncoder(image_channels + num_classes, n_stages, features_per_stage, conv_op,
-                                        kernel_sizes, strides, n_conv_per_stage, conv_bias=conv_bias,
-                                        norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,
-                                        dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin,
-                                        nonlin_kwargs=nonlin_kwargs, return_skips=True)
+        self.spatial_dims = convert_conv_op_to_dim(encoder_kwargs["conv_op"])
+        self.encoder = plans_encoder(image_channels + num_classes, **encoder_kwargs)
         self.time_mlp = TimestepMLP(time_embed_dim)
         self.time_projections = nn.ModuleList(nn.Linear(time_embed_dim, f) for f in self.encoder.output_channels)
         # UNetDecoder builds a seg head per stage but uses only the last without deep supervision; the unused ones

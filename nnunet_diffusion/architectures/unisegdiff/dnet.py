@@ -15,17 +15,17 @@ fusion) at the others and everywhere in the ablation without DCA. ``DCA_MAX_TOKE
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple, Type
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
-from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import nn
 
 from nnunet_diffusion.architectures.activation_checkpointing import maybe_checkpoint
-from nnunet_diffusion.architectures.conditional_unet import TimestepMLP, initialize_like_nnunet, keep_last_seg_layer
+from nnunet_diffusion.architectures.conditional_unet import (TimestepMLP, initialize_like_nnunet, keep_last_seg_layer,
+                                                             plans_encoder)
 from nnunet_diffusion.architectures.unisegdiff.dca import DualCrossAttention
 
 HEADS = ("eps", "x0")
@@ -51,7 +51,7 @@ def build_cfenet(image_channels: int, num_classes: int, condition: str, encoder_
     """'pretrained': nnU-Net's PlainConvUNet of the plans (loads a stock checkpoint strictly: the decoder heads that
     ``keep_last_seg_layer`` drops are discarded on load), frozen. 'joint': only an encoder, trained with DNet."""
     if condition == "joint":
-        return PlainConvEncoder(image_channels, **encoder_kwargs, return_skips=True)
+        return plans_encoder(image_channels, **encoder_kwargs)
     kwargs = {k: v for k, v in encoder_kwargs.items() if k != "n_conv_per_stage"}
     network = PlainConvUNet(image_channels, n_conv_per_stage=encoder_kwargs["n_conv_per_stage"],
                             num_classes=num_classes, n_conv_per_stage_decoder=n_conv_per_stage_decoder,
@@ -65,36 +65,31 @@ def build_cfenet(image_channels: int, num_classes: int, condition: str, encoder_
 class UniSegDiffDenoiser(nn.Module):
     """CFENet + DNet. ``encode_image`` (once per patch) -> CF_i; ``forward(x_t, t, CF)`` -> one tensor per head.
 
-    Args mirror PlainConvUNet (the plans' arch_kwargs pass through) plus: ``heads`` (('eps', 'x0') for the staged
+    Args: the plans' PlainConvUNet arguments (``encoder_kwargs`` as ``plans_encoder`` takes them, and
+    ``n_conv_per_stage_decoder``) plus: ``heads`` (('eps', 'x0') for the staged
     model, one of them for the uniform ablations; a single head returns a tensor, two a tuple), ``condition``
     ('pretrained' or 'joint'), ``use_dca``, ``patch_size`` (decides where DCA fits), ``max_tokens`` and
     ``checkpoint_activations`` (see ``decode``).
     """
 
-    def __init__(self, image_channels: int, num_classes: int, n_stages: int, features_per_stage: Sequence[int],
-                 conv_op: Type[nn.Module], kernel_sizes, strides, n_conv_per_stage, n_conv_per_stage_decoder,
-                 conv_bias: bool = True, norm_op=None, norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None,
-                 nonlin=None, nonlin_kwargs=None, heads: Tuple[str, ...] = HEADS, condition: str = "pretrained",
-                 use_dca: bool = True, patch_size: Sequence[int] = (), max_tokens: int = DCA_MAX_TOKENS,
-                 checkpoint_activations: bool = False, time_embed_dim: int = 128):
+    def __init__(self, image_channels: int, num_classes: int, n_conv_per_stage_decoder,
+                 heads: Tuple[str, ...] = HEADS, condition: str = "pretrained", use_dca: bool = True,
+                 patch_size: Sequence[int] = (), max_tokens: int = DCA_MAX_TOKENS,
+                 checkpoint_activations: bool = False, time_embed_dim: int = 128, **encoder_kwargs):
         super().__init__()
         if not heads or any(h not in HEADS for h in heads) or len(set(heads)) != len(heads):
             raise ValueError(f"heads must be distinct names out of {HEADS}, got {heads}")
         if condition not in CONDITIONS:
             raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
-        encoder_kwargs = dict(n_stages=n_stages, features_per_stage=features_per_stage, conv_op=conv_op,
-                              kernel_sizes=kernel_sizes, strides=strides, n_conv_per_stage=n_conv_per_stage,
-                              conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs,
-                              dropout_op=dropout_op, dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin,
-                              nonlin_kwargs=nonlin_kwargs)
         self.num_classes, self.heads, self.condition = num_classes, tuple(heads), condition
         self.checkpoint_activations = checkpoint_activations
-        self.spatial_dims = convert_conv_op_to_dim(conv_op)
+        self.spatial_dims = convert_conv_op_to_dim(encoder_kwargs["conv_op"])
         self.cfenet = build_cfenet(image_channels, num_classes, condition, encoder_kwargs, n_conv_per_stage_decoder)
-        self.noise_encoder = PlainConvEncoder(num_classes, **encoder_kwargs, return_skips=True)
+        self.noise_encoder = plans_encoder(num_classes, **encoder_kwargs)
         self.time_mlp = TimestepMLP(time_embed_dim)
         self.time_projections = nn.ModuleList(nn.Linear(time_embed_dim, f) for f in self.noise_encoder.output_channels)
-        voxels = stage_voxels(patch_size, strides) if patch_size else [math.inf] * n_stages
+        strides = encoder_kwargs["strides"]
+        voxels = stage_voxels(patch_size, strides) if patch_size else [math.inf] * len(strides)
         self.dca_stages = tuple(s for s, n in enumerate(voxels) if use_dca and n <= max_tokens)
         self.dca = nn.ModuleDict({str(s): DualCrossAttention(self.noise_encoder.output_channels[s],
                                                              max_tokens=max_tokens) for s in self.dca_stages})

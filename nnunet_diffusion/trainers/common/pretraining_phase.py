@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 
 class PretrainingPhaseMixin:
     """For nnUNetTrainer subclasses. Subclasses say what the part is (``pretrained_part``), whether this step
-    belongs to the phase (``pretraining``) and how a phase step computes its loss (their ``training_loss``)."""
+    belongs to the phase (``pretraining``) and how a phase step computes its loss (``pretraining_loss``)."""
 
     pretrained_part_name = "the pre-trained part"
     _pretraining_wrapper: Optional[nn.Module] = None
@@ -25,6 +26,19 @@ class PretrainingPhaseMixin:
 
     def pretraining(self) -> bool:
         raise NotImplementedError  # abstract: every trainer using the mixin defines it
+
+    def pretraining_loss(self, part: nn.Module, image: torch.Tensor, target: torch.Tensor):
+        """(loss, a pass whose ``x0_hat`` the per-epoch validation scores, target) of a phase step: ``part`` (the
+        pre-trained part, in its training wrapper) on image (B, C, *S) / target (B, 1, *S) labels."""
+        raise NotImplementedError  # abstract: every trainer using the mixin defines it
+
+    def training_loss(self, batch: dict):
+        """The phase's loss while ``pretraining()``, else the trainer's own."""
+        if not self.pretraining():
+            return super().training_loss(batch)
+        image, target = self._batch_on_device(batch)
+        part = self._part_for_pretraining() if torch.is_grad_enabled() else self.pretrained_part()
+        return self.pretraining_loss(part, image, target)
 
     def _part_for_pretraining(self) -> nn.Module:
         """The part with its parameters trainable, in its own DDP wrapper under DDP."""

@@ -113,11 +113,8 @@ class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrai
         return (self.options.label_autoencoder_training == "pretrained"
                 and self.training_progress() < self.label_autoencoder_pretrain_fraction)
 
-    def training_loss(self, batch: dict):
-        if not self.pretraining():
-            return super().training_loss(batch)
-        _, target = self._batch_on_device(batch)
-        autoencoder = self._part_for_pretraining() if torch.is_grad_enabled() else self.pretrained_part()
+    def pretraining_loss(self, autoencoder: nn.Module, image: torch.Tensor, target: torch.Tensor):
+        """The label autoencoder reconstructing the one-hot labels, with nnU-Net's Dice + CE."""
         onehot = torch.zeros((target.shape[0], self.label_manager.num_segmentation_heads, *target.shape[2:]),
                              device=self.device).scatter_(1, target.long(), 1)
         with self._autocast():

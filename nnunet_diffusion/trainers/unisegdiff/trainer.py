@@ -142,12 +142,9 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
 
     # ---- one training draw ----------------------------------------------------------------------------------
 
-    def training_loss(self, batch: dict):
-        if not self.pretraining():
-            return super().training_loss(batch)
-        image, target = self._batch_on_device(batch)
-        network = self._part_for_pretraining() if torch.is_grad_enabled() else self.pretrained_part()
+    def pretraining_loss(self, cfenet: nn.Module, image: torch.Tensor, target: torch.Tensor):
+        """CFENet segmenting the image as a stock nnU-Net would (Dice + CE)."""
         with self._autocast():
-            logits = network(image)
+            logits = cfenet(image)
             loss = self.loss(logits, target)
         return loss, TrainingPass(logits, None, x0_from_logits(logits)), target
