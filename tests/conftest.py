@@ -129,3 +129,27 @@ def nnunet(tmp_path_factory):
 
 def model_folder(nnunet, trainer, configuration):
     return Path(nnunet["env"]["nnUNet_results"]) / nnunet["raw"].name / f"{trainer}__nnUNetPlans__{configuration}"
+
+
+# Tests that take tens of seconds (trainings through the CLI, killed processes, float16 on CPU), slowest first:
+# collected first, so that with the test command's two workers (--dist load, 2 tests at a time from the front) the
+# long tests run while the other worker works through short ones, and the suite does not end on one long test.
+SLOW_FIRST = (
+    "architectures/test_half_precision.py::test_float16_on_a_patch_with_more_voxels_than_float16_can_count",
+    "test_end_to_end.py::test_textdiffseg",
+    "test_end_to_end.py::test_dsm",
+    "test_end_to_end.py::test_unisegdiff",
+    "test_end_to_end.py::test_cross_timestep_trainer",
+    "test_end_to_end.py",
+    "faults/test_kill_and_resume.py",
+    "test_ddp.py",
+    "faults/",
+    "test_legacy_model.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        path = item.nodeid.split("tests/", 1)[-1]
+        return next((i for i, prefix in enumerate(SLOW_FIRST) if path.startswith(prefix)), len(SLOW_FIRST))
+    items.sort(key=rank)  # stable: pytest's order within each group

@@ -44,11 +44,11 @@ TOLERANCES = {torch.float16: dict(output=5e-3, loss=1e-3, grad=5e-2, probabiliti
 
 
 
-def build(trainer_cls, configuration_manager, dim: int, patch=None):
+def build(trainer_cls, configuration_manager, dim: int, patch=None, features=(4, 8)):
     """patch: the planned patch (UniSegDiff places its attention by it; the others ignore it)."""
     torch.manual_seed(0)
-    net = trainer_cls.build_network_architecture(None, configuration_manager(dim, features=(4, 8), patch=patch), 1, C,
-                                                 False)
+    net = trainer_cls.build_network_architecture(None, configuration_manager(dim, features=features, patch=patch), 1,
+                                                 C, False)
     with torch.no_grad():  # zero-initialised output layers (MONAI's DiffusionModelUNet) would make every output 0
         for p in net.parameters():
             if p.ndim > 1 and not p.any():
@@ -152,7 +152,10 @@ def test_float16_on_a_patch_with_more_voxels_than_float16_can_count(trainer_cls,
     SC-tLSTM and APDS, UniSegDiff with DCA and its staged sampler, TextDiffSeg's latent with its attention and
     normalisation); bfloat16 has float32's range, so only
     float16 can overflow."""
-    net = build(trainer_cls, configuration_manager, dim=2, patch=[288, 288])
+    # TextDiffSeg's latent skips the plans' first two downsamplings: with three stages its latent grid is 72 x 72
+    # (its attention 16x cheaper than at two stages' 144 x 144), while its label autoencoder still sums over 288 x 288
+    features = (4, 8, 16) if trainer_cls is nnUNetTrainerTextDiffSeg else (4, 8)
+    net = build(trainer_cls, configuration_manager, dim=2, patch=[288, 288], features=features)
     image, labels = torch.randn(1, 1, 288, 288), mostly_background((288, 288))
     check_close_to_float32(net, image, labels, [torch.float16], 3.0 if trainer_cls.staged_sampler() else 1.0)
     half, full = (denoise_clean_mask(net, image, labels, dtype) for dtype in (torch.float16, torch.float32))
