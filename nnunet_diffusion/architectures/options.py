@@ -28,7 +28,7 @@ class StoredOptions:
     def from_stored(cls, block: dict):
         """The options a stored block describes; keys of other settings in ``block`` are ignored (the block's keys
         and types are checked where it is read: data_checks.check_stored_settings)."""
-        names = {f.name: f for f in fields(cls)}
+        names = {f.name for f in fields(cls)}
         values = {**{k: v for k, v in cls.legacy_values().items() if k not in block},
                   **{k: v for k, v in block.items() if k in names}}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
