@@ -1,6 +1,7 @@
 """Shared test helpers: tiny nnU-Net configurations built like nnU-Net's planner writes them."""
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,12 @@ SHORT_RUN = {"NNUNET_DIFFUSION_EPOCHS": "1", "NNUNET_DIFFUSION_ITERATIONS": "2",
 
 
 def run(cmd, env, check=True):
+    began = time.monotonic()
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if os.environ.get("NNUNET_DIFFUSION_TEST_PROCESS_LOG"):  # where the suite's time goes: one line per process
+        with open(os.environ["NNUNET_DIFFUSION_TEST_PROCESS_LOG"], "a") as log:
+            log.write(f"{time.monotonic() - began:.1f}\t{os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]}"
+                      f"\t{' '.join(cmd[:2])}\n")
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-4000:]}")

@@ -14,6 +14,7 @@ from nnunet_diffusion.architectures.options import StoredOptions
 from nnunet_diffusion.architectures.textdiffseg.options import TextDiffSegOptions
 from nnunet_diffusion.architectures.unisegdiff.options import UniSegDiffOptions
 from nnunet_diffusion.diffusion.staged import StagedTargets
+from nnunet_diffusion.trainers.cross_timestep import variants as variants_cross_timestep
 from nnunet_diffusion.trainers.cross_timestep.trainer import nnUNetTrainerCrossTimestep
 from nnunet_diffusion.trainers.dsm.trainer import nnUNetTrainerDSM
 from nnunet_diffusion.trainers.recycling.trainer import nnUNetTrainerDiffSegRecycling
@@ -70,6 +71,23 @@ def test_editing_the_class_after_training_does_not_change_what_a_stored_model_re
     edited_block = dict(dsm_block, **edits["options"].to_stored()) if dsm_block is not None else None
     fresh = trainer_cls.build_network_architecture(None, configuration(trainer_cls, edited_block), 1, C, False)
     assert architecture(fresh) != before
+
+
+@pytest.mark.parametrize("variant", variants_cross_timestep.__all__)
+def test_every_cross_timestep_ablation_rebuilds_its_own_network_from_its_stored_block(variant):
+    """What nnUNetv2_predict does with an ablation's model (its class by name, build_network_architecture from the
+    block its training stored) gives the ablation's network; the stored block alone decides it (the base class
+    rebuilds the same). One CLI run (test_end_to_end) covers the path; this covers every ablation's options."""
+    cls = getattr(variants_cross_timestep, variant)
+    stored = configuration(cls)
+    network = cls.build_network_architecture(None, stored, 1, C, False)
+    assert network.denoiser.options == cls.options and network.prediction == cls.prediction
+    assert architecture(nnUNetTrainerCrossTimestep.build_network_architecture(None, stored, 1, C, False)) == \
+        architecture(network)
+    if cls.options != nnUNetTrainerCrossTimestep.options:
+        default = nnUNetTrainerCrossTimestep.build_network_architecture(
+            None, configuration(nnUNetTrainerCrossTimestep), 1, C, False)
+        assert default.denoiser.options != network.denoiser.options
 
 
 def every_trainer_with_options():
