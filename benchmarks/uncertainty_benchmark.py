@@ -64,6 +64,17 @@ def is_stock(trainer: str) -> bool:
     return trainer.startswith(STOCK_PREFIX)
 
 
+def parse_trainer_samples(specs: list[str]) -> dict:
+    """['T=4,20', 'U=none'] -> {'T': [4, 20], 'U': [None]} (None: no --samples, the trainer has no sampler)."""
+    out = {}
+    for spec in specs:
+        trainer, _, values = spec.partition("=")
+        if not trainer or not values:
+            raise SystemExit(f"--trainer-samples {spec!r}: write TRAINER=N,M or TRAINER=none")
+        out[trainer] = [None] if values == "none" else [int(v) for v in values.split(",")]
+    return out
+
+
 # ---- inputs --------------------------------------------------------------------------------------------------
 
 def dataset_folder(raw: Path, dataset: str) -> Path:
@@ -327,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--trainers", nargs="+", default=DEFAULT_TRAINERS)
     add("--samples", nargs="+", type=int, default=[1, 4], help="samples per window for the diffusion trainers "
         "(stock trainers run once)")
+    add("--trainer-samples", nargs="+", default=[], metavar="TRAINER=N,M|none",
+        help="per trainer, other samples than --samples: e.g. nnUNetTrainerUniSegDiff=4,20 (its staged sampler takes "
+             "an even number; the paper's is 20) or nnUNetTrainerDSMStage2=none (no sampler: run once, as the "
+             "stock trainers)")
     add("--cases", type=int, default=None, help="only the first N held-out cases (default: all)")
     add("--out", default="benchmarks/uncertainty_cpu.md", help="markdown table; .json and .png beside it")
     add("--work", default="/tmp/uncertainty_work", help="folder for the inputs and predictions")
@@ -370,8 +385,9 @@ def main(argv=None) -> int:
     env.setdefault("nnUNet_def_n_proc", "1")
     rows, failed = [], {}
     started = time.perf_counter()
+    per_trainer = parse_trainer_samples(args.trainer_samples)
     for trainer in args.trainers:
-        runs = [None] if is_stock(trainer) else list(dict.fromkeys(args.samples))
+        runs = [None] if is_stock(trainer) else per_trainer.get(trainer, list(dict.fromkeys(args.samples)))
         for samples in runs:
             name = f"{trainer} samples {samples or 1}"
             out = work / f"{trainer}__{args.plans}__{args.configuration}" / f"samples_{samples or 1}"

@@ -98,6 +98,9 @@ DATASET_ID = 990
 SHORT_RUN = {"NNUNET_DIFFUSION_EPOCHS": "1", "NNUNET_DIFFUSION_ITERATIONS": "2",
              "NNUNET_DIFFUSION_VAL_ITERATIONS": "1", "NNUNET_DIFFUSION_STEPS": "2",
              "NNUNET_DIFFUSION_CHAIN_STEPS": "2",  # Cross-Timestep trains (and must then sample) on a 2-step chain
+             # mirroring along one axis: the final validations and predictions mirror (2 copies per window) at a
+             # quarter of the 3d cost of every axis (8 copies); every axis: tests/inference/test_predictor.py
+             "NNUNET_DIFFUSION_MIRROR_AXES": "0",
              "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "0"}
 
 
@@ -138,8 +141,9 @@ def model_folder(nnunet, trainer, configuration):
 
 
 # Tests that take tens of seconds (trainings through the CLI, killed processes, float16 on CPU), slowest first:
-# collected first, so that with the test command's two workers (--dist load, 2 tests at a time from the front) the
-# long tests run while the other worker works through short ones, and the suite does not end on one long test.
+# collected first, so that with the test command's two workers (--dist loadgroup: tests handed out from the front,
+# a few at a time) the long tests run while the other worker works through short ones, and the suite does not end on
+# one long test.
 SLOW_FIRST = (
     "architectures/test_half_precision.py::test_float16_on_a_patch_with_more_voxels_than_float16_can_count",
     "test_end_to_end.py::test_textdiffseg",
@@ -147,6 +151,7 @@ SLOW_FIRST = (
     "test_end_to_end.py::test_unisegdiff",
     "test_end_to_end.py::test_cross_timestep_trainer",
     "test_end_to_end.py",
+    "test_presets.py",
     "faults/test_kill_and_resume.py",
     "test_ddp.py",
     "faults/",
@@ -154,8 +159,28 @@ SLOW_FIRST = (
 )
 
 
+# Tests that predict with a model another test trains (``ensure_trained`` in test_end_to_end.py) run on one worker,
+# the training test first, so that the model is trained once: the test command's ``--dist loadgroup`` keeps an
+# xdist_group on one worker, in the order below (SLOW_FIRST's). Without it each worker trained its own copy.
+SHARED_MODELS = {
+    "diffusion_3d": ("test_diffusion_trainer_3d_and_resume", "test_predict_command_mirroring_uncertainty_and_continue",
+                     "test_predict_command_refuses_an_untrained_sampler_before_writing"),
+    "stock_2d": ("test_unisegdiff_2d_uses_a_stock_checkpoint_and_refuses_a_bad_one",
+                 "test_predict_command_passes_the_stock_trainer_through"),
+    "cross_timestep_2d": ("test_cross_timestep_trainer_2d", "test_predict_command_2d_trainers[nnUNetTrainerCrossTimestep"),
+    "recycling_2d": ("test_recycling_trainer_2d", "test_predict_command_2d_trainers[nnUNetTrainerDiffSegRecycling"),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which names each test by its group
 def pytest_collection_modifyitems(config, items):
     def rank(item) -> int:
         path = item.nodeid.split("tests/", 1)[-1]
         return next((i for i, prefix in enumerate(SLOW_FIRST) if path.startswith(prefix)), len(SLOW_FIRST))
     items.sort(key=rank)  # stable: pytest's order within each group
+    for item in items:
+        if item.nodeid.split("tests/", 1)[-1].startswith("test_end_to_end.py::"):
+            name = item.nodeid.split("::", 1)[1]
+            group = next((g for g, tests in SHARED_MODELS.items() if any(name.startswith(t) for t in tests)), None)
+            if group is not None:
+                item.add_marker(pytest.mark.xdist_group(group))

@@ -167,8 +167,8 @@ def read(path):
 
 
 def test_predict_command_mirroring_uncertainty_and_continue(nnunet):
-    """3d Diffusion model (DDIM, deterministic) with mirroring on all 3 axes: our batched mirroring gives
-    nnUNetv2_predict's segmentation; the maps lie in the input's geometry; --continue_prediction predicts only the
+    """3d Diffusion model (DDIM, deterministic) with test-time mirroring (along the axis SHORT_RUN trains with;
+    every axis: tests/inference/test_predictor.py): our batched mirroring gives nnUNetv2_predict's segmentation; the maps lie in the input's geometry; --continue_prediction predicts only the
     incomplete case and, with the same seed, reproduces its segmentation."""
     trainer, env = "nnUNetTrainerDiffusion", nnunet["env"]
     ensure_trained(nnunet, trainer, "3d_fullres")

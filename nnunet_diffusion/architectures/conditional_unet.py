@@ -1,6 +1,6 @@
 """An image-conditioned, timestep-conditioned U-Net denoiser (Diff-UNet style), for 2D and 3D.
 
-Two encoders with the same layout (the nnU-Net plans' PlainConvEncoder): an *image encoder* that runs once
+Two encoders with the same layout (the nnU-Net plans' encoder, ``plans_encoder``): an *image encoder* that runs once
 per patch, and a *noise encoder* that sees the noisy mask x_t at every reverse step. The image features and a
 projection of the timestep embedding are added to the noise encoder's output at every resolution stage, and a
 UNetDecoder (its unused deep-supervision heads removed, ``keep_last_seg_layer``) maps the result back to one
@@ -13,12 +13,18 @@ from typing import List
 
 import torch
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+from dynamic_network_architectures.building_blocks.residual import BasicBlockD
+from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
-from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
 from torch import nn
 
 from nnunet_diffusion.diffusion.timesteps import timestep_embedding
+
+# the arch_kwargs key of nnU-Net's Residual Encoder plans (ResidualEncoderUNet, -pl nnUNetPlannerResEnc*) in place of
+# PlainConvUNet's n_conv_per_stage: residual blocks (BasicBlockD) per encoder stage
+RESIDUAL_BLOCKS = "n_blocks_per_stage"
 
 
 def keep_last_seg_layer(decoder: UNetDecoder) -> UNetDecoder:
@@ -53,17 +59,27 @@ def unet_decoder_stage(decoder: UNetDecoder, s: int, x: torch.Tensor, skip: torc
 
 
 def initialize_like_nnunet(module: nn.Module) -> nn.Module:
-    """nnU-Net's initialisation of its U-Nets (``PlainConvUNet.initialize``): He-normal convolutions with leaky-ReLU
-    slope 1e-2, zero biases; other layers keep PyTorch's default. Stock nnU-Net applies it when it builds a network;
-    without it ours were not trained like for like with the stock trainer. Returns ``module``."""
-    return module.apply(InitWeights_He(1e-2))
+    """nnU-Net's initialisation of its U-Nets (``PlainConvUNet.initialize``, ``ResidualEncoderUNet.initialize``):
+    He-normal convolutions with leaky-ReLU slope 1e-2, zero biases, and in residual blocks the last norm before the
+    addition at zero (each block starts as its shortcut); other layers keep PyTorch's default. Stock nnU-Net applies
+    it when it builds a network; without it ours were not trained like for like with the stock trainer."""
+    return module.apply(InitWeights_He(1e-2)).apply(init_last_bn_before_add_to_0)
 
 
-def plans_encoder(in_channels: int, **encoder_kwargs) -> PlainConvEncoder:
-    """The plans' encoder (PlainConvUNet's encoder arguments: n_stages, features_per_stage, conv_op, kernel_sizes,
-    strides, n_conv_per_stage, conv_bias, norm / dropout / nonlin ops and kwargs) on ``in_channels`` inputs,
-    returning every stage's output (the decoder's skips)."""
-    return PlainConvEncoder(in_channels, **encoder_kwargs, return_skips=True)
+def plans_encoder(in_channels: int, **encoder_kwargs) -> nn.Module:
+    """The plans' encoder on ``in_channels`` inputs, returning every stage's output (the decoder's skips).
+
+    ``encoder_kwargs``: the plans' arch_kwargs but the decoder's (n_stages, features_per_stage, conv_op, kernel_sizes,
+    strides, conv_bias, norm / dropout / nonlin ops and kwargs) with PlainConvUNet's ``n_conv_per_stage`` (a
+    PlainConvEncoder) or ResEnc's ``n_blocks_per_stage`` (nnU-Net's ResidualEncoder with BasicBlockD, as
+    ResidualEncoderUNet builds it). The residual encoder's stem (one conv block at full resolution) runs as the
+    start of stage 0, so that every stage-by-stage loop of our denoisers reads ``encoder.stages[s]`` alike."""
+    if RESIDUAL_BLOCKS not in encoder_kwargs:
+        return PlainConvEncoder(in_channels, **encoder_kwargs, return_skips=True)
+    encoder = ResidualEncoder(in_channels, **encoder_kwargs, block=BasicBlockD, return_skips=True)
+    encoder.stages[0] = nn.Sequential(encoder.stem, encoder.stages[0])
+    encoder.stem = None
+    return encoder
 
 
 class TimestepMLP(nn.Module):
@@ -83,7 +99,7 @@ class ImageConditionedDenoiser(nn.Module):
 
     Args: ``image_channels`` (input modalities), ``num_classes`` (channels of x_t and of the output),
     ``n_conv_per_stage_decoder`` and ``time_embed_dim``; ``encoder_kwargs`` are dynamic_network_architectures'
-    PlainConvUNet's encoder arguments (``plans_encoder``), so the plans' arch_kwargs pass straight through.
+    U-Net encoder arguments, plain or ResEnc (``plans_encoder``), so the plans' arch_kwargs pass straight through.
     """
 
     def __init__(self, image_channels: int, num_classes: int, n_conv_per_stage_decoder, time_embed_dim: int = 128,

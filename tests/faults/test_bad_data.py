@@ -75,15 +75,13 @@ def test_patch_the_strides_cannot_divide(trainer_cls, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("trainer_cls", TRAINERS)
-def test_residual_encoder_plans_are_refused_not_silently_built_plain(trainer_cls, tmp_path, monkeypatch):
-    """nnU-Net's ResEnc presets (network ResidualEncoderUNet, n_blocks_per_stage): every method builds plain conv
-    encoders, so it refuses at start instead of training another network than the plans ask for."""
-    resenc = make_configuration(3)
-    architecture = resenc["architecture"]
-    architecture["network_class_name"] = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
-    architecture["arch_kwargs"]["n_blocks_per_stage"] = architecture["arch_kwargs"].pop("n_conv_per_stage")
-    refused(trainer_cls, tmp_path, monkeypatch, r"asks for a ResidualEncoderUNet.*does not take residual blocks yet"
-            r".*-p nnUNetPlans", configurations={"3d_fullres": resenc})
+def test_a_network_class_our_encoders_cannot_build_is_refused(trainer_cls, tmp_path, monkeypatch):
+    """Plans of another network class than nnU-Net's two U-Nets: refused at start, not silently built as another
+    network than the plans ask for (ResEnc plans are built: tests/trainers/test_residual_encoder_plans.py)."""
+    other = make_configuration(3)
+    other["architecture"]["network_class_name"] = "dynamic_network_architectures.architectures.primus.Primus"
+    refused(trainer_cls, tmp_path, monkeypatch, r"asks for a Primus.*PlainConvUNet or ResidualEncoderUNet.*"
+            r"-p nnUNetResEncUNetMPlans", configurations={"3d_fullres": other})
 
 
 @pytest.mark.parametrize("trainer_cls", [nnUNetTrainerTextDiffSeg, nnUNetTrainerDSM])

@@ -11,7 +11,8 @@ import SimpleITK as sitk
 from conftest import DATASET_ID, run
 from faults_helpers import TRAINER, train_command, trained  # noqa: F401,F811 (fixture)
 
-from nnunet_diffusion.inference.input_checks import check_inputs, whole_file_problem
+from nnunet_diffusion.inference.input_checks import check_inputs
+from nnunet_diffusion.inference.whole_files import whole_file_problem
 
 ENDING = ".nii.gz"
 

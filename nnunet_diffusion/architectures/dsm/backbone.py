@@ -11,7 +11,7 @@ from nnunet_diffusion.architectures.conditional_unet import initialize_like_nnun
 
 class UNetPixelDecoder(nn.Module):
     """image (B, C_img, *S) -> (features: list of (B, F_s, *S_s) from the bottleneck to the second-finest decoder
-    stage, coarse to fine; pixel embedding (B, dim, *S)). Arguments: the plans' PlainConvUNet arguments; the
+    stage, coarse to fine; pixel embedding (B, dim, *S)). Arguments: the plans' U-Net arguments (plain or ResEnc); the
     decoder's last 1x1 head (nnU-Net's segmentation layer) gives the ``dim``-channel pixel embedding."""
 
     def __init__(self, image_channels: int, dim: int, n_conv_per_stage_decoder, **encoder_kwargs):

@@ -3,8 +3,8 @@
 Fu et al. (recycling_diffseg_3d, section 4, 'Implementation'): "noise-corrupted masks and images were
 concatenated along feature channels and time was encoded using sinusoidal positional embedding". So there is a
 single encoder and a single decoder, built here from dynamic_network_architectures blocks with the nnU-Net
-plans' layout (the same plain arguments as PlainConvUNet), conditioned on the timestep by a projection of the
-time embedding added at every encoder stage (as in ImageConditionedDenoiser).
+plans' layout (the plans' U-Net arguments, plain or ResEnc: ``plans_encoder``), conditioned on the timestep by a
+projection of the time embedding added at every encoder stage (as in ImageConditionedDenoiser).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class ConcatImageDenoiser(nn.Module):
     is that of a stock PlainConvUNet with image_channels + num_classes inputs (one encoder, one decoder), less
     than the two-encoder ImageConditionedDenoiser during training.
 
-    Args as ImageConditionedDenoiser's (the plans' PlainConvUNet arguments pass straight through).
+    Args as ImageConditionedDenoiser's (the plans' U-Net arguments, plain or ResEnc, pass straight through).
     """
 
     def __init__(self, image_channels: int, num_classes: int, n_conv_per_stage_decoder, time_embed_dim: int = 128,

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, get_matching_pool_op
+from dynamic_network_architectures.building_blocks.residual import BasicBlockD, StackedResidualBlocks
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 
 from nnunet_diffusion.architectures.conditional_unet import initialize_like_nnunet
@@ -69,15 +70,21 @@ class ImageEncoder(nn.Module):
     """(B, C_img, *S) -> (B, out_channels, *S / prod(strides[1:])).
 
     features, kernel_sizes, strides, n_conv_per_stage: the plans' values for the stages used (stage 0 has stride
-    1 in nnU-Net's plans); ``block_kwargs``: conv_bias, norm/dropout/nonlin ops and kwargs.
+    1 in nnU-Net's plans); ``residual``: ResEnc plans, whose n_conv_per_stage are residual blocks (BasicBlockD) after
+    a one-conv stem, as nnU-Net's ResidualEncoder; ``block_kwargs``: conv_bias, norm/dropout/nonlin ops and kwargs.
     """
 
     def __init__(self, image_channels: int, out_channels: int, conv_op, features, kernel_sizes, strides,
-                 n_conv_per_stage, attention_stages: int = 2, **block_kwargs):
+                 n_conv_per_stage, attention_stages: int = 2, residual: bool = False, **block_kwargs):
         super().__init__()
         stages, attention, previous = [], [], image_channels
         for i, (f, k, s, n) in enumerate(zip(features, kernel_sizes, strides, n_conv_per_stage)):
-            stages.append(StackedConvBlocks(n, conv_op, previous, f, k, s, **block_kwargs))
+            if not residual:
+                stages.append(StackedConvBlocks(n, conv_op, previous, f, k, s, **block_kwargs))
+            else:
+                stem = [StackedConvBlocks(1, conv_op, previous, f, k, 1, **block_kwargs)] if i == 0 else []
+                stages.append(nn.Sequential(*stem, StackedResidualBlocks(n, conv_op, f if i == 0 else previous, f, k, s,
+                                                                         **block_kwargs, block=BasicBlockD)))
             # the last ``attention_stages`` stages that downsample get self-attention
             attention.append(i >= len(features) - attention_stages and i > 0)
             previous = f

@@ -40,13 +40,13 @@ class TextDiffSegDenoiser(nn.Module):
     """
 
     def __init__(self, image_channels: int, num_classes: int, n_stages: int, features_per_stage: Sequence[int],
-                 conv_op, kernel_sizes, strides, n_conv_per_stage, n_conv_per_stage_decoder=None,
+                 conv_op, kernel_sizes, strides, n_conv_per_stage=None, n_conv_per_stage_decoder=None,
                  conv_bias: bool = True, norm_op=None, norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None,
                  nonlin=None, nonlin_kwargs=None, *, text_dim: int, latent_channels: int = 4,
                  latent_downsamplings: int = 2, image_branch: str = "encoder", text_fusion: str = "attention",
                  label_encoder: str = "learned", text_source: str = "prompts",
                  denoiser_channels: Sequence[int] = (32, 64, 64), freeze_label_autoencoder: bool = False,
-                 patch_size: Sequence[int] | None = None):
+                 patch_size: Sequence[int] | None = None, n_blocks_per_stage=None):
         super().__init__()
         for value, allowed in ((image_branch, IMAGE_BRANCHES), (text_fusion, FUSIONS),
                                (label_encoder, LABEL_ENCODERS), (text_source, TEXT_SOURCES)):
@@ -55,7 +55,8 @@ class TextDiffSegDenoiser(nn.Module):
         n_down = min(latent_downsamplings, n_stages - 1)
         as_list = lambda v: [v] * n_stages if isinstance(v, int) else list(v)  # noqa: E731
         kernel_sizes, strides = as_list(kernel_sizes), as_list(strides)
-        features, n_conv = as_list(features_per_stage), as_list(n_conv_per_stage)
+        residual = n_blocks_per_stage is not None  # ResEnc plans: the image encoder's stages are residual
+        features, n_conv = as_list(features_per_stage), as_list(n_blocks_per_stage if residual else n_conv_per_stage)
         block_kwargs = dict(conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs,
                             dropout_op=dropout_op, dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin,
                             nonlin_kwargs=nonlin_kwargs)
@@ -74,7 +75,7 @@ class TextDiffSegDenoiser(nn.Module):
         if image_branch == "encoder":
             self.image_encoder = ImageEncoder(image_channels, channels, conv_op, features[:n_down + 1],
                                               kernel_sizes[:n_down + 1], strides[:n_down + 1], n_conv[:n_down + 1],
-                                              **block_kwargs)
+                                              residual=residual, **block_kwargs)
         else:
             self.image_encoder = DownsampledImage(image_channels, channels, conv_op, latent_strides)
         self.text_fusion = (TextCrossAttention(channels, text_dim) if text_fusion == "attention" else

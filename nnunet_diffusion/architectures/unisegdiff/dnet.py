@@ -1,8 +1,8 @@
 """UniSegDiff's networks (Sec. 2.1, 2.3): CFENet, the condition network, and DNet, the denoiser.
 
-CFENet is nnU-Net's own U-Net for the plans (PlainConvUNet): pre-trained for segmentation (the stock nnU-Net
-checkpoint, or a first phase of our trainer) and frozen when the network is built, so DDP never expects its
-gradients. Its encoder's per-stage features are the conditions CF_i. The ablation without pre-training uses a
+CFENet is nnU-Net's own U-Net for the plans (PlainConvUNet, or ResidualEncoderUNet for ResEnc plans): pre-trained
+for segmentation (the stock nnU-Net checkpoint, or a first phase of our trainer) and frozen when the network is
+built, so DDP never expects its gradients. Its encoder's per-stage features are the conditions CF_i. The ablation without pre-training uses a
 plain encoder trained jointly with DNet (a frozen-or-unused decoder would be dead weight under DDP).
 
 DNet: a noise encoder on the noisy mask x_t with the plans' layout (as CFENet, so CF_i and DF_i have the same
@@ -18,14 +18,14 @@ import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import nn
 
 from nnunet_diffusion.architectures.activation_checkpointing import maybe_checkpoint
-from nnunet_diffusion.architectures.conditional_unet import (TimestepMLP, initialize_like_nnunet, keep_last_seg_layer,
-                                                             plans_encoder)
+from nnunet_diffusion.architectures.conditional_unet import (RESIDUAL_BLOCKS, TimestepMLP, initialize_like_nnunet,
+                                                             keep_last_seg_layer, plans_encoder)
 from nnunet_diffusion.architectures.unisegdiff.dca import DualCrossAttention
 
 HEADS = ("eps", "x0")
@@ -48,14 +48,14 @@ def stage_voxels(patch_size: Sequence[int], strides) -> List[int]:
 
 def build_cfenet(image_channels: int, num_classes: int, condition: str, encoder_kwargs: dict,
                  n_conv_per_stage_decoder) -> nn.Module:
-    """'pretrained': nnU-Net's PlainConvUNet of the plans (loads a stock checkpoint strictly: the decoder heads that
-    ``keep_last_seg_layer`` drops are discarded on load), frozen. 'joint': only an encoder, trained with DNet."""
+    """'pretrained': nnU-Net's own U-Net of the plans (PlainConvUNet, or ResidualEncoderUNet for ResEnc plans; loads
+    a stock checkpoint strictly: the decoder heads that ``keep_last_seg_layer`` drops are discarded on load),
+    frozen. 'joint': only an encoder, trained with DNet."""
     if condition == "joint":
         return plans_encoder(image_channels, **encoder_kwargs)
-    kwargs = {k: v for k, v in encoder_kwargs.items() if k != "n_conv_per_stage"}
-    network = PlainConvUNet(image_channels, n_conv_per_stage=encoder_kwargs["n_conv_per_stage"],
-                            num_classes=num_classes, n_conv_per_stage_decoder=n_conv_per_stage_decoder,
-                            deep_supervision=False, **kwargs)
+    unet = ResidualEncoderUNet if RESIDUAL_BLOCKS in encoder_kwargs else PlainConvUNet
+    network = unet(image_channels, num_classes=num_classes, n_conv_per_stage_decoder=n_conv_per_stage_decoder,
+                   deep_supervision=False, **encoder_kwargs)
     keep_last_seg_layer(network.decoder)
     for parameter in network.parameters():  # frozen at build: DDP registers only DNet's parameters
         parameter.requires_grad_(False)
@@ -65,7 +65,7 @@ def build_cfenet(image_channels: int, num_classes: int, condition: str, encoder_
 class UniSegDiffDenoiser(nn.Module):
     """CFENet + DNet. ``encode_image`` (once per patch) -> CF_i; ``forward(x_t, t, CF)`` -> one tensor per head.
 
-    Args: the plans' PlainConvUNet arguments (``encoder_kwargs`` as ``plans_encoder`` takes them, and
+    Args: the plans' U-Net arguments (plain or ResEnc) (``encoder_kwargs`` as ``plans_encoder`` takes them, and
     ``n_conv_per_stage_decoder``) plus: ``heads`` (('eps', 'x0') for the staged
     model, one of them for the uniform ablations; a single head returns a tensor, two a tuple), ``condition``
     ('pretrained' or 'joint'), ``use_dca``, ``patch_size`` (decides where DCA fits), ``max_tokens`` and

@@ -17,7 +17,12 @@ import numpy as np
 NUM_FOLDS = 5  # nnU-Net's default cross-validation (do_split: generate_crossval_split(..., n_splits=5))
 
 
-PLAIN_CONV_UNET = "PlainConvUNet"  # the network class of the plans every method's encoders are built like
+# the plans' network classes our encoders are built like (conditional_unet.plans_encoder): nnU-Net's default plans and
+# its Residual Encoder presets (-pl nnUNetPlannerResEncM/L/XL)
+PLANS_NETWORKS = ("PlainConvUNet", "ResidualEncoderUNet")
+# in a method's settings block of plans.json: 'residual' for a model whose encoders were built with ResEnc's residual
+# blocks. A model trained on ResEnc plans without it is from before they were built: its encoders are plain
+ENCODER_BLOCKS_KEY = "encoder_blocks"
 
 
 class DataCheckError(ValueError):
@@ -63,14 +68,13 @@ def check_configuration(trainer_name: str, plans: dict, configuration: str) -> N
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     manager = PlansManager(plans).get_configuration(configuration)
     network = str(manager.network_arch_class_name).rsplit(".", 1)[-1]
-    if network != PLAIN_CONV_UNET:
-        # every method builds its encoders from the plans' stages as plain conv blocks: residual (ResEnc) plans
-        # would silently train a network other than the one asked for
+    if network not in PLANS_NETWORKS:
+        # every method builds its encoders the way one of these builds its stages: another class would silently
+        # train a network other than the one asked for
         raise DataCheckError(
-            f"Configuration '{configuration}' of {dataset} asks for a {network} (e.g. nnU-Net's ResEnc presets, "
-            f"-p nnUNetResEncUNet*Plans); {trainer_name} builds plain-conv encoders (PlainConvUNet stages) and "
-            f"does not take residual blocks yet. Train with the default plans (-p nnUNetPlans), or the stock "
-            f"trainer for ResEnc.")
+            f"Configuration '{configuration}' of {dataset} asks for a {network}; {trainer_name} builds its encoders "
+            f"as {' or '.join(PLANS_NETWORKS)} (nnU-Net's default plans or its ResEnc presets) and cannot build "
+            f"this one. Train with those plans (-p nnUNetPlans or -p nnUNetResEncUNetMPlans), or a stock trainer.")
     patch = [int(p) for p in manager.patch_size]
     if configuration.startswith("3d") and (len(patch) != 3 or 1 in patch):
         raise DataCheckError(
@@ -123,7 +127,7 @@ def check_training_cases(trainer_name: str, preprocessed_folder: str, identifier
 def check_training_images(trainer_name: str, raw_dataset_folder: Optional[str], dataset_json: dict,
                           configuration: str) -> None:
     """The raw training images and labels (``imagesTr``/``labelsTr`` by dataset.json's file_ending, or its
-    'dataset' list) read whole (``input_checks.whole_file_problem``: a gzip stream to its end, a NIfTI file against
+    'dataset' list) read whole (``whole_files.whole_file_problem``: a gzip stream to its end, a NIfTI file against
     its header): SimpleITK reads a truncated .nii.gz without complaint and preprocessing makes zeros of what is
     missing, so the preprocessed case is wrong too. Skipped without the raw folder (the preprocessed data may have
     been made elsewhere)."""
@@ -133,7 +137,7 @@ def check_training_images(trainer_name: str, raw_dataset_folder: Optional[str], 
     if not files:
         return
     from concurrent.futures import ThreadPoolExecutor
-    from nnunet_diffusion.inference.input_checks import whole_file_problem
+    from nnunet_diffusion.inference.whole_files import whole_file_problem
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:  # zlib runs without the GIL
         problems = list(pool.map(whole_file_problem, files))
     bad = [f"{path} {problem}" for path, problem in zip(files, problems) if problem]

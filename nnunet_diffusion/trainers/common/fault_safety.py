@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from nnunet_diffusion.trainers.common.data_checks import check_training_cases, check_training_images
+from nnunet_diffusion.trainers.common.data_checks import ENCODER_BLOCKS_KEY, check_training_cases, check_training_images
 
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 # configuration entries that decide the network and its data: a checkpoint trained with other values does not fit
@@ -97,7 +97,7 @@ class FaultSafetyMixin:
     settings_key: Optional[str] = None
     # entries of the settings block that depend on the dataset or the run, not on the class: not type-checked
     # against the class defaults, and free to differ on resume (checked by their own code, e.g. ClassTextMixin)
-    extra_settings_keys: tuple = ("text",)
+    extra_settings_keys: tuple = ("text", ENCODER_BLOCKS_KEY)
     resumed_from: Optional[str] = None  # the checkpoint --c resumed from (set by load_checkpoint)
 
     # ---- at the start of training -----------------------------------------------------------------------------

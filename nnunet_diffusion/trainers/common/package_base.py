@@ -21,11 +21,12 @@ from torch import nn
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from nnunet_diffusion.architectures.conditional_unet import RESIDUAL_BLOCKS
 from nnunet_diffusion.settings import read as read_setting
 from nnunet_diffusion.trainers.common.budget import TrainingBudgetMixin
-from nnunet_diffusion.trainers.common.data_checks import check_dataset_and_plans
+from nnunet_diffusion.trainers.common.data_checks import ENCODER_BLOCKS_KEY, check_dataset_and_plans
 from nnunet_diffusion.trainers.common.fault_safety import FaultSafetyMixin
 
 # when the network recomputes its activations in backward (``checkpoint_activations`` of its modules): 'cuda' only
@@ -66,6 +67,9 @@ class nnUNetTrainerPackageBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTrai
         self._checkpointing_policy()  # a bad NNUNET_DIFFUSION_ACTIVATION_CHECKPOINTING fails here too
         plans = copy.deepcopy(plans)
         settings = self.model_settings(plans, configuration, fold, dataset_json)
+        if configuration in plans.get("configurations", {}) and RESIDUAL_BLOCKS in (
+                PlansManager(plans).get_configuration(configuration).network_arch_init_kwargs):
+            settings = {**settings, ENCODER_BLOCKS_KEY: "residual"}  # ResEnc plans: residual blocks, said so
         if configuration in plans.get("configurations", {}):
             # stored with the model: on_train_start copies these plans into the results folder
             plans["configurations"][configuration][self.settings_key] = settings
@@ -79,15 +83,18 @@ class nnUNetTrainerPackageBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTrai
         from. Called before nnU-Net's __init__: it may raise on bad input before any folder is made."""
         raise NotImplementedError  # abstract: the diffusion base and DSM define it (tests/trainers/test_mixin_order.py)
 
-    @staticmethod
-    def plans_unet_kwargs(configuration_manager: ConfigurationManager) -> dict:
-        """The plans' U-Net arguments (stages, features, kernels, strides, norm) with classes imported."""
+    @classmethod
+    def plans_unet_kwargs(cls, configuration_manager: ConfigurationManager) -> dict:
+        """The plans' U-Net arguments (stages, features, kernels, strides, norm) with classes imported: PlainConvUNet's
+        (``n_conv_per_stage``) or ResEnc's (``n_blocks_per_stage``; ``conditional_unet.plans_encoder`` builds both)."""
         kwargs = dict(configuration_manager.network_arch_init_kwargs)
         for key in configuration_manager.network_arch_init_kwargs_req_import:
             if kwargs.get(key) is not None:
                 kwargs[key] = pydoc.locate(kwargs[key])
-        if "n_blocks_per_stage" in kwargs:  # a model trained on ResEnc plans before they were refused: built plain
-            kwargs["n_conv_per_stage"] = kwargs.pop("n_blocks_per_stage")
+        stored = configuration_manager.configuration.get(cls.settings_key) or {}
+        if RESIDUAL_BLOCKS in kwargs and stored.get(ENCODER_BLOCKS_KEY) != "residual":
+            # a model trained on ResEnc plans before residual blocks were built: plain, as it was trained
+            kwargs["n_conv_per_stage"] = kwargs.pop(RESIDUAL_BLOCKS)
         kwargs.pop("deep_supervision", None)
         return kwargs
 

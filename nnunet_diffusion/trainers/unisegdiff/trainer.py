@@ -37,7 +37,7 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
     """The full model: staged training (thresholds 599 / 299, alpha:beta 1:3, 1:1, 3:1), pre-trained frozen CFENet,
     DCA, staged inference (12 network calls) and STAPLE fusion of 20 masks. Ablations: variants_unisegdiff.py."""
 
-    extra_settings_keys = ("text", "condition_source")  # where the condition network came from (written at start)
+    extra_settings_keys = (*nnUNetTrainerDiffusionBase.extra_settings_keys, "condition_source")  # where the condition network came from (written at start)
 
     noise_schedule = "linear"
     num_train_timesteps = 1000
