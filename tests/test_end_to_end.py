@@ -65,7 +65,8 @@ def test_diffusion_trainer_3d_and_resume(nnunet):
     stored = json.loads((model / "plans.json").read_text())["configurations"]["3d_fullres"]["diffusion"]
     assert stored["sampler"] == {"kind": "ddim", "steps": 2, "num_samples": 1, "seed": 0, "fusion": "mean"}
     # --c resumes from the checkpoint: one more epoch on top of the first
-    env = {**nnunet["env"], "NNUNET_DIFFUSION_EPOCHS": "2"}
+    # (the final validation after a resume: tests/faults/test_kill_and_resume.py)
+    env = {**nnunet["env"], "NNUNET_DIFFUSION_EPOCHS": "2", "NNUNET_DIFFUSION_FINAL_VALIDATION": "0"}
     run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerDiffusion", "-device", "cpu",
          "--c"], env)
     checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)

@@ -58,8 +58,9 @@ def test_the_cascade_trains_and_predicts_with_a_diffusion_trainer(nnunet):
     cases = sorted(p.name[:-len(".nii.gz")] for p in (nnunet["raw"] / "labelsTr").glob("*.nii.gz"))
     assert sorted(p.name.split(".")[0] for p in next_stage.glob("case_*")) == cases  # .b2nd in nnU-Net 2.8
 
+    # without its final validation (nnU-Net's, on the same inputs as the predict commands below)
     run(["nnUNetv2_train", str(DATASET_ID), "3d_cascade_fullres", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"],
-        env)
+        {**env, "NNUNET_DIFFUSION_FINAL_VALIDATION": "0"})
     model = results / f"{TRAINER}__{PLANS}__3d_cascade_fullres"
     checkpoint = read_checkpoint(str(model / "fold_0" / "checkpoint_final.pth"))
     labels = json.loads((nnunet["raw"] / "dataset.json").read_text())["labels"]
@@ -67,8 +68,6 @@ def test_the_cascade_trains_and_predicts_with_a_diffusion_trainer(nnunet):
     image_convs = [w for k, w in checkpoint["network_weights"].items() if "image_encoder" in k and w.ndim == 5]
     assert image_convs[0].shape[1] == 1 + (len(labels) - 1)
     assert all(torch.isfinite(w).all() for w in checkpoint["network_weights"].values() if w.is_floating_point())
-    summary = json.loads((model / "fold_0" / "validation" / "summary.json").read_text())
-    assert 0 <= summary["foreground_mean"]["Dice"] <= 1
 
     low = predict(nnunet, ["nnUNetv2_predict"], "3d_lowres", "all", root / "cascade_low")
     assert len(low) == len(list((nnunet["raw"] / "imagesTs").glob("*.nii.gz")))
@@ -82,12 +81,8 @@ def test_the_cascade_trains_and_predicts_with_a_diffusion_trainer(nnunet):
         assert (a != b).mean() < 1e-3  # the same windows, batched differently: equal up to rounding at the argmax
         assert set(np.unique(a)) <= set(labels.values())
 
-    # without the previous stage's segmentations our command stops before loading the model, saying what to pass
-    refused = run(["nnunet-diffusion", "predict", "-i", str(nnunet["raw"] / "imagesTs"), "-o", str(root / "c_x"),
-                   "-d", str(DATASET_ID), "-c", "3d_cascade_fullres", "-tr", TRAINER, "-p", PLANS, "-f", "0",
-                   "-device", "cpu"], env, check=False)
-    assert refused.returncode != 0 and "-prev_stage_predictions" in refused.stderr and "3d_lowres" in refused.stderr
-    assert not (root / "c_x").exists() or not list((root / "c_x").glob("*.nii.gz"))
+    # without the previous stage's segmentations our command stops before loading the model:
+    # tests/faults/test_bad_input.py
 
 
 def test_resenc_m_plans_train_and_predict_with_residual_blocks(nnunet):

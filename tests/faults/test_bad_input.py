@@ -149,3 +149,20 @@ def test_truncated_raw_training_image_stops_training_at_its_start(nnunet, tmp_pa
             f"ends early: a copy cut short)") in result.stderr, result.stderr[-2000:]
     assert f"nnUNetv2_preprocess -d {DATASET_ID} -c 2d" in result.stderr
     assert not list((tmp_path / "results").rglob("checkpoint_*.pth"))
+
+
+def test_a_cascade_stage_without_the_previous_stages_segmentations_is_refused_before_the_model_loads(tmp_path):
+    """3d_cascade_fullres segments from the images and the lowres model's segmentations: without
+    -prev_stage_predictions the check stops first, saying what to predict and pass (nnU-Net's predictor would fail
+    per case, deep inside)."""
+    from nnunet_diffusion.inference.input_checks import InputFolderError
+    plans = {"configurations": {"3d_fullres": {"patch_size": [8, 8, 8]},
+                                "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}}}
+    dataset_json = {"file_ending": ".nii.gz", "channel_names": {"0": "CT"}}
+    with pytest.raises(InputFolderError, match=r"3d_cascade_fullres is a cascade's second stage.*-c 3d_lowres first"
+                                               r".*-prev_stage_predictions"):
+        check_inputs(str(tmp_path), dataset_json, plans, "3d_cascade_fullres")
+    # the first stage, and the second given the folder, pass this check (the empty folder is refused next)
+    for configuration, previous in (("3d_fullres", None), ("3d_cascade_fullres", str(tmp_path))):
+        with pytest.raises(InputFolderError, match="is empty"):
+            check_inputs(str(tmp_path), dataset_json, plans, configuration, previous_stage_folder=previous)
