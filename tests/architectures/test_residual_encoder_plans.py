@@ -126,3 +126,19 @@ def test_a_model_trained_on_resenc_plans_before_they_were_built_rebuilds_plain(t
     config = resenc_configuration(2, trainer_cls=trainer_cls, built_residual=False)
     net = trainer_cls.build_network_architecture(None, ConfigurationManager(config), 1, C, False)
     assert residual_blocks(net) == 0 and any(isinstance(m, StackedConvBlocks) for m in net.modules())
+
+
+# recycling: the plans' residual encoder and decoder alone (the other methods add the same blocks; their own parts are
+# checked on large patches in test_half_precision.py)
+@pytest.mark.parametrize("trainer_cls", [nnUNetTrainerDiffSegRecycling], ids=lambda cls: cls.__name__)
+def test_residual_blocks_stay_finite_in_half_precision_on_a_patch_larger_than_float16_counts(trainer_cls):
+    """float16 and bfloat16 autocast on a 2d patch of 264 x 264 = 69696 voxels (> 65504): the residual additions
+    and norms of ResEnc's blocks stay finite in training (loss, gradients) and sampling."""
+    net = build(trainer_cls, lambda d, **k: ConfigurationManager(resenc_configuration(d, trainer_cls=trainer_cls, **k)),
+                2, patch=[264, 264])
+    shape = (264, 264)
+    for dtype in (torch.float16, torch.bfloat16):
+        output, loss, grad, probabilities = train_and_sample(net, torch.randn(1, 1, *shape),
+                                                             mostly_background(shape), dtype)
+        for value in (output, loss, grad, probabilities):
+            assert torch.isfinite(value).all(), dtype
