@@ -160,6 +160,12 @@ class DiffusionSegmenter(nn.Module):
                 raise
             raise RuntimeError("\n".join(dict.fromkeys(hints)) + f"\n\n{error}") from error
 
+    # what torch.compile compiles (architectures/compilation.py): the network each step runs, not the loop around it
+    compile_targets = ("denoiser",)
+
+    # nnU-Net's predictor wraps the whole network in torch.compile under nnUNet_compile=1: this loop stays eager
+    # (dynamo would unroll every step into one graph) and the compiled denoiser inside it runs compiled
+    @torch.compiler.disable
     def forward(self, image: torch.Tensor, x0: Optional[torch.Tensor] = None):
         """Inference (x0 None): (B, C_img, *S) -> (B, num_classes, *S) log of the sample-averaged class
         probabilities. Training (x0 given): a :class:`TrainingPass` (through forward so DDP sees it)."""

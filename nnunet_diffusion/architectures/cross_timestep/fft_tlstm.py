@@ -80,6 +80,9 @@ class FFTTLSTM(nn.Module):
         with torch.autocast(image.device.type, enabled=False):
             return torch.fft.rfftn(self.project_condition(image.float()), dim=self._axes(image), norm="ortho")
 
+    # eager under torch.compile: inductor has no code for complex tensors, and its backward of torch.complex failed
+    # (stride assertion) where the rest of the denoiser compiles (architectures/compilation.py)
+    @torch.compiler.disable
     def forward(self, x_t: torch.Tensor, spectrum_c: torch.Tensor, emb: Optional[torch.Tensor],
                 state: dict, checkpointed: bool = False) -> torch.Tensor:
         """x_t (B, C, *S), spectrum_c complex (B, C, *S'), emb (B, E) or None -> (B, C, *S) in x_t's dtype.

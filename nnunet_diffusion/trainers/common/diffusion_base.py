@@ -164,7 +164,8 @@ class nnUNetTrainerDiffusionBase(nnUNetTrainerPackageBase):
         denoiser = cls.build_denoiser(configuration_manager, num_input_channels, num_output_channels, stored)
         # the predictor's path: environment overrides apply, and a sampler the model was not trained for is
         # refused here, before the first case. The trainer resets its own network to the stored sampler.
-        return cls.build_segmenter(denoiser, cls.training_schedule(stored), cls.sampler_from(stored), stored)
+        return cls.compiled_for_prediction(
+            cls.build_segmenter(denoiser, cls.training_schedule(stored), cls.sampler_from(stored), stored))
 
     def initialize(self):
         """The package base's, then the stored sampler: build_network_architecture applied prediction-time

@@ -5,7 +5,9 @@
 - fault safety (``FaultSafetyMixin``) and run lengths (``TrainingBudgetMixin``), in the order the guarantees need
   (fault safety outermost: its out-of-memory message wraps the budgeted loop; tests/trainers/test_mixin_order.py);
 - AdamW with nnU-Net's poly decay (``optimizer_kind``, ``learning_rate``, ``adamw_weight_decay``), no deep
-  supervision, no torch.compile;
+  supervision;
+- torch.compile under nnU-Net's switch (``nnUNet_compile``; on by default on CUDA, off on the CPU), of the step
+  networks in place (``architectures/compilation.py``), not of the whole network as the stock trainer does;
 - activation checkpointing by device (``activation_checkpointing``);
 - one train_step / validation_step around the method's ``training_loss`` (loss, output, target) and its
   ``validation_scores`` (class scores for nnU-Net's per-epoch pseudo-Dice).
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import pydoc
 
 import torch
@@ -23,6 +26,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from nnunet_diffusion.architectures.compilation import compile_step_networks, decompile_step_networks
 from nnunet_diffusion.architectures.conditional_unet import RESIDUAL_BLOCKS
 from nnunet_diffusion.settings import read as read_setting
 from nnunet_diffusion.trainers.common.budget import TrainingBudgetMixin
@@ -59,6 +63,7 @@ class nnUNetTrainerPackageBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTrai
     adamw_weight_decay: float = 1e-2
     # one of ACTIVATION_CHECKPOINTING; NNUNET_DIFFUSION_ACTIVATION_CHECKPOINTING overrides it at training
     activation_checkpointing: str = "cuda"
+    compile_backend: str = "inductor"  # torch.compile's backend where nnU-Net's switch compiles (its default)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -104,8 +109,15 @@ class nnUNetTrainerPackageBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTrai
         return getattr(network, "_orig_mod", network)
 
     def initialize(self):
-        """nnU-Net's, then the activation checkpointing for this device (``activation_checkpointing_enabled``)."""
+        """nnU-Net's, then torch.compile by nnU-Net's switch (``compile_step_networks_enabled``) and the activation
+        checkpointing for this device (``activation_checkpointing_enabled``)."""
         super().initialize()
+        if self.compile_step_networks_enabled():
+            names = compile_step_networks(self._network(), self.print_to_log_file, self.compile_backend)
+            self.print_to_log_file(f"Using torch.compile on {', '.join(names)} (nnUNet_compile=f turns it off); "
+                                   f"a part torch cannot compile runs eagerly and the log says why.")
+        else:
+            decompile_step_networks(self._network())  # compiled for prediction by build_network_architecture
         blocks = [m for m in self._network().modules() if hasattr(m, "checkpoint_activations")]
         if blocks:
             enabled = self.activation_checkpointing_enabled()
@@ -134,7 +146,23 @@ class nnUNetTrainerPackageBase(FaultSafetyMixin, TrainingBudgetMixin, nnUNetTrai
         pass  # one output; a method that supervises its own layers does it in its loss (DSM)
 
     def _do_i_compile(self):
-        return False  # reverse loops and training passes are not plain forwards; compile gains nothing here
+        # nnU-Net would compile the whole network (a reverse loop unrolled into one graph) and its Dice loss: we
+        # compile the step networks instead, by the same switch (``compile_step_networks_enabled``)
+        return False
+
+    def compile_step_networks_enabled(self) -> bool:
+        """nnU-Net's training switch, unchanged: ``nnUNet_compile`` (default on), never on the CPU, mps or Windows
+        (nnU-Net logs why when asked for it there)."""
+        return nnUNetTrainer._do_i_compile(self)
+
+    @classmethod
+    def compiled_for_prediction(cls, network: nn.Module) -> nn.Module:
+        """``network`` with its step networks compiled where nnU-Net's predictor compiles (``nnUNet_compile`` set to
+        true; off by default), as returned by ``build_network_architecture`` (every predictor's path). The trainer's
+        ``initialize`` then applies the training switch instead."""
+        if os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t"):
+            compile_step_networks(network, print, cls.compile_backend)
+        return network
 
     def configure_optimizers(self):
         if self.optimizer_kind == "sgd":

@@ -108,9 +108,9 @@ class nnUNetTrainerDSM(ClassTextMixin, nnUNetTrainerPackageBase):
                             max_layers=options.max_kmmm_layers, kmeans=options.kmeans, backbone=options.backbone,
                             legacy_anomaly=legacy, **kwargs)
         if settings["stage"] == 1:
-            return stage1
-        return DSMStage2Network(stage1, settings["tumour_classes"], kwargs["conv_op"], amvp=options.amvp,
-                                dqr=options.dqr, legacy_anomaly=legacy)
+            return cls.compiled_for_prediction(stage1)
+        return cls.compiled_for_prediction(DSMStage2Network(stage1, settings["tumour_classes"], kwargs["conv_op"],
+                                                            amvp=options.amvp, dqr=options.dqr, legacy_anomaly=legacy))
 
     def text_buffer(self) -> torch.Tensor:
         network = self._network()
