@@ -32,6 +32,9 @@ STOCK = "nnUNetTrainerBudget"
 # the stock network with AdamW (nnU-Net's nnUNetTrainerAdam1en3): our trainers use AdamW, so a lead over STOCK (SGD)
 # alone may be the optimiser's; every run has both rows
 STOCK_ADAMW = "nnUNetTrainerBudgetAdam1en3"
+# nnU-Net's planners (-pl) and the plans identifier each writes
+PLANNER_PLANS = {"ExperimentPlanner": "nnUNetPlans", "nnUNetPlannerResEncM": "nnUNetResEncUNetMPlans",
+                 "nnUNetPlannerResEncL": "nnUNetResEncUNetLPlans", "nnUNetPlannerResEncXL": "nnUNetResEncUNetXLPlans"}
 DEFAULT_TRAINERS = [STOCK, STOCK_ADAMW, "nnUNetTrainerCrossTimestep", "nnUNetTrainerUniSegDiff",
                     "nnUNetTrainerTextDiffSeg", "nnUNetTrainerDSM", "nnUNetTrainerDSMStage2", "nnUNetTrainerDiffSegRecycling"]
 
@@ -191,8 +194,11 @@ def main(argv=None):
     parser.add_argument("--configuration", default="2d")
     parser.add_argument("--mirror-axes", default="1", help="NNUNET_DIFFUSION_MIRROR_AXES (default: left-right of a "
                         "2d slice; the example's labels are symmetric only left-right)")
-    parser.add_argument("--plans", default="nnUNetPlans_CPU", help="plans identifier; nnUNetPlans_CPU is derived "
-                        "(base 16 features, max 128) if missing")
+    parser.add_argument("--planner", default=None, choices=sorted(PLANNER_PLANS), help="nnU-Net's planner "
+                        "(nnUNetv2_plan_and_preprocess -pl), e.g. its Residual Encoder presets; default: its default")
+    parser.add_argument("--plans", default="nnUNetPlans_CPU", help="plans identifier; <planner's plans>_CPU (e.g. "
+                        "nnUNetPlans_CPU, nnUNetResEncUNetMPlans_CPU) is derived (base 16 features, max 128) if "
+                        "missing")
     parser.add_argument("--num-train", type=int, default=24)
     parser.add_argument("--num-test", type=int, default=6)
     parser.add_argument("--iterations-per-epoch", type=int, default=25)
@@ -228,11 +234,17 @@ def main(argv=None):
     built_with = json.loads((raw / "dataset.json").read_text()).get("generator", {}).get("recipe", DEFAULT_RECIPE)
     if built_with != args.atlas:
         parser.error(f"{raw} exists with another atlas than --atlas {args.atlas}: use another --dataset-id or --work")
-    if not (Path(env["nnUNet_preprocessed"]) / raw.name / f"nnUNetPlans_{args.configuration}").is_dir():
+    planner = args.planner or "ExperimentPlanner"
+    source_plans = PLANNER_PLANS[planner]
+    if args.plans not in (source_plans, f"{source_plans}_CPU"):
+        parser.error(f"--plans {args.plans}: the planner {planner} writes {source_plans} (and this script derives "
+                     f"{source_plans}_CPU from it)")
+    if not (Path(env["nnUNet_preprocessed"]) / raw.name / f"{source_plans}_{args.configuration}").is_dir():
         run_measured(["nnUNetv2_plan_and_preprocess", "-d", str(args.dataset_id), "-c", args.configuration, "-np", "2",
-                      "--verify_dataset_integrity"], {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"})
-    if args.plans == "nnUNetPlans_CPU" and not (Path(env["nnUNet_preprocessed"]) / raw.name / "nnUNetPlans_CPU.json").exists():
-        write_small_plans(str(Path(env["nnUNet_preprocessed"]) / raw.name))
+                      "-pl", planner, "--verify_dataset_integrity"],
+                     {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"})
+    if args.plans != source_plans and not (Path(env["nnUNet_preprocessed"]) / raw.name / f"{args.plans}.json").exists():
+        write_small_plans(str(Path(env["nnUNet_preprocessed"]) / raw.name), source=source_plans, target=args.plans)
     env["nnUNet_n_proc_DA"] = "0"
     env["NNUNET_DIFFUSION_MIRROR_AXES"] = args.mirror_axes
     rows, failed = [], {}
