@@ -147,7 +147,9 @@ def write_table(rows: list[dict], labels: dict, args, command: str, elapsed: flo
     gpu = int(stock.get("train_peak_gpu_mib") is not None)  # CUDA runs: torch.cuda.max_memory_allocated too
     lines = [f"# Benchmark: equal wall-clock training budget on the example data ({args.device})", "",
              f"Command: `{command}`", "",
-             f"Budget: {args.budget} s of training per trainer (fold 0, {args.configuration}, plans {args.plans}, "
+             f"Budget: {args.budget} s of training per trainer (fold 0, {args.configuration}, plans {args.plans}"
+             f"{f' from {args.planner}' if args.planner else ''}"
+             f"{f', batch at most {args.max_batch_size}' if args.max_batch_size else ''}, "
              f"{args.iterations_per_epoch} "
              f"iterations per epoch, {args.val_iterations} validation iterations per epoch, final validation "
              f"skipped), then prediction of the {args.num_test} held-out cases without mirroring and evaluation "
@@ -199,6 +201,8 @@ def main(argv=None):
     parser.add_argument("--plans", default="nnUNetPlans_CPU", help="plans identifier; <planner's plans>_CPU (e.g. "
                         "nnUNetPlans_CPU, nnUNetResEncUNetMPlans_CPU) is derived (base 16 features, max 128) if "
                         "missing")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="cap the derived _CPU plans' batch size "
+                        "(the ResEnc presets plan 647 2d patches for the example; the default planner 32)")
     parser.add_argument("--num-train", type=int, default=24)
     parser.add_argument("--num-test", type=int, default=6)
     parser.add_argument("--iterations-per-epoch", type=int, default=25)
@@ -244,7 +248,8 @@ def main(argv=None):
                       "-pl", planner, "--verify_dataset_integrity"],
                      {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"})
     if args.plans != source_plans and not (Path(env["nnUNet_preprocessed"]) / raw.name / f"{args.plans}.json").exists():
-        write_small_plans(str(Path(env["nnUNet_preprocessed"]) / raw.name), source=source_plans, target=args.plans)
+        write_small_plans(str(Path(env["nnUNet_preprocessed"]) / raw.name), source=source_plans, target=args.plans,
+                          max_batch_size=args.max_batch_size)
     env["nnUNet_n_proc_DA"] = "0"
     env["NNUNET_DIFFUSION_MIRROR_AXES"] = args.mirror_axes
     rows, failed = [], {}

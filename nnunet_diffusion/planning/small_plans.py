@@ -26,10 +26,14 @@ def narrowed_features(features: Sequence[int], base: int, maximum: int) -> list[
 
 
 def derive_small_plans(plans: dict, target_name: str, base_features: int, max_features: int,
-                       configurations: Sequence[str] = CONFIGURATIONS) -> dict:
-    """A copy of ``plans`` named ``target_name`` whose configurations have narrower U-Nets."""
+                       configurations: Sequence[str] = CONFIGURATIONS, max_batch_size: Optional[int] = None) -> dict:
+    """A copy of ``plans`` named ``target_name`` whose configurations have narrower U-Nets, and batches of at most
+    ``max_batch_size`` (None: as planned). Why a cap: nnU-Net grows the batch until the GPU memory it plans for is
+    used; for small patches its ResEnc presets plan hundreds of patches (647 of 40 x 40 for the example, 2d)."""
     if base_features < 1 or max_features < base_features:
         raise ValueError(f"need 1 <= base_features <= max_features, got {base_features}, {max_features}")
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
     small = copy.deepcopy(plans)
     small["plans_name"] = target_name
     for name in configurations:
@@ -37,11 +41,15 @@ def derive_small_plans(plans: dict, target_name: str, base_features: int, max_fe
             continue
         kwargs = small["configurations"][name]["architecture"]["arch_kwargs"]
         kwargs["features_per_stage"] = narrowed_features(kwargs["features_per_stage"], base_features, max_features)
+        if max_batch_size is not None and "batch_size" in small["configurations"][name]:
+            small["configurations"][name]["batch_size"] = min(small["configurations"][name]["batch_size"],
+                                                              max_batch_size)
     return small
 
 
 def write_small_plans(preprocessed_dataset_folder: str, source: str = "nnUNetPlans", target: str = "nnUNetPlans_CPU",
-                      base_features: int = 16, max_features: int = 128, overwrite: bool = False) -> str:
+                      base_features: int = 16, max_features: int = 128, overwrite: bool = False,
+                      max_batch_size: Optional[int] = None) -> str:
     """Read ``<folder>/<source>.json``, write ``<folder>/<target>.json`` (atomically) and return its path."""
     source_path = os.path.join(preprocessed_dataset_folder, f"{source}.json")
     target_path = os.path.join(preprocessed_dataset_folder, f"{target}.json")
@@ -51,7 +59,7 @@ def write_small_plans(preprocessed_dataset_folder: str, source: str = "nnUNetPla
         raise FileExistsError(f"{target_path} exists: pass --overwrite to replace it (models trained with it "
                               f"keep their own copy in nnUNet_results)")
     with open(source_path) as f:
-        small = derive_small_plans(json.load(f), target, base_features, max_features)
+        small = derive_small_plans(json.load(f), target, base_features, max_features, max_batch_size=max_batch_size)
     fd, tmp = tempfile.mkstemp(prefix=f".{target}_", suffix=".json", dir=preprocessed_dataset_folder)
     with os.fdopen(fd, "w") as f:
         json.dump(small, f, indent=4)
@@ -69,6 +77,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     p.add_argument("--target", default="nnUNetPlans_CPU")
     p.add_argument("--base-features", type=int, default=16)
     p.add_argument("--max-features", type=int, default=128)
+    p.add_argument("--max-batch-size", type=int, default=None, help="cap every configuration's batch size")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     if nnUNet_preprocessed is None:
@@ -76,7 +85,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     folder = os.path.join(nnUNet_preprocessed, maybe_convert_to_dataset_name(args.dataset))
     try:
         path = write_small_plans(folder, args.source, args.target, args.base_features, args.max_features,
-                                 args.overwrite)
+                                 args.overwrite, args.max_batch_size)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         p.error(str(e))
     print(path)

@@ -32,6 +32,16 @@ def test_only_the_features_change(tmp_path):
         write_small_plans(str(tmp_path))
 
 
+def test_the_batch_size_is_capped_only_when_asked():
+    plans = {"configurations": {"2d": make_configuration(2, extra={"batch_size": 647}),
+                                "3d_fullres": make_configuration(3, extra={"batch_size": 2})}}
+    capped = derive_small_plans(plans, "x", 16, 128, max_batch_size=32)["configurations"]
+    assert capped["2d"]["batch_size"] == 32 and capped["3d_fullres"]["batch_size"] == 2
+    assert derive_small_plans(plans, "x", 16, 128)["configurations"]["2d"]["batch_size"] == 647
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
+        derive_small_plans(plans, "x", 16, 128, max_batch_size=0)
+
+
 def test_missing_plans_and_bad_widths_say_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="nnUNetv2_plan_and_preprocess"):
         write_small_plans(str(tmp_path))
