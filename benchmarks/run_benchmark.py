@@ -224,7 +224,7 @@ def main(argv=None):
     results = work / f"results_{time.strftime('%Y%m%d_%H%M%S')}"  # never train over an earlier run's results
     env = {**os.environ, "nnUNet_raw": str(work / "raw"), "nnUNet_preprocessed": str(work / "preprocessed"),
            "nnUNet_results": str(results), "nnUNet_extTrainer": trainer_path(), "nnUNet_def_n_proc": "1",
-           # nnU-Net compiles the stock network on CUDA (ours are not compiled): its ~50 s of compilation would be
+           # nnU-Net compiles on CUDA (the stock network whole, ours their step networks): ~50 s of compilation would be
            # charged to the stock trainer's budget (seen on an H100: 1 iteration in a 20 s budget)
            "nnUNet_compile": os.environ.get("nnUNet_compile", "f"),
            # the nnUNetv2_* commands of the Python running this script, even if its venv is not activated

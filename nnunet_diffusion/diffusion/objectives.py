@@ -10,6 +10,17 @@ from nnunet_diffusion.diffusion.schedules import NoiseSchedule
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+MIN_SNR_GAMMA = 5.0  # Hang et al. 2023 (Min-SNR weighting): their recommended gamma
+
+
+def min_snr_eps_weight(schedule: NoiseSchedule, t, gamma: float = MIN_SNR_GAMMA) -> torch.Tensor:
+    """Weight of an eps-MSE at index t (an int, or a (B,) tensor of indices): min(SNR_t, gamma) / SNR_t, with
+    SNR_t = abar_t / (1 - abar_t). The weighted eps error equals min(SNR_t, gamma) times the x0 error: 1 where the
+    signal is weak, bounded where it is strong."""
+    abar = schedule.alphas_cumprod[t].double()
+    snr = abar / (1 - abar)
+    return (torch.clamp(snr, max=gamma) / snr).float()
+
 
 def recycled_noisy_mask(predict_x0: ModelFn, x0: torch.Tensor, schedule: NoiseSchedule, t: torch.Tensor,
                         generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -8,7 +8,7 @@ from torch import nn
 from nnunet_diffusion.architectures.cross_timestep.apds import PriorFusion, apds_prior_weight
 from nnunet_diffusion.architectures.cross_timestep.fft_tlstm import FFTTLSTM
 from nnunet_diffusion.architectures.cross_timestep.tlstm import ConvTLSTMCell, LinearTGRUCell
-from nnunet_diffusion.architectures.cross_timestep.segmenter import MIN_SNR_GAMMA, min_snr_eps_weight
+from nnunet_diffusion.diffusion.objectives import MIN_SNR_GAMMA, min_snr_eps_weight
 from nnunet_diffusion.diffusion.gaussian import eps_from_x0, x0_from_eps
 from nnunet_diffusion.diffusion.masks import labels_to_x0
 from nnunet_diffusion.diffusion.samplers import SamplerSettings

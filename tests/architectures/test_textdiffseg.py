@@ -318,3 +318,76 @@ def test_unknown_segmentation_loss_settings_are_refused():
         LatentDiffusionSegmenter(LinearDenoiser(), schedule, SamplerSettings(), segmentation_loss="both")
     with pytest.raises(ValueError, match="'z_t' is not one of"):
         LatentDiffusionSegmenter(LinearDenoiser(), schedule, SamplerSettings(), denoised_latent="z_t")
+
+
+# ---- trained as sampled: the recycled latent (``training_input='recycled'``) -------------------------------------
+
+@pytest.mark.parametrize("prediction, t", [("eps", 30), ("eps", 600), ("x0", 300)])
+def test_recycled_draw_by_hand(prediction, t):
+    """z_t is the model's own clipped z0 estimate from q(z0, T-1) (noise n1), noised to t (noise n2); the targets
+    point at the ground truth: z0 (x0), or the noise taking z_t to z0 with Min-SNR-5 weights (eps)."""
+    schedule = make_schedule("linear", 1000)
+    segmenter = LatentDiffusionSegmenter(LinearDenoiser(), schedule, SamplerSettings(kind="ddim", steps=10),
+                                         prediction, regression_weight=0.3, training_input="recycled")
+    torch.manual_seed(0)
+    image = torch.randn(2, 1, 8, 8)
+    labels = (torch.randn(2, 1, 8, 8) > 0.3).long()
+    x0 = F.one_hot(labels[:, 0], 2).permute(0, 3, 1, 2).float() * 2 - 1
+    torch.manual_seed(1)
+    with mock.patch.object(latent_segmenter, "sample_timesteps", lambda *a: torch.full((2,), t, dtype=torch.long)):
+        result = segmenter.training_pass(image, x0)
+    # by hand
+    z0 = normalise_latent(F.avg_pool2d((x0 + 1) / 2, 2))
+    condition = F.avg_pool2d(image, 2).repeat(1, 2, 1, 1)
+    torch.manual_seed(1)
+    n1, n2 = torch.randn(z0.shape), torch.randn(z0.shape)
+    a_last, a_t = float(schedule.alphas_cumprod[999]), float(schedule.alphas_cumprod[t])
+    z_last = math.sqrt(a_last) * z0 + math.sqrt(1 - a_last) * n1
+    out_last = 0.7 * z_last + condition
+    z_first = out_last if prediction == "x0" else (z_last - math.sqrt(1 - a_last) * out_last) / math.sqrt(a_last)
+    z_t = math.sqrt(a_t) * z_first.clamp(-5, 5) + math.sqrt(1 - a_t) * n2
+    torch.testing.assert_close(result.z_t, z_t)
+    output = 0.7 * z_t + condition
+    snr = a_t / (1 - a_t)
+    if prediction == "eps":
+        target = (z_t - math.sqrt(a_t) * z0) / math.sqrt(1 - a_t)
+        weight = min(snr, 5.0) / snr
+        z_dn = ((z_t - math.sqrt(1 - a_t) * output) / math.sqrt(a_t)).clamp(-5, 5)
+    else:
+        target, weight, z_dn = z0, 1.0, output.clamp(-5, 5)
+    torch.testing.assert_close(result.regression_target, target)
+    assert (weight < 1) == (prediction == "eps" and t == 30)  # SNR_30 ~ 15 > 5: the weight bites
+    net = segmenter.denoiser
+    with torch.no_grad():
+        expected = (ce_and_soft_dice(net.decode_labels(z_dn), labels) + ce_and_soft_dice(net.decode_labels(z0), labels)
+                    + 0.3 * weight * ((output - target) ** 2).mean())
+        torch.testing.assert_close(result.loss(labels, ce_and_soft_dice), expected)
+
+
+def test_recycling_a_perfect_estimate_is_the_plain_draw():
+    """If the model's own estimate is exactly z0, the recycled z_t is q(z0, t) and its eps target that noise."""
+    schedule = make_schedule("linear", 1000)
+    segmenter = LatentDiffusionSegmenter(LinearDenoiser(), schedule, SamplerSettings(kind="ddim", steps=10),
+                                         training_input="recycled")
+    x0 = F.one_hot((torch.randn(2, 8, 8) > 0).long(), 2).permute(0, 3, 1, 2).float() * 2 - 1
+    z0 = normalise_latent(F.avg_pool2d((x0 + 1) / 2, 2))
+    image = torch.randn(2, 1, 8, 8)
+    with mock.patch.object(LatentDiffusionSegmenter, "latent_x0", lambda self, z, s, c: z0), \
+            mock.patch.object(latent_segmenter, "sample_timesteps", lambda *a: torch.tensor([40, 700])):
+        torch.manual_seed(3)
+        result = segmenter.training_pass(image, x0)
+    torch.manual_seed(3)
+    torch.randn(z0.shape)  # the noise of z_{T-1}, which the perfect estimate ignores
+    noise = torch.randn(z0.shape)
+    abar = gather_coefficient(schedule.alphas_cumprod, result.t, z0)
+    torch.testing.assert_close(result.z_t, abar.sqrt() * z0 + (1 - abar).sqrt() * noise)
+    torch.testing.assert_close(result.regression_target, noise, atol=1e-4, rtol=1e-4)
+
+
+def test_recycled_input_without_the_reconstruction_term_is_refused():
+    with pytest.raises(ValueError, match="needs a segmentation loss with the reconstruction term.*label encoder"):
+        LatentDiffusionSegmenter(LinearDenoiser(), make_schedule("linear", 1000), SamplerSettings(),
+                                 segmentation_loss="denoised", training_input="recycled")
+    with pytest.raises(ValueError, match="'replayed' is not one of"):
+        LatentDiffusionSegmenter(LinearDenoiser(), make_schedule("linear", 1000), SamplerSettings(),
+                                 training_input="replayed")

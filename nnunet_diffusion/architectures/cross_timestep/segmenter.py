@@ -10,6 +10,7 @@ from torch import nn
 from nnunet_diffusion.architectures.segmenter import DiffusionSegmenter, TrainingPass
 from nnunet_diffusion.diffusion.gaussian import eps_from_x0, q_sample
 from nnunet_diffusion.diffusion.masks import x0_from_logits
+from nnunet_diffusion.diffusion.objectives import min_snr_eps_weight
 from nnunet_diffusion.diffusion.samplers import SamplerSettings, TrainingCoverage, run_reverse_process, training_coverage
 from nnunet_diffusion.diffusion.schedules import NoiseSchedule, respace
 
@@ -17,15 +18,6 @@ from nnunet_diffusion.diffusion.schedules import NoiseSchedule, respace
 CHAIN_GRADIENTS = ("state", "full")
 
 
-MIN_SNR_GAMMA = 5.0  # Hang et al. 2023 (Min-SNR weighting): their recommended gamma
-
-
-def min_snr_eps_weight(schedule: NoiseSchedule, k: int, gamma: float = MIN_SNR_GAMMA) -> torch.Tensor:
-    """Weight of an eps-MSE at step k: min(SNR_k, gamma) / SNR_k, SNR_k = abar_k / (1 - abar_k). The weighted eps
-    error equals min(SNR_k, gamma) times the x0 error: 1 where the signal is weak, bounded where it is strong."""
-    abar = schedule.alphas_cumprod[k].double()
-    snr = abar / (1 - abar)
-    return (torch.clamp(snr, max=gamma) / snr).float()
 
 
 class ChainTrainingPass(NamedTuple):

@@ -31,6 +31,10 @@ class TextDiffSegOptions(StoredOptions):
     # SNR < 1 ('z_t_minus_eps': LDSeg's z_t - eps_hat, which under eq. 3's scaling estimates z0 at no t).
     # segmenter.DENOISED_LATENTS
     denoised_latent: str = "x0_estimate"
+    # a training draw's z_t: 'q_sample', the noised ground-truth latent (eq. 3, the paper's); 'recycled', the model's
+    # own z0 estimate from z_{T-1} noised to t, as the sampler's later steps see it (segmenter.TRAINING_INPUTS).
+    # Variant: _recycled
+    training_input: str = "q_sample"
 
     @classmethod
     def legacy_values(cls) -> dict:

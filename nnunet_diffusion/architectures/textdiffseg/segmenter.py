@@ -17,7 +17,8 @@ from typing import Callable, Optional
 import torch
 
 from nnunet_diffusion.architectures.segmenter import DiffusionSegmenter
-from nnunet_diffusion.diffusion.gaussian import gather_coefficient, q_sample, x0_from_eps
+from nnunet_diffusion.diffusion.gaussian import eps_from_x0, gather_coefficient, q_sample, x0_from_eps
+from nnunet_diffusion.diffusion.objectives import min_snr_eps_weight, recycled_noisy_mask
 from nnunet_diffusion.diffusion.samplers import run_reverse_process
 from nnunet_diffusion.diffusion.timesteps import sample_timesteps
 
@@ -34,19 +35,25 @@ SEGMENTATION_LOSSES = ("denoised+reconstruction", "denoised", "reconstruction")
 # but under q_sample's scaling not an estimate of z0 at any t: the decoder would learn latents the sampler never
 # produces). x0 models: their output.
 DENOISED_LATENTS = ("x0_estimate", "z_t_minus_eps")
+# what a training draw's z_t is: 'q_sample' the noised ground-truth latent (eq. 3); 'recycled' the model's own
+# estimate of z0 from z_{T-1} (no gradient), noised to t (the recycling paper's train/test alignment: at test time
+# every step after the first sees a latent built from the model's own estimate, never the ground truth's)
+TRAINING_INPUTS = ("q_sample", "recycled")
 
 
 @dataclass
 class LatentTrainingPass:
     """One training draw. output / regression_target: (B, k, *L) the denoiser's output and what it regresses onto
     (the noise for 'eps' models, eq. 5; the clean latent for 'x0' models); z0: (B, k, *L) the encoded ground truth;
-    z_t, t: the noisy latent and its indices."""
+    z_t, t: the noisy latent and its indices; regression_weight: (B,) weights of each sample's squared error (None:
+    1, the plain mean of eq. 5)."""
     output: torch.Tensor
     regression_target: torch.Tensor
     z0: torch.Tensor
     z_t: torch.Tensor
     t: torch.Tensor
     segmenter: "LatentDiffusionSegmenter"
+    regression_weight: Optional[torch.Tensor] = None
     _denoised_logits: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
 
     def denoised_latent(self) -> torch.Tensor:
@@ -84,7 +91,10 @@ class LatentTrainingPass:
         ground-truth latent (``segmenter.segmentation_loss``) against labels (B, 1, *S), plus lambda * the MSE of
         eq. 5 (in float32: a sum over a patch can exceed float16's range). The segmentation term reaches the
         denoiser through z_dn and the decoder through both."""
-        mse = torch.mean((self.output.float() - self.regression_target.float()) ** 2)
+        squared = (self.output.float() - self.regression_target.float()) ** 2
+        if self.regression_weight is not None:
+            squared = squared * self.regression_weight.reshape(-1, *[1] * (squared.ndim - 1))
+        mse = torch.mean(squared)
         loss = self.segmenter.regression_weight * mse
         terms = self.segmenter.segmentation_loss
         if terms in ("denoised+reconstruction", "reconstruction"):
@@ -103,30 +113,57 @@ class LatentTrainingPass:
 class LatentDiffusionSegmenter(DiffusionSegmenter):
     """DiffusionSegmenter whose diffused variable is the label latent of a ``TextDiffSegDenoiser``. prediction:
     'eps' (the paper's) or 'x0' (the denoiser returns the clean latent); segmentation_loss: one of
-    ``SEGMENTATION_LOSSES``; denoised_latent: one of ``DENOISED_LATENTS`` (eps models only)."""
+    ``SEGMENTATION_LOSSES``; denoised_latent: one of ``DENOISED_LATENTS`` (eps models only); training_input: one
+    of ``TRAINING_INPUTS``."""
 
     def __init__(self, denoiser, schedule, sampler, prediction: str = "eps", regression_weight: float = 1.0,
-                 segmentation_loss: str = "denoised+reconstruction", denoised_latent: str = "x0_estimate"):
-        for value, allowed in ((segmentation_loss, SEGMENTATION_LOSSES), (denoised_latent, DENOISED_LATENTS)):
+                 segmentation_loss: str = "denoised+reconstruction", denoised_latent: str = "x0_estimate",
+                 training_input: str = "q_sample"):
+        for value, allowed in ((segmentation_loss, SEGMENTATION_LOSSES), (denoised_latent, DENOISED_LATENTS),
+                               (training_input, TRAINING_INPUTS)):
             if value not in allowed:
                 raise ValueError(f"{value!r} is not one of {allowed}")
         self.regression_weight = regression_weight  # lambda of eq. 6
         self.segmentation_loss, self.denoised_latent = segmentation_loss, denoised_latent
+        if training_input == "recycled" and "reconstruction" not in segmentation_loss:
+            # its targets hold z0 detached: the reconstruction term is then the label encoder's only gradient
+            raise ValueError("training_input='recycled' needs a segmentation loss with the reconstruction term "
+                             f"({SEGMENTATION_LOSSES[0]!r} or 'reconstruction'), got {segmentation_loss!r}: without "
+                             "it the label encoder would get no gradient")
+        self.training_input = training_input
         super().__init__(denoiser, schedule, prediction, sampler)
 
     def estimate(self, x_t: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
         return self.denoise(x_t, t, condition)  # eps, or the latent itself for 'x0' (no mask-space conversion)
 
+    def latent_x0(self, z_t: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
+        """(B, k, *L) the model's clipped estimate of z0 from z_t at indices t (B,), as a DDIM step reads it."""
+        output = self.estimate(z_t, self.model_timesteps(t), condition).float()
+        z0 = output if self.prediction == "x0" else x0_from_eps(self.schedule, z_t.float(), t, output)
+        return z0.clamp(-LATENT_CLIP, LATENT_CLIP)
+
     def training_pass(self, image: torch.Tensor, x0: torch.Tensor) -> LatentTrainingPass:
-        """image (B, C_img, *S); x0 (B, N, *S) the ground truth one-hot in [-1, 1]."""
+        """image (B, C_img, *S); x0 (B, N, *S) the ground truth one-hot in [-1, 1].
+
+        'q_sample': z_t = q(z0, t), eps models regress onto its noise (eq. 5). 'recycled': z_t is the model's own
+        estimate of z0 from q(z0, T-1), noised to t (``diffusion.objectives.recycled_noisy_mask``); the targets
+        still point at the ground truth: z0 for 'x0' models, for eps models the noise that takes z_t to z0
+        (``eps_from_x0``), whose squared error holds the estimate's error times sqrt(SNR_t) and is therefore
+        weighted by Min-SNR-5 (as Cross-Timestep's ``_eps`` chain, whose inputs are its own too)."""
         z0 = self.denoiser.encode_labels((x0 + 1) / 2)
         condition = self.denoiser.encode_image(image)
         t = sample_timesteps(image.shape[0], self.schedule.num_steps, image.device)
-        noise = torch.randn_like(z0)
-        z_t = q_sample(self.schedule, z0, t, noise)
+        weight = None
+        if self.training_input == "recycled":
+            z_t = recycled_noisy_mask(lambda z, s: self.latent_x0(z, s, condition), z0.detach(), self.schedule, t)
+            noise = eps_from_x0(self.schedule, z_t, t, z0.detach())
+            weight = min_snr_eps_weight(self.schedule, t) if self.prediction == "eps" else None
+        else:
+            noise = torch.randn_like(z0)
+            z_t = q_sample(self.schedule, z0, t, noise)
         output = self.denoise(z_t, self.model_timesteps(t), condition)
         target = noise if self.prediction == "eps" else z0
-        return LatentTrainingPass(output, target, z0, z_t, t, self)
+        return LatentTrainingPass(output, target, z0, z_t, t, self, regression_weight=weight)
 
     def sample_latent(self, image: torch.Tensor, copies: int = 1,
                       on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:

@@ -8,7 +8,8 @@ from nnunet_diffusion.trainers.textdiffseg.trainer import nnUNetTrainerTextDiffS
 __all__ = ["nnUNetTrainerTextDiffSeg_concatFusion", "nnUNetTrainerTextDiffSeg_downsampleImage",
            "nnUNetTrainerTextDiffSeg_reduceLabels", "nnUNetTrainerTextDiffSeg_noText",
            "nnUNetTrainerTextDiffSeg_pretrainedLabelAE", "nnUNetTrainerTextDiffSeg_x0",
-           "nnUNetTrainerTextDiffSeg_noReconstructionLoss", "nnUNetTrainerTextDiffSeg_reconstructionLossOnly"]
+           "nnUNetTrainerTextDiffSeg_noReconstructionLoss", "nnUNetTrainerTextDiffSeg_reconstructionLossOnly",
+           "nnUNetTrainerTextDiffSeg_recycled", "nnUNetTrainerTextDiffSeg_x0_recycled"]
 
 
 _FULL = nnUNetTrainerTextDiffSeg.options
@@ -57,3 +58,14 @@ class nnUNetTrainerTextDiffSeg_reconstructionLossOnly(nnUNetTrainerTextDiffSeg):
     never reaches the denoiser, only the MSE of eq. 5 does."""
     options = replace(_FULL, segmentation_loss="reconstruction")
 
+
+
+class nnUNetTrainerTextDiffSeg_recycled(nnUNetTrainerTextDiffSeg):
+    """Trained as sampled: each draw's z_t is the model's own z0 estimate from z_{T-1}, noised to t (the recycling
+    paper's train/test alignment), its targets pointing at the ground truth (eps: Min-SNR-5 weighted)."""
+    options = replace(_FULL, training_input="recycled")
+
+
+class nnUNetTrainerTextDiffSeg_x0_recycled(nnUNetTrainerTextDiffSeg_x0):
+    """_x0 trained as sampled (as nnUNetTrainerDiffSegRecycling trains in mask space)."""
+    options = replace(_FULL, training_input="recycled")
