@@ -209,8 +209,10 @@ def main(argv=None):
     parser.add_argument("--val-iterations", type=int, default=3)
     parser.add_argument("--predict-with", choices=["nnUNetv2_predict", "nnunet-diffusion"], default="nnUNetv2_predict",
                         help="nnunet-diffusion predict batches windows (same result for deterministic samplers)")
+    parser.add_argument("--condition-stock", default=STOCK, choices=[STOCK, STOCK_ADAMW],
+                        help="which stock row's model --condition-from-stock gives UniSegDiff (default: the SGD one)")
     parser.add_argument("--condition-from-stock", action="store_true", help="UniSegDiff trainers take this run's "
-                        f"{STOCK} model as their pre-trained CFENet (NNUNET_DIFFUSION_CONDITION_CHECKPOINT)")
+                        "--condition-stock model as their pre-trained CFENet (NNUNET_DIFFUSION_CONDITION_CHECKPOINT)")
     parser.add_argument("--predict-variants", nargs="*", default=[], metavar="LABEL=TRAINER:VAR=VALUE,...",
                         help="extra rows: re-predict a trained model with sampler variables, e.g. "
                              "'UniSegDiff_mean=nnUNetTrainerUniSegDiff:NNUNET_DIFFUSION_FUSION=mean'")
@@ -257,7 +259,8 @@ def main(argv=None):
         print(f"[benchmark] {trainer}", flush=True)
         trainer_env = env
         if args.condition_from_stock and "UniSegDiff" in trainer:
-            stock_model = Path(env["nnUNet_results"]) / raw.name / f"{STOCK}__{args.plans}__{args.configuration}"
+            stock_model = (Path(env["nnUNet_results"]) / raw.name /
+                           f"{args.condition_stock}__{args.plans}__{args.configuration}")
             trainer_env = {**env, "NNUNET_DIFFUSION_CONDITION_CHECKPOINT":
                            str(stock_model / "fold_0" / "checkpoint_final.pth")}
         try:
