@@ -28,7 +28,6 @@ class CompiledForward:
         self.eager = module.forward
         self.compiled: Optional[Callable] = torch.compile(self.eager, backend=backend)
         self.name, self.log = name, log
-        self.failure: Optional[str] = None  # why torch could not compile it, once it tried
 
     def __call__(self, *args, **kwargs):
         if self.compiled is not None:
@@ -39,16 +38,16 @@ class CompiledForward:
                 result = self.eager(*args, **kwargs)
                 self.compiled = None
                 cause = getattr(error, "inner_exception", None) or error  # a backend's own error, if it raised one
-                lines = str(cause).strip().splitlines() or [""]
-                self.failure = f"{type(error).__name__}, {type(cause).__name__}: {lines[0]}"
-                self.log(f"torch.compile cannot compile {self.name} ({self.failure}); it runs eagerly.")
+                first_line = (str(cause).strip().splitlines() or [""])[0]
+                self.log(f"torch.compile cannot compile {self.name} ({type(error).__name__}, {type(cause).__name__}: "
+                         f"{first_line}); it runs eagerly.")
                 return result
         return self.eager(*args, **kwargs)
 
 
 def compile_targets(network: nn.Module) -> dict:
     """{name: submodule} of what ``compile_step_networks`` compiles: the network's ``compile_targets`` (names of its
-    step networks), or the whole network for a plain one (a stock nnU-Net U-Net: one forward per window)."""
+    step networks), or the whole network for one without a reverse loop (DSM's: one forward per window)."""
     names = getattr(network, "compile_targets", None)
     if names is None:
         return {"network": network}

@@ -69,8 +69,7 @@ class DSMPredictor(DiffusionPredictor):
         """(G, C_img, *P) windows -> (G, N + 1 + E, *P): logits and maps, each averaged over the mirrored copies."""
         combinations = self.mirror_combinations()
         copies, windows = len(combinations), x.shape[0]
-        network = getattr(self.network, "_orig_mod", self.network)  # nnU-Net's torch.compile wrapper (nnUNet_compile=1)
-        parts = [prompt_maps(network, part, self.prompt_text)
+        parts = [prompt_maps(self.unwrapped_network, part, self.prompt_text)
                  for part in torch.split(stack_mirrored(x, combinations), self.max_batch)]
         logits, maps = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         logits = unflip(logits.reshape(copies, windows, *logits.shape[1:]), combinations, extra_dims=1).mean(0)

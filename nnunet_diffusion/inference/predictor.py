@@ -81,9 +81,14 @@ class DiffusionPredictor(nnUNetPredictor):
             check_maps_writable(self.plans_manager)
 
     @property
+    def unwrapped_network(self) -> torch.nn.Module:
+        """``self.network`` without the torch.compile wrapper nnU-Net puts around it under ``nnUNet_compile=1``."""
+        return getattr(self.network, "_orig_mod", self.network)
+
+    @property
     def segmenter(self) -> Optional[DiffusionSegmenter]:
         """The diffusion segmenter behind ``self.network`` (also when compiled), or None for a plain network."""
-        network = getattr(self.network, "_orig_mod", self.network)
+        network = self.unwrapped_network
         return network if isinstance(network, DiffusionSegmenter) else None
 
     # ---- windows: several per network call, every mirrored copy and sample of them in one batch --------------

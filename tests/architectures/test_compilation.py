@@ -98,6 +98,7 @@ def test_dsm_networks_compile_whole(stage):
 
 def test_what_torch_cannot_compile_runs_eagerly_and_says_why_once():
     def backend_without_code(graph, example_inputs):
+        # deliberately fails: a compiler backend that has no code for the graph, as inductor without a C++ compiler
         raise NotImplementedError("no kernel for this operator")
 
     net = build(nnUNetTrainerDiffSegRecycling, configurations, 2, patch=list(PATCH)).eval()

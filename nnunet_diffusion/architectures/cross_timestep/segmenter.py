@@ -18,8 +18,6 @@ from nnunet_diffusion.diffusion.schedules import NoiseSchedule, respace
 CHAIN_GRADIENTS = ("state", "full")
 
 
-
-
 class ChainTrainingPass(NamedTuple):
     """One unrolled training chain of an 'x0' recurrent model. step_logits: the class logits (B, C, *S) of every
     unrolled step (the steps with gradient, in chain order); x0_hat: the last step's mask estimate in [-1, 1];
