@@ -111,8 +111,8 @@ def network_calls(model: Path, configuration: str, sampler_env: dict) -> int:
 
 
 def predict_and_evaluate(label: str, trainer: str, args, env: dict, raw: Path, sampler_env: dict | None = None) -> dict:
-    """Predict the held-out cases without mirroring (``--predict-with``: nnUNetv2_predict, one window per network
-    call, or nnunet-diffusion predict, windows batched) and evaluate them."""
+    """Predict the held-out cases (``--predict-with``: nnUNetv2_predict, one window per network call, or
+    nnunet-diffusion predict, windows batched), without mirroring unless ``--mirroring``, and evaluate them."""
     sampler_env = sampler_env or {}
     model = Path(env["nnUNet_results"]) / raw.name / f"{trainer}__{args.plans}__{args.configuration}"
     out = Path(args.work) / "predictions" / f"{Path(env['nnUNet_results']).name}_{label}"
@@ -121,7 +121,7 @@ def predict_and_evaluate(label: str, trainer: str, args, env: dict, raw: Path, s
     predict_seconds, predict_peak = run_measured(
         [*command, "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(args.dataset_id), "-c",
          args.configuration, "-tr", trainer, "-p", args.plans, "-f", "0", "-device", args.device, "-npp", "0", "-nps", "0",
-         "--disable_tta"], {**env, **sampler_env})
+         *([] if args.mirroring else ["--disable_tta"])], {**env, **sampler_env})
     run_measured(["nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(out), "-djfile", str(model / "dataset.json"),
                   "-pfile", str(model / "plans.json")], env)
     summary = json.loads((out / "summary.json").read_text())
@@ -152,7 +152,8 @@ def write_table(rows: list[dict], labels: dict, args, command: str, elapsed: flo
              f"{f', batch at most {args.max_batch_size}' if args.max_batch_size else ''}, "
              f"{args.iterations_per_epoch} "
              f"iterations per epoch, {args.val_iterations} validation iterations per epoch, final validation "
-             f"skipped), then prediction of the {args.num_test} held-out cases without mirroring and evaluation "
+             f"skipped), then prediction of the {args.num_test} held-out cases "
+             f"{'with mirroring along the stored axes' if args.mirroring else 'without mirroring'} and evaluation "
              f"against their labels. Dataset: {args.num_train} training cases at {args.spacing} mm (atlas {args.atlas}); mirroring (augmentation) "
              f"along axes {args.mirror_axes} only (NNUNET_DIFFUSION_MIRROR_AXES). "
              f"Whole run: {elapsed / 60:.0f} min. Ratios are against the stock trainer in this run.", "",
@@ -207,6 +208,8 @@ def main(argv=None):
     parser.add_argument("--num-test", type=int, default=6)
     parser.add_argument("--iterations-per-epoch", type=int, default=25)
     parser.add_argument("--val-iterations", type=int, default=3)
+    parser.add_argument("--mirroring", action="store_true", help="predict with mirroring (the model's stored axes; "
+                        "nnU-Net's default) instead of --disable_tta")
     parser.add_argument("--predict-with", choices=["nnUNetv2_predict", "nnunet-diffusion"], default="nnUNetv2_predict",
                         help="nnunet-diffusion predict batches windows (same result for deterministic samplers)")
     parser.add_argument("--condition-stock", default=STOCK, choices=[STOCK, STOCK_ADAMW],

@@ -59,6 +59,9 @@ class CrossTimestepOptions(StoredOptions):
     time_cell: bool = True
     carry_spatial: bool = True   # False: the cell's state is reset every step (no memory across timesteps)
     carry_channel: bool = True
+    # SC-tLSTM's spatial branch on its axis summaries ('axis': the cell at the summaries' size) or broadcast back to
+    # the patch ('broadcast', _broadcastSC: the cell at full resolution in every stage); sc_tlstm.py says why
+    spatial_summary: str = "axis"
     # the paper gives no initialisation: True starts FFT-tLSTM and SC-tLSTM as the identity (zero output projection,
     # open attention maps), so the network starts as its plain U-Net; False: nnU-Net's He init for them too
     identity_start: bool = True
@@ -66,7 +69,7 @@ class CrossTimestepOptions(StoredOptions):
     @classmethod
     def legacy_values(cls) -> dict:
         # what models stored before these defaults had: the reverse attention alone, nnU-Net's He init throughout
-        return {"ra": "reverse_attention", "identity_start": False}
+        return {"ra": "reverse_attention", "identity_start": False, "spatial_summary": "broadcast"}
 
 
 class CrossTimestepDenoiser(ImageConditionedDenoiser):
@@ -89,7 +92,7 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
         decoder_channels = [channels[-(s + 2)] for s in range(len(channels) - 1)]
         sc_kwargs = dict(spatial_cell=options.spatial_cell, channel_cell=options.channel_cell,
                          time_cell=options.time_cell, carry_spatial=options.carry_spatial,
-                         carry_channel=options.carry_channel)
+                         carry_channel=options.carry_channel, spatial_summary=options.spatial_summary)
         if options.sc:
             self.sc_encoder = nn.ModuleList(SCTLSTM(c, conv_op, time_dim, **sc_kwargs) for c in channels)
             self.sc_decoder = nn.ModuleList(SCTLSTM(c, conv_op, time_dim, **sc_kwargs) for c in decoder_channels)

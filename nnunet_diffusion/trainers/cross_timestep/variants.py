@@ -5,6 +5,7 @@ Each variant changes ``options`` (or one training setting). Where the paper name
 """
 from dataclasses import replace
 
+from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.trainers.cross_timestep.trainer import nnUNetTrainerCrossTimestep
 
 _FULL = nnUNetTrainerCrossTimestep.options
@@ -17,7 +18,8 @@ __all__ = ["nnUNetTrainerCrossTimestep_noTLSTM", "nnUNetTrainerCrossTimestep_pla
            "nnUNetTrainerCrossTimestep_fullChainGradient", "nnUNetTrainerCrossTimestep_eps",
            "nnUNetTrainerCrossTimestep_burnIn", "nnUNetTrainerCrossTimestep_linearFFTGate",
            "nnUNetTrainerCrossTimestep_heInit", "nnUNetTrainerCrossTimestep_residualRA",
-           "nnUNetTrainerCrossTimestep_reverseAttention"]
+           "nnUNetTrainerCrossTimestep_reverseAttention", "nnUNetTrainerCrossTimestep_broadcastSC",
+           "nnUNetTrainerCrossTimestep_chain4"]
 
 
 class nnUNetTrainerCrossTimestep_noTLSTM(nnUNetTrainerCrossTimestep):
@@ -109,3 +111,15 @@ class nnUNetTrainerCrossTimestep_reverseAttention(nnUNetTrainerCrossTimestep):
 class nnUNetTrainerCrossTimestep_residualRA(nnUNetTrainerCrossTimestep):
     """The default since 2026-12-01 (APDS's RA in its residual form); the name stays for the benchmark rows and
     models trained under it."""
+
+
+class nnUNetTrainerCrossTimestep_broadcastSC(nnUNetTrainerCrossTimestep):
+    """SC-tLSTM's spatial cell on the axis summaries broadcast back to the patch (full resolution in every stage):
+    the default before 2026-12-02, whose models rebuild with it from plans.json (sc_tlstm.py)."""
+    options = replace(_FULL, spatial_summary="broadcast")
+
+
+class nnUNetTrainerCrossTimestep_chain4(nnUNetTrainerCrossTimestep):
+    """A 4-step DDIM chain (t = 999, 749, 499, 249) for training and prediction instead of 10: the per-case lever
+    of the cost issue (4 network calls per window)."""
+    default_sampler = SamplerSettings(kind="ddim", steps=4)
