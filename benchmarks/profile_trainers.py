@@ -62,7 +62,9 @@ def write_markdown(rows: list[dict], command: str, args) -> str:
     lines = [f"# Training-step profile ({args.device}, {args.configuration})", "", f"Command: `{command}`", "",
              f"Each trainer: its real train_step on synthetic batches of the planned patch and batch, "
              f"{args.iterations} timed steps after one warm-up, then {args.profiled} steps under torch.profiler. "
-             f"Ratios against the stock nnUNetTrainer of this run.", "",
+             f"Ratios against the stock nnUNetTrainer of this run"
+             f"{f'; s/iteration is the median over {args.rounds} rounds of every trainer in turn (each round its own processes)' if args.rounds > 1 else ''}"
+             f".", "",
              "| trainer | s/iteration | vs stock | parameters (M) |", "|---|---|---|---|"]
     for r in rows:
         rel = f"{r['s_per_it'] / stock:.2f}x" if stock else "-"
@@ -84,6 +86,8 @@ def main(argv=None):
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--profiled", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=1, help="run every trainer in turn this many times and report "
+                        "the median s/iteration (a shared machine's noise hits every trainer alike)")
     parser.add_argument("--out", default="benchmarks/profiles/profile_cpu_2d.md")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -93,14 +97,18 @@ def main(argv=None):
     from nnunet_diffusion.cli import trainer_path
     command = "python benchmarks/profile_trainers.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     env = {**os.environ, "nnUNet_extTrainer": trainer_path()}
+    runs = {trainer: [] for trainer in args.trainers}
+    for _ in range(args.rounds):
+        for trainer in args.trainers:
+            cmd = [sys.executable, __file__, "--one", trainer, *(argv if argv is not None else sys.argv[1:])]
+            result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise SystemExit(f"{trainer} failed:\n{result.stderr[-3000:]}")
+            runs[trainer].append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(trainer, f"{runs[trainer][-1]['s_per_it']:.3f} s/it", flush=True)
     rows = []
-    for trainer in args.trainers:
-        cmd = [sys.executable, __file__, "--one", trainer, *(argv if argv is not None else sys.argv[1:])]
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"{trainer} failed:\n{result.stderr[-3000:]}")
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-        print(trainer, f"{rows[-1]['s_per_it']:.3f} s/it", flush=True)
+    for trainer, results in runs.items():  # the round with the median s/iteration, its profile included
+        rows.append(sorted(results, key=lambda r: r["s_per_it"])[len(results) // 2])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(write_markdown(rows, command, args))

@@ -485,3 +485,49 @@ def test_tlstm_blocks_start_as_the_identity_and_learn_from_the_first_step(config
     assert all(block.channel_out.weight.grad.abs().sum() > 0 for block in denoiser.sc_encoder)
     he = build(variants.nnUNetTrainerCrossTimestep_heInit, configuration_manager, dim=2).denoiser
     assert he.fft.out.weight.abs().sum() > 0 and he.sc_encoder[0].spatial_out.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_sc_spatial_cell_runs_on_the_axis_summaries_and_gives_a_separable_map(dim):
+    """The default 'axis' reading: one shared Conv-tLSTM on each axis summary at its own size (a line of a 2d map,
+    a plane of a 3d one), never at the patch's size; M_s's logit is a sum of one term per summary, so in 2d it is
+    r[i] + c[j] (every 2 x 2 minor of the logit matrix has zero alternating sum). The broadcast reading runs the
+    cell at full resolution and is not separable."""
+    from nnunet_diffusion.architectures.cross_timestep.sc_tlstm import SCTLSTM
+    conv = nn.Conv3d if dim == 3 else nn.Conv2d
+    size = (6, 7, 8)[-dim:]
+    torch.manual_seed(0)
+    block = SCTLSTM(16, conv, 8)
+    seen = []
+    block.spatial_cell.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[2:])))
+    x, emb = torch.randn(2, 16, *size), torch.randn(2, 8)
+    _, _, new_s = block.step(x, emb, None, None)
+    expected = [tuple(1 if a == axis else n for a, n in enumerate(size)) for axis in range(dim)]
+    assert seen == expected and len(new_s) == dim
+    # the map, recovered from the output of a constant channel map: M_s = out / (M_c * x)
+    reduced = block.reduce(x)
+    logits = sum(block.spatial_out(block.spatial_cell(reduced.mean(dim=2 + a, keepdim=True), None, emb)[0])
+                 for a in range(dim))
+    out, _, _ = block.step(x, emb, None, None)
+    m_c = out / (torch.sigmoid(logits) * x)
+    torch.testing.assert_close(m_c, m_c[..., :1, :1].expand_as(m_c) if dim == 2 else m_c[..., :1, :1, :1].expand_as(m_c))
+    if dim == 2:
+        minor = logits[:, 0, 1:, 1:] - logits[:, 0, 1:, :1] - logits[:, 0, :1, 1:] + logits[:, 0, :1, :1]
+        torch.testing.assert_close(minor, torch.zeros_like(minor), rtol=0, atol=1e-5)
+        broadcast = SCTLSTM(16, conv, 8, spatial_summary="broadcast")
+        seen_b = []
+        broadcast.spatial_cell.register_forward_hook(lambda module, args, out: seen_b.append(tuple(args[0].shape[2:])))
+        broadcast.step(x, emb, None, None)
+        assert seen_b == [size]
+    # the state is carried per summary: a second step from the first's state differs from a fresh one
+    carried, _, _ = block.step(x, emb, None, new_s)
+    assert (carried - out).abs().max() > 1e-6
+
+
+def test_models_stored_before_the_axis_summary_rebuild_with_the_broadcast_cell():
+    from nnunet_diffusion.architectures.cross_timestep.network import CrossTimestepOptions
+    stored = CrossTimestepOptions().to_stored()
+    assert stored["spatial_summary"] == "axis"
+    del stored["spatial_summary"]
+    assert CrossTimestepOptions.from_stored(stored).spatial_summary == "broadcast"
+    assert variants.nnUNetTrainerCrossTimestep_broadcastSC.options.spatial_summary == "broadcast"

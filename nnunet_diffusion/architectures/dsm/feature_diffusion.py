@@ -21,16 +21,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def neighbour_offsets(spatial_dims: int) -> list:
+    """The 3^d offsets of a voxel's neighbourhood, itertools.product order over (-1, 0, 1) per axis."""
+    return list(itertools.product((-1, 0, 1), repeat=spatial_dims))
+
+
+def shifted(padded: torch.Tensor, offset: tuple, shape: tuple) -> torch.Tensor:
+    """The view of a map padded by 1 on every spatial side (``F.pad(x, [1, 1] * d)``) whose voxel i is x's voxel
+    i + offset (zero outside x): (B, C, *shape). A view: no copy is made, and autograd keeps only the padded map."""
+    index = [slice(None), slice(None)] + [slice(1 + o, 1 + o + n) for o, n in zip(offset, shape)]
+    return padded[tuple(index)]
+
+
 def neighbours(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, *S) -> (B, C, 3^d, *S): each voxel's 3^d neighbourhood (zero outside the map), offsets in
-    itertools.product order over (-1, 0, 1) per axis."""
-    d = x.ndim - 2
-    padded = F.pad(x, [1, 1] * d)
-    shifted = []
-    for offset in itertools.product((-1, 0, 1), repeat=d):
-        index = [slice(None), slice(None)] + [slice(1 + o, 1 + o + s) for o, s in zip(offset, x.shape[2:])]
-        shifted.append(padded[tuple(index)])
-    return torch.stack(shifted, dim=2)
+    """(B, C, *S) -> (B, C, 3^d, *S): each voxel's 3^d neighbourhood (zero outside the map), in
+    ``neighbour_offsets`` order. A copy 3^d times x's size: for inspection and tests; the diffusion step itself
+    works on the shifted views one offset at a time."""
+    padded = F.pad(x, [1, 1] * (x.ndim - 2))
+    return torch.stack([shifted(padded, o, x.shape[2:]) for o in neighbour_offsets(x.ndim - 2)], dim=2)
 
 
 class GuidedFeatureDiffusion(nn.Module):
@@ -43,15 +51,22 @@ class GuidedFeatureDiffusion(nn.Module):
         self.fuse = conv_op(2 * channels, channels, 1)
 
     def diffusion_step(self, features: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
-        """E = F + sum_j w_ij (F_j - F_i), eq. 17-18, in float32."""
+        """E = F + sum_j w_ij (F_j - F_i), eqs. 17-18, in float32, computed as sum_j w_ij F_j (the weights of each
+        voxel sum to 1) one neighbour offset at a time on shifted views. Why: stacking the 3^d shifted copies kept
+        27 times the feature map (and 27 times the keys) for backward in 3d."""
         features = features.float()
         guidance = F.interpolate(guidance.float(), size=features.shape[2:], mode="nearest")
         query, key = self.theta(guidance), self.phi(guidance)
-        inside = neighbours(torch.ones_like(features[:, :1]))  # (B, 1, 3^d, *S): 0 for neighbours beyond the border
-        logits = (query.unsqueeze(2) * neighbours(key)).sum(1, keepdim=True) / math.sqrt(query.shape[1])
-        weights = torch.softmax(logits.masked_fill(inside == 0, float("-inf")), dim=2)  # (B, 1, 3^d, *S)
-        differences = neighbours(features) - features.unsqueeze(2)
-        return features + (weights * differences).sum(dim=2)
+        shape, offsets = features.shape[2:], neighbour_offsets(features.ndim - 2)
+        pad = [1, 1] * len(shape)
+        padded_key, padded_features = F.pad(key, pad), F.pad(features, pad)
+        inside = F.pad(torch.ones_like(features[:, :1]), pad)  # 0 for neighbours beyond the border
+        scale = 1 / math.sqrt(query.shape[1])
+        logits = torch.cat([(query * shifted(padded_key, o, shape)).sum(1, keepdim=True) * scale
+                            for o in offsets], dim=1)  # (B, 3^d, *S)
+        outside = torch.cat([shifted(inside, o, shape) for o in offsets], dim=1) == 0
+        weights = torch.softmax(logits.masked_fill(outside, float("-inf")), dim=1)  # (B, 3^d, *S)
+        return sum(weights[:, k:k + 1] * shifted(padded_features, o, shape) for k, o in enumerate(offsets))
 
     def forward(self, features: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
         enhanced = self.diffusion_step(features, guidance).to(features.dtype)
