@@ -5,7 +5,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from nnunet_diffusion.diffusion.schedules import (check_respacing, cosine_schedule, linear_schedule, make_schedule,
-                                                   respace)
+                                                   respace, scaled_linear_schedule)
 
 
 def test_linear_schedule_matches_diffusers():
@@ -19,6 +19,18 @@ def test_cosine_schedule_matches_diffusers_squaredcos():
     ours = cosine_schedule(1000)
     ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     torch.testing.assert_close(ours.betas.float(), ref.betas, rtol=1e-4, atol=1e-6)
+
+
+def test_scaled_linear_schedule_matches_diffusers_and_hand_values():
+    ours = scaled_linear_schedule(1000)
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    torch.testing.assert_close(ours.betas.float(), ref.betas, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(ours.alphas_cumprod.float(), ref.alphas_cumprod, rtol=1e-5, atol=1e-8)
+    # by hand: sqrt(beta) halfway is the mean of the two roots; LDM's last alpha_bar is 0.0047
+    small = scaled_linear_schedule(3)
+    assert small.betas[1].item() == pytest.approx(((0.00085 ** 0.5 + 0.012 ** 0.5) / 2) ** 2, rel=1e-12)
+    assert ours.alphas_cumprod[-1].item() == pytest.approx(0.00466, abs=5e-5)
+    assert make_schedule("scaled_linear", 1000).alphas_cumprod.equal(ours.alphas_cumprod)
 
 
 def test_cosine_schedule_formula_by_hand():

@@ -9,7 +9,8 @@ __all__ = ["nnUNetTrainerTextDiffSeg_concatFusion", "nnUNetTrainerTextDiffSeg_do
            "nnUNetTrainerTextDiffSeg_reduceLabels", "nnUNetTrainerTextDiffSeg_noText",
            "nnUNetTrainerTextDiffSeg_pretrainedLabelAE", "nnUNetTrainerTextDiffSeg_x0",
            "nnUNetTrainerTextDiffSeg_noReconstructionLoss", "nnUNetTrainerTextDiffSeg_reconstructionLossOnly",
-           "nnUNetTrainerTextDiffSeg_recycled", "nnUNetTrainerTextDiffSeg_x0_recycled"]
+           "nnUNetTrainerTextDiffSeg_recycled", "nnUNetTrainerTextDiffSeg_x0_recycled",
+           "nnUNetTrainerTextDiffSeg_scaledLinear"]
 
 
 _FULL = nnUNetTrainerTextDiffSeg.options
@@ -69,3 +70,10 @@ class nnUNetTrainerTextDiffSeg_recycled(nnUNetTrainerTextDiffSeg):
 class nnUNetTrainerTextDiffSeg_x0_recycled(nnUNetTrainerTextDiffSeg_x0):
     """_x0 trained as sampled (as nnUNetTrainerDiffSegRecycling trains in mask space)."""
     options = replace(_FULL, training_input="recycled")
+
+
+class nnUNetTrainerTextDiffSeg_scaledLinear(nnUNetTrainerTextDiffSeg):
+    """The latent diffusion schedule of Latent Diffusion Models (the paper's [12]; sqrt(beta) linear from 0.00085 to
+    0.012) instead of DDPM's linear betas: the paper names no schedule; 10 DDIM steps then start at SNR 0.0047, not
+    4e-5, and 4 of them (not 3) above SNR 1."""
+    noise_schedule = "scaled_linear"
