@@ -10,7 +10,8 @@ __all__ = ["nnUNetTrainerTextDiffSeg_concatFusion", "nnUNetTrainerTextDiffSeg_do
            "nnUNetTrainerTextDiffSeg_pretrainedLabelAE", "nnUNetTrainerTextDiffSeg_x0",
            "nnUNetTrainerTextDiffSeg_noReconstructionLoss", "nnUNetTrainerTextDiffSeg_reconstructionLossOnly",
            "nnUNetTrainerTextDiffSeg_recycled", "nnUNetTrainerTextDiffSeg_x0_recycled",
-           "nnUNetTrainerTextDiffSeg_scaledLinear"]
+           "nnUNetTrainerTextDiffSeg_scaledLinear", "nnUNetTrainerTextDiffSeg_sampledTimesteps",
+           "nnUNetTrainerTextDiffSeg_scaledLinear_sampledTimesteps"]
 
 
 _FULL = nnUNetTrainerTextDiffSeg.options
@@ -76,4 +77,17 @@ class nnUNetTrainerTextDiffSeg_scaledLinear(nnUNetTrainerTextDiffSeg):
     """The latent diffusion schedule of Latent Diffusion Models (the paper's [12]; sqrt(beta) linear from 0.00085 to
     0.012) instead of DDPM's linear betas: the paper names no schedule; 10 DDIM steps then start at SNR 0.0047, not
     4e-5, and 4 of them (not 3) above SNR 1."""
+    noise_schedule = "scaled_linear"
+
+
+class nnUNetTrainerTextDiffSeg_sampledTimesteps(nnUNetTrainerTextDiffSeg):
+    """Trained on the 10 timesteps its DDIM sampler visits (0, 111, ..., 999: the 1000-step schedule respaced, as
+    recycling trains on its 5), not on all 1000: each draw is a step the sampler takes, the first one (pure noise)
+    1 draw in 10 instead of 1 in 1000. The sampler can then run 10, 4 or 2 steps."""
+    beta_schedule_steps = 1000
+    num_train_timesteps = 10
+
+
+class nnUNetTrainerTextDiffSeg_scaledLinear_sampledTimesteps(nnUNetTrainerTextDiffSeg_sampledTimesteps):
+    """_sampledTimesteps on the latent diffusion schedule (_scaledLinear)."""
     noise_schedule = "scaled_linear"
