@@ -14,6 +14,9 @@ from nnunet_diffusion.trainers.textdiffseg.trainer import nnUNetTrainerTextDiffS
 from nnunet_diffusion.trainers.textdiffseg.variants import (nnUNetTrainerTextDiffSeg_noReconstructionLoss,
                                                             nnUNetTrainerTextDiffSeg_pretrainedLabelAE,
                                                             nnUNetTrainerTextDiffSeg_reconstructionLossOnly,
+                                                            nnUNetTrainerTextDiffSeg_sampledTimesteps,
+                                                            nnUNetTrainerTextDiffSeg_scaledLinear,
+                                                            nnUNetTrainerTextDiffSeg_scaledLinear_sampledTimesteps,
                                                             nnUNetTrainerTextDiffSeg_x0)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,3 +77,51 @@ def test_every_trainable_parameter_gets_a_gradient(trainer_cls, configuration_ma
     result.loss(labels, loss_fn).backward()
     unet_grad = sum(float(p.grad.abs().sum()) for p in net.denoiser.unet.parameters() if p.grad is not None)
     assert unet_grad > 0
+
+
+@pytest.mark.parametrize("trainer_cls, name", [(nnUNetTrainerTextDiffSeg_sampledTimesteps, "linear"),
+                                               (nnUNetTrainerTextDiffSeg_scaledLinear_sampledTimesteps,
+                                                "scaled_linear")])
+def test_sampled_timesteps_train_on_the_ddim_steps_of_the_full_schedule(trainer_cls, name, configuration_manager,
+                                                                        monkeypatch):
+    """The training schedule is the 1000-step one respaced to the sampler's 10 steps: index k is timestep 111 k
+    with the full schedule's alpha_bar there; a draw of index k noises with that alpha_bar and conditions the
+    denoiser on 111 k; the default sampler walks exactly these steps."""
+    from nnunet_diffusion.diffusion.schedules import make_schedule
+    from nnunet_diffusion.diffusion.samplers import sampling_schedule
+    stored = trainer_cls.diffusion_settings()
+    schedule = trainer_cls.training_schedule(stored)
+    full = make_schedule(name, 1000)
+    assert schedule.timesteps.tolist() == [111 * k for k in range(10)]
+    torch.testing.assert_close(schedule.alphas_cumprod, full.alphas_cumprod[schedule.timesteps])
+    sampler = trainer_cls.sampler_from(stored, apply_env=False)
+    assert sampling_schedule(schedule, sampler).timesteps.equal(schedule.timesteps)
+
+    seen = {}
+
+    class RecordingDenoiser(torch.nn.Module):
+        latent_channels = 1
+
+        def encode_labels(self, onehot):
+            return torch.ones(onehot.shape[0], 1, 2, 2)
+
+        def encode_image(self, image):
+            return None
+
+        def forward(self, z_t, t, condition):
+            seen["z_t"], seen["t"] = z_t, t
+            return torch.zeros_like(z_t)
+
+    from nnunet_diffusion.architectures.textdiffseg import segmenter as latent_segmenter
+    def draw(batch, num_steps, device):
+        seen["num_steps"] = num_steps
+        return torch.tensor([9, 3])
+
+    monkeypatch.setattr(latent_segmenter, "sample_timesteps", draw)
+    monkeypatch.setattr(torch, "randn_like", lambda x: torch.zeros_like(x))  # z_t = sqrt(abar) z0
+    segmenter = trainer_cls.build_segmenter(RecordingDenoiser(), schedule, sampler, stored)
+    segmenter.training_pass(torch.zeros(2, 1, 8, 8), torch.zeros(2, 3, 8, 8))
+    assert seen["num_steps"] == 10 and seen["t"].tolist() == [999, 333]
+    assert seen["z_t"][:, 0, 0, 0].tolist() == pytest.approx([full.alphas_cumprod[999].item() ** 0.5,
+                                                                full.alphas_cumprod[333].item() ** 0.5])
+    assert nnUNetTrainerTextDiffSeg_scaledLinear.diffusion_settings()["noise_schedule"] == "scaled_linear"

@@ -35,8 +35,15 @@ class TextDiffSegOptions(StoredOptions):
     # own z0 estimate from z_{T-1} noised to t, as the sampler's later steps see it (segmenter.TRAINING_INPUTS).
     # Variant: _recycled
     training_input: str = "q_sample"
+    # what the sampler does with each x0 estimate of the latent (the paper says nothing): 'standardised', mean 0 and
+    # std 1 per sample as the label encoder's final normalisation makes every true latent ("label embeddings follow a
+    # standardized distribution"), then the +-5 clip; 'clipped': the clip alone, where an eps model's noisy early
+    # estimates sit at +-5, far outside any latent it was trained on. Measured: results_cpu_textdiffseg_estimates.md.
+    # Variant: _clippedEstimates (segmenter.SAMPLED_ESTIMATES)
+    sampled_estimate: str = "standardised"
 
     @classmethod
     def legacy_values(cls) -> dict:
         # a plans.json from before the denoised term: the loss that model trained with (reconstruction only)
-        return {"segmentation_loss": "reconstruction"}
+        # and the sampler before standardised estimates (the clip alone)
+        return {"segmentation_loss": "reconstruction", "sampled_estimate": "clipped"}

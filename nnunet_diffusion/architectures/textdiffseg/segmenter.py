@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from nnunet_diffusion.architectures.segmenter import DiffusionSegmenter
+from nnunet_diffusion.architectures.textdiffseg.label_autoencoder import normalise_latent
 from nnunet_diffusion.diffusion.gaussian import eps_from_x0, gather_coefficient, q_sample, x0_from_eps
 from nnunet_diffusion.diffusion.objectives import min_snr_eps_weight, recycled_noisy_mask
 from nnunet_diffusion.diffusion.samplers import run_reverse_process
@@ -39,6 +40,9 @@ DENOISED_LATENTS = ("x0_estimate", "z_t_minus_eps")
 # estimate of z0 from z_{T-1} (no gradient), noised to t (the recycling paper's train/test alignment: at test time
 # every step after the first sees a latent built from the model's own estimate, never the ground truth's)
 TRAINING_INPUTS = ("q_sample", "recycled")
+# what the sampler does with each x0 estimate: 'standardised' (normalise_latent, the label encoder's own last step,
+# then the clip) or 'clipped' (the clip alone)
+SAMPLED_ESTIMATES = ("standardised", "clipped")
 
 
 @dataclass
@@ -114,13 +118,13 @@ class LatentDiffusionSegmenter(DiffusionSegmenter):
     """DiffusionSegmenter whose diffused variable is the label latent of a ``TextDiffSegDenoiser``. prediction:
     'eps' (the paper's) or 'x0' (the denoiser returns the clean latent); segmentation_loss: one of
     ``SEGMENTATION_LOSSES``; denoised_latent: one of ``DENOISED_LATENTS`` (eps models only); training_input: one
-    of ``TRAINING_INPUTS``."""
+    of ``TRAINING_INPUTS``; sampled_estimate: one of ``SAMPLED_ESTIMATES`` (sampling only, not training)."""
 
     def __init__(self, denoiser, schedule, sampler, prediction: str = "eps", regression_weight: float = 1.0,
                  segmentation_loss: str = "denoised+reconstruction", denoised_latent: str = "x0_estimate",
-                 training_input: str = "q_sample"):
+                 training_input: str = "q_sample", sampled_estimate: str = "standardised"):
         for value, allowed in ((segmentation_loss, SEGMENTATION_LOSSES), (denoised_latent, DENOISED_LATENTS),
-                               (training_input, TRAINING_INPUTS)):
+                               (training_input, TRAINING_INPUTS), (sampled_estimate, SAMPLED_ESTIMATES)):
             if value not in allowed:
                 raise ValueError(f"{value!r} is not one of {allowed}")
         self.regression_weight = regression_weight  # lambda of eq. 6
@@ -130,7 +134,7 @@ class LatentDiffusionSegmenter(DiffusionSegmenter):
             raise ValueError("training_input='recycled' needs a segmentation loss with the reconstruction term "
                              f"({SEGMENTATION_LOSSES[0]!r} or 'reconstruction'), got {segmentation_loss!r}: without "
                              "it the label encoder would get no gradient")
-        self.training_input = training_input
+        self.training_input, self.sampled_estimate = training_input, sampled_estimate
         super().__init__(denoiser, schedule, prediction, sampler)
 
     def estimate(self, x_t: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
@@ -180,7 +184,8 @@ class LatentDiffusionSegmenter(DiffusionSegmenter):
         x_start = noise.repeat(copies, *[1] * (noise.ndim - 1))
         return run_reverse_process(lambda z, t: self.estimate(z, t, condition).float(), x_start,
                                    self.sampling_schedule, self.sampler.kind, self.prediction, generator,
-                                   on_step=on_step, clip=LATENT_CLIP)
+                                   on_step=on_step, clip=LATENT_CLIP,
+                                   project=normalise_latent if self.sampled_estimate == "standardised" else None)
 
     def member_probabilities(self, image: torch.Tensor, copies: int = 1,
                              on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:

@@ -87,7 +87,8 @@ class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrai
     def build_segmenter(cls, denoiser, schedule, sampler, stored: dict) -> nn.Module:
         options = TextDiffSegOptions.from_stored(stored.get(OPTIONS_KEY, {}))
         return LatentDiffusionSegmenter(denoiser, schedule, sampler, stored["prediction"], cls.eps_loss_weight,
-                                        options.segmentation_loss, options.denoised_latent, options.training_input)
+                                        options.segmentation_loss, options.denoised_latent, options.training_input,
+                                        options.sampled_estimate)
 
 
     def text_buffer(self) -> torch.Tensor:

@@ -11,7 +11,7 @@ __all__ = ["nnUNetTrainerTextDiffSeg_concatFusion", "nnUNetTrainerTextDiffSeg_do
            "nnUNetTrainerTextDiffSeg_noReconstructionLoss", "nnUNetTrainerTextDiffSeg_reconstructionLossOnly",
            "nnUNetTrainerTextDiffSeg_recycled", "nnUNetTrainerTextDiffSeg_x0_recycled",
            "nnUNetTrainerTextDiffSeg_scaledLinear", "nnUNetTrainerTextDiffSeg_sampledTimesteps",
-           "nnUNetTrainerTextDiffSeg_scaledLinear_sampledTimesteps"]
+           "nnUNetTrainerTextDiffSeg_scaledLinear_sampledTimesteps", "nnUNetTrainerTextDiffSeg_clippedEstimates"]
 
 
 _FULL = nnUNetTrainerTextDiffSeg.options
@@ -91,3 +91,9 @@ class nnUNetTrainerTextDiffSeg_sampledTimesteps(nnUNetTrainerTextDiffSeg):
 class nnUNetTrainerTextDiffSeg_scaledLinear_sampledTimesteps(nnUNetTrainerTextDiffSeg_sampledTimesteps):
     """_sampledTimesteps on the latent diffusion schedule (_scaledLinear)."""
     noise_schedule = "scaled_linear"
+
+
+class nnUNetTrainerTextDiffSeg_clippedEstimates(nnUNetTrainerTextDiffSeg):
+    """The sampler clips each x0 estimate of the latent to +-5 without standardising it first (this trainer's
+    sampler before; training is the same)."""
+    options = replace(_FULL, sampled_estimate="clipped")
