@@ -38,9 +38,9 @@ def measure(work: Path, results: str, trainer: str, estimate: str, seed: int, ar
     raw = next((work / "raw").glob(f"Dataset{args.dataset_id:03d}_*"))
     env = {**os.environ, "nnUNet_raw": str(work / "raw"), "nnUNet_preprocessed": str(work / "preprocessed"),
            "nnUNet_results": str(work / results), "nnUNet_extTrainer": trainer_path(), "nnUNet_def_n_proc": "1",
-           "nnUNet_n_proc_DA": "0", "NNUNET_DIFFUSION_SEED": str(seed)}
+           "nnUNet_n_proc_DA": "0", "NNUNET_DIFFUSION_SEED": str(seed), "NNUNET_DIFFUSION_SAMPLES": str(args.samples)}
     model = work / results / raw.name / f"{trainer}__{args.plans}__{args.configuration}"
-    out = work / "predictions" / f"estimates_{results}_{trainer}_{estimate}_seed{seed}"
+    out = work / "predictions" / f"estimates_{results}_{trainer}_{estimate}_seed{seed}_samples{args.samples}"
     started = time.perf_counter()
     subprocess.run([sys.executable, __file__, "--worker", estimate, "-i", str(raw / "imagesTs"), "-o", str(out),
                     "-d", str(args.dataset_id), "-c", args.configuration, "-tr", trainer, "-p", args.plans, "-f", "0",
@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", required=True, metavar="RESULTS:TRAINER")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--estimates", nargs="+", default=list(SAMPLED_ESTIMATES), choices=SAMPLED_ESTIMATES)
+    parser.add_argument("--samples", type=int, default=1, help="samples per patch (NNUNET_DIFFUSION_SAMPLES), mean fusion")
     parser.add_argument("--dataset-id", type=int, default=503)
     parser.add_argument("--plans", default="nnUNetPlans_CPU")
     parser.add_argument("--configuration", default="2d")
@@ -77,7 +78,8 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     lines = ["# TextDiffSeg: the sampler's x0 estimates clipped or standardised, on the same trained models", "",
              f"Command: `{command}`", "",
-             "Held-out mean Dice of the 6 test cases (mirroring), one 10-step DDIM sample per patch, per sampler seed. "
+             f"Held-out mean Dice of the test cases (mirroring), {args.samples} 10-step DDIM sample(s) per patch "
+             "(mean of their probabilities), per sampler seed. "
              "'clipped': each x0 estimate of the latent clipped to +-5; 'standardised': first brought to mean 0 and "
              "std 1 per sample, as the label encoder's last step makes every true latent. Training is the same. s/case: "
              "the whole `nnunet-diffusion predict` process over the cases (start-up included).", "",

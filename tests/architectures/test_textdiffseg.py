@@ -16,7 +16,8 @@ from nnunet_diffusion.architectures.textdiffseg.image_encoder import PooledSelfA
 from nnunet_diffusion.architectures.textdiffseg.label_autoencoder import (FixedLabelReduction, LabelAutoencoder,
                                                                           LabelDecoder, LabelEncoder, normalise_latent)
 from nnunet_diffusion.architectures.textdiffseg import segmenter as latent_segmenter
-from nnunet_diffusion.architectures.textdiffseg.segmenter import LatentDiffusionSegmenter
+from nnunet_diffusion.architectures.textdiffseg.options import TextDiffSegOptions
+from nnunet_diffusion.architectures.textdiffseg.segmenter import SAMPLED_ESTIMATES, LatentDiffusionSegmenter
 from nnunet_diffusion.architectures.textdiffseg.text_fusion import TextCrossAttention
 from nnunet_diffusion.diffusion.gaussian import gather_coefficient
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
@@ -160,6 +161,7 @@ def test_latent_sampler_recovers_a_known_latent_in_every_sample():
     schedule = make_schedule("linear", 1000)
     z0 = torch.randn(2, 3, 4, 4).clamp(-3, 3)
     z0 = z0.sign() * (z0.abs() + 0.5)  # away from 0, where the oracle's decoding is not saturated
+    z0 = normalise_latent(z0)  # a latent the label encoder can make: the standardised estimates leave it as it is
     segmenter = LatentDiffusionSegmenter(OracleDenoiser(z0, schedule), schedule,
                                          SamplerSettings(kind="ddim", steps=10, num_samples=3))
     latents = segmenter.sample_latent(torch.zeros(2, 1, 8, 8))
@@ -168,6 +170,29 @@ def test_latent_sampler_recovers_a_known_latent_in_every_sample():
     assert probabilities.shape == (2, 3, 2, 8, 8)
     expected = (F.interpolate(z0[:, :1], scale_factor=2.0) > 0).float()
     torch.testing.assert_close(probabilities[:, :, 1], expected.expand(2, 3, 8, 8), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("estimate", SAMPLED_ESTIMATES)
+def test_sampled_estimates_standardise_or_only_clip(estimate):
+    """An oracle for a latent no encoder makes (mean 2, std 3): 'clipped' ends on it clipped to +-5, 'standardised'
+    on its standardisation (the last step's estimate is the oracle's z0 exactly, then projected)."""
+    schedule = make_schedule("linear", 1000)
+    z0 = 2 + 3 * torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    segmenter = LatentDiffusionSegmenter(OracleDenoiser(z0, schedule), schedule,
+                                         SamplerSettings(kind="ddim", steps=10), sampled_estimate=estimate)
+    latents = segmenter.sample_latent(torch.zeros(2, 1, 8, 8))
+    flat = z0.flatten(1)
+    by_hand = ((flat - flat.mean(1, keepdim=True)) / (flat.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt())
+    expected = z0.clamp(-5, 5) if estimate == "clipped" else by_hand.reshape(z0.shape).clamp(-5, 5)
+    torch.testing.assert_close(latents, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_models_stored_before_standardised_estimates_keep_the_clip():
+    assert TextDiffSegOptions.from_stored({"segmentation_loss": "denoised"}).sampled_estimate == "clipped"
+    assert TextDiffSegOptions().sampled_estimate == "standardised"
+    with pytest.raises(ValueError, match="not one of"):
+        LatentDiffusionSegmenter(nn.Identity(), make_schedule("linear", 10), SamplerSettings(steps=10),
+                                 sampled_estimate="rescaled")
 
 
 # ---- eq. 4-6: the segmentation loss on the decoded denoised latent ------------------------------------------------

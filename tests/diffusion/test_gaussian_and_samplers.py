@@ -112,6 +112,31 @@ def test_ddim_chain_with_perfect_x0_model_returns_x0():
     assert seen == [3, 2, 1, 0]
 
 
+def test_reverse_process_projects_every_estimate_and_rederives_eps_from_it():
+    """project(x0_hat) = 0 at every step: each DDIM step is then x_{k-1} = sqrt(abar_{k-1}) 0 + sqrt(1 - abar_{k-1})
+    eps with eps = x_k / sqrt(1 - abar_k) (re-derived from the projected estimate, not the model's output)."""
+    sp = sampling_schedule(linear_schedule(T), SamplerSettings(steps=4))
+    inputs, projected = [], []
+
+    def model(x, t):
+        inputs.append(x.clone())
+        return torch.full_like(x, 3.0)  # an eps the loop must not use
+
+    def project(x0):
+        projected.append(x0.clone())
+        return torch.zeros_like(x0)
+
+    x_start = torch.randn(1, 2, 3)
+    out = run_reverse_process(model, x_start, sp, "ddim", "eps", torch.Generator(), project=project)
+    assert len(projected) == 4 and torch.equal(out, torch.zeros_like(out))
+    abar = sp.alphas_cumprod
+    for k in (3, 2, 1):
+        expected = inputs[3 - k] * ((1 - abar[k - 1]) / (1 - abar[k])).sqrt().float()
+        torch.testing.assert_close(inputs[4 - k], expected)
+    # the model's raw estimate reached the projection: x0_from_eps of its output
+    torch.testing.assert_close(projected[0], ((x_start - (1 - abar[3]).sqrt() * 3.0) / abar[3].sqrt()).float())
+
+
 def test_reverse_process_start_index():
     sp = sampling_schedule(linear_schedule(T), SamplerSettings(steps=10))
     seen = []
