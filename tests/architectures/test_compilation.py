@@ -93,7 +93,8 @@ def test_dsm_networks_compile_whole(stage):
         assert compile_step_networks(net, log=pytest.fail, backend="aot_eager") == ["network"]
         compiled = net(image)
     assert is_compiled(net)
-    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    # float32 reassociation in the traced graph: 3.8e-6 on stage 2's logits (of order 1) seen on one CPU
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_what_torch_cannot_compile_runs_eagerly_and_says_why_once():

@@ -44,8 +44,11 @@ def test_same_seed_same_prediction_bit_for_bit_and_other_batching_within_roundin
     assert first.keys() == again.keys() == one_window_per_call.keys() == other_seed.keys() and len(first) == 2
     for name in first:
         np.testing.assert_array_equal(again[name], first[name])
-        # the same noise, other kernels' rounding, carried through 4 sampler steps (measured: 1.8e-3)
-        np.testing.assert_allclose(one_window_per_call[name], first[name], rtol=0, atol=1e-2)
+        # the same noise, other kernels' rounding, carried through 4 sampler steps (measured: at most 1.8e-3 on one
+        # machine; on another one voxel in 55125 at 1.1e-2, every other within 1e-3): the bulk within 1e-3, none
+        # beyond 5e-2
+        difference = np.abs(one_window_per_call[name] - first[name])
+        assert (difference <= 1e-3).mean() > 0.999 and difference.max() < 5e-2
         same_label = (one_window_per_call[name].argmax(0) == first[name].argmax(0)).mean()
         assert same_label > 0.999
         assert np.abs(other_seed[name] - first[name]).max() > 1e-6  # the seed does decide the noise
