@@ -11,7 +11,8 @@ __all__ = ["nnUNetTrainerTextDiffSeg_concatFusion", "nnUNetTrainerTextDiffSeg_do
            "nnUNetTrainerTextDiffSeg_noReconstructionLoss", "nnUNetTrainerTextDiffSeg_reconstructionLossOnly",
            "nnUNetTrainerTextDiffSeg_recycled", "nnUNetTrainerTextDiffSeg_x0_recycled",
            "nnUNetTrainerTextDiffSeg_scaledLinear", "nnUNetTrainerTextDiffSeg_sampledTimesteps",
-           "nnUNetTrainerTextDiffSeg_scaledLinear_sampledTimesteps", "nnUNetTrainerTextDiffSeg_clippedEstimates"]
+           "nnUNetTrainerTextDiffSeg_scaledLinear_sampledTimesteps", "nnUNetTrainerTextDiffSeg_clippedEstimates",
+           "nnUNetTrainerTextDiffSeg_cosine"]
 
 
 _FULL = nnUNetTrainerTextDiffSeg.options
@@ -97,3 +98,9 @@ class nnUNetTrainerTextDiffSeg_clippedEstimates(nnUNetTrainerTextDiffSeg):
     """The sampler clips each x0 estimate of the latent to +-5 without standardising it first (this trainer's
     sampler before; training is the same)."""
     options = replace(_FULL, sampled_estimate="clipped")
+
+
+class nnUNetTrainerTextDiffSeg_cosine(nnUNetTrainerTextDiffSeg):
+    """The cosine schedule (Nichol & Dhariwal) of LDSeg, the paper's [19], whose q_t(z_t | y, X) ~ N(z_dn, sigma^2 I)
+    the paper quotes: the paper names no schedule; 10 DDIM steps then have 5 (not 3) above SNR 1."""
+    noise_schedule = "cosine"
