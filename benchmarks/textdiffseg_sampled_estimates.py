@@ -76,12 +76,15 @@ def main() -> None:
             for seed in args.seeds:
                 rows.append(measure(Path(args.work), results, trainer, estimate, seed, args))
                 print(json.dumps(rows[-1]), flush=True)
-    lines = ["# TextDiffSeg: the sampler's x0 estimates clipped or standardised, on the same trained models", "",
+    lines = ["# TextDiffSeg: the sampler's x0 estimates clipped, standardised or projected, on the same trained models",
+             "",
              f"Command: `{command}`", "",
              f"Held-out mean Dice of the test cases (mirroring), {args.samples} 10-step DDIM sample(s) per patch "
              "(mean of their probabilities), per sampler seed. "
              "'clipped': each x0 estimate of the latent clipped to +-5; 'standardised': first brought to mean 0 and "
-             "std 1 per sample, as the label encoder's last step makes every true latent. Training is the same. s/case: "
+             "std 1 per sample, as the label encoder's last step makes every true latent; 'projected': replaced by the "
+             "latent of the label map it decodes to (decoded, argmax, re-encoded), but for the last one. Training is the "
+             "same. s/case: "
              "the whole `nnunet-diffusion predict` process over the cases (start-up included).", "",
              "| model (nnUNet_results folder) | trainer | sampled estimate | " +
              " | ".join(f"seed {s}" for s in args.seeds) + " | mean | s/case (mean) |",

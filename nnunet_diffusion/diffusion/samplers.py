@@ -115,7 +115,8 @@ def run_reverse_process(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.T
                         start_index: Optional[int] = None,
                         on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
                         end_index: int = 0, clip: float = 1.0,
-                        project: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+                        project: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                        project_last: bool = True) -> torch.Tensor:
     """The reverse loop, from step ``start_index`` (default K-1) down to ``end_index`` (default 0).
 
     Args:
@@ -129,6 +130,8 @@ def run_reverse_process(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.T
         clip: x0 estimates are clipped to [-clip, clip] (1: masks; latent diffusion passes its latent's range).
         project: applied to every x0 estimate before the clip (latent diffusion: the label encoder's per-sample
             normalisation, which every true latent satisfies); the next step's eps is re-derived from the result.
+        project_last: also project the estimate of the last step (the one returned); False: the steps continue
+            from projected estimates, the result is the model's own.
     Returns:
         (B, C, *S) the x0 estimate of the last step evaluated, clipped to [-clip, clip].
     """
@@ -141,7 +144,7 @@ def run_reverse_process(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.T
         t_k = torch.full((batch,), k, dtype=torch.long)
         out = model_fn(x, schedule.timesteps[t_k].to(x.device))
         x0_hat = out if prediction == "x0" else x0_from_eps(schedule, x, t_k, out)
-        if project is not None:
+        if project is not None and (project_last or k != end_index):
             x0_hat = project(x0_hat)
         # masks live in [-1, 1]; clipping the estimate (and re-deriving eps from it) keeps steps in range
         x0_hat = x0_hat.clamp(-clip, clip)

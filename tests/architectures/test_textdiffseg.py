@@ -172,7 +172,7 @@ def test_latent_sampler_recovers_a_known_latent_in_every_sample():
     torch.testing.assert_close(probabilities[:, :, 1], expected.expand(2, 3, 8, 8), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("estimate", SAMPLED_ESTIMATES)
+@pytest.mark.parametrize("estimate", ["clipped", "standardised"])
 def test_sampled_estimates_standardise_or_only_clip(estimate):
     """An oracle for a latent no encoder makes (mean 2, std 3): 'clipped' ends on it clipped to +-5, 'standardised'
     on its standardisation (the last step's estimate is the oracle's z0 exactly, then projected)."""
@@ -185,6 +185,33 @@ def test_sampled_estimates_standardise_or_only_clip(estimate):
     by_hand = ((flat - flat.mean(1, keepdim=True)) / (flat.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt())
     expected = z0.clamp(-5, 5) if estimate == "clipped" else by_hand.reshape(z0.shape).clamp(-5, 5)
     torch.testing.assert_close(latents, expected, atol=1e-4, rtol=1e-4)
+
+
+class LabelMapDenoiser(OracleDenoiser):
+    """OracleDenoiser whose label encoder is known: class c of a 2x2 block -> latent (2c - 1) in every channel."""
+
+    def encode_labels(self, onehot):
+        return F.avg_pool2d(onehot[:, 1:2] * 2 - 1, 2).repeat(1, self.latent_channels, 1, 1)
+
+
+def test_projected_estimates_are_the_latents_of_their_decoded_label_maps():
+    """'projected': an estimate z is replaced by encode(one_hot(argmax(decode(z)))), by hand sign(z[:, 0]) in every
+    channel; the last estimate is the model's own (with an oracle, its z0)."""
+    schedule = make_schedule("linear", 1000)
+    z0 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    segmenter = LatentDiffusionSegmenter(LabelMapDenoiser(z0, schedule), schedule,
+                                         SamplerSettings(kind="ddim", steps=10), sampled_estimate="projected")
+    z = torch.tensor([[[[0.3, -2.0], [4.0, -0.1]]] * 3]).reshape(1, 3, 2, 2)
+    by_hand = z[:, :1].sign().repeat(1, 3, 1, 1)
+    torch.testing.assert_close(segmenter.project_to_label_latent(z), by_hand)
+    seen = []
+    latents = segmenter.sample_latent(torch.zeros(2, 1, 8, 8), on_step=lambda k, x0: seen.append((k, x0)))
+    torch.testing.assert_close(latents, z0.clamp(-5, 5), atol=1e-4, rtol=1e-4)
+    # every estimate but the last was projected: each holds only +-1 (the sign of the oracle's z0, first channel)
+    expected = z0[:, :1].sign().repeat(1, 3, 1, 1)
+    for k, x0 in seen[:-1]:
+        torch.testing.assert_close(x0, expected, atol=1e-4, rtol=0)
+    assert [k for k, _ in seen] == list(range(9, -1, -1))
 
 
 def test_models_stored_before_standardised_estimates_keep_the_clip():

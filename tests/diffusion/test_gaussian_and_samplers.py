@@ -137,6 +137,27 @@ def test_reverse_process_projects_every_estimate_and_rederives_eps_from_it():
     torch.testing.assert_close(projected[0], ((x_start - (1 - abar[3]).sqrt() * 3.0) / abar[3].sqrt()).float())
 
 
+def test_reverse_process_can_return_the_models_own_last_estimate():
+    """project_last=False: every step continues from a projected estimate (here 0), the returned one is the model's:
+    at k = 0 the eps model's x0_from_eps of its output, clipped."""
+    sp = sampling_schedule(linear_schedule(T), SamplerSettings(steps=4))
+    calls, inputs = [], []
+
+    def model(x, t):
+        inputs.append(x.clone())
+        return torch.full_like(x, 0.5)
+
+    def project(x0):
+        calls.append(x0.clone())
+        return torch.zeros_like(x0)
+
+    out = run_reverse_process(model, torch.randn(1, 2, 3), sp, "ddim", "eps", torch.Generator(), project=project,
+                              project_last=False, clip=100.0)
+    assert len(calls) == 3  # steps 3, 2, 1; not the last
+    abar0 = sp.alphas_cumprod[0]
+    torch.testing.assert_close(out, ((inputs[-1] - (1 - abar0).sqrt() * 0.5) / abar0.sqrt()).float())
+
+
 def test_reverse_process_start_index():
     sp = sampling_schedule(linear_schedule(T), SamplerSettings(steps=10))
     seen = []

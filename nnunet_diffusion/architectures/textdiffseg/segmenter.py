@@ -41,8 +41,10 @@ DENOISED_LATENTS = ("x0_estimate", "z_t_minus_eps")
 # every step after the first sees a latent built from the model's own estimate, never the ground truth's)
 TRAINING_INPUTS = ("q_sample", "recycled")
 # what the sampler does with each x0 estimate: 'standardised' (normalise_latent, the label encoder's own last step,
-# then the clip) or 'clipped' (the clip alone)
-SAMPLED_ESTIMATES = ("standardised", "clipped")
+# then the clip), 'clipped' (the clip alone) or 'projected' (onto the latents of label maps: decoded, argmax,
+# re-encoded, as Diffusion-LM clamps each estimate to its nearest word embedding; the last estimate is the model's
+# own, decoded once: re-encoding it would add the autoencoder's reconstruction error to the result)
+SAMPLED_ESTIMATES = ("standardised", "clipped", "projected")
 
 
 @dataclass
@@ -184,8 +186,19 @@ class LatentDiffusionSegmenter(DiffusionSegmenter):
         x_start = noise.repeat(copies, *[1] * (noise.ndim - 1))
         return run_reverse_process(lambda z, t: self.estimate(z, t, condition).float(), x_start,
                                    self.sampling_schedule, self.sampler.kind, self.prediction, generator,
-                                   on_step=on_step, clip=LATENT_CLIP,
-                                   project=normalise_latent if self.sampled_estimate == "standardised" else None)
+                                   on_step=on_step, clip=LATENT_CLIP, project=self._estimate_projection(),
+                                   project_last=self.sampled_estimate != "projected")
+
+    def _estimate_projection(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        return {"standardised": normalise_latent, "clipped": None,
+                "projected": self.project_to_label_latent}[self.sampled_estimate]
+
+    def project_to_label_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, k, *L) -> (B, k, *L) float32: the latent of the label map z decodes to (decoded, argmax, one-hot,
+        encoded): a latent the label encoder makes, for a noisy eps-model estimate far from all of them."""
+        logits = self.denoiser.decode_labels(z)
+        onehot = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=1, keepdim=True), 1)
+        return self.denoiser.encode_labels(onehot).float()
 
     def member_probabilities(self, image: torch.Tensor, copies: int = 1,
                              on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
