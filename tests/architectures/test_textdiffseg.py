@@ -163,7 +163,8 @@ def test_latent_sampler_recovers_a_known_latent_in_every_sample():
     z0 = z0.sign() * (z0.abs() + 0.5)  # away from 0, where the oracle's decoding is not saturated
     z0 = normalise_latent(z0)  # a latent the label encoder can make: the standardised estimates leave it as it is
     segmenter = LatentDiffusionSegmenter(OracleDenoiser(z0, schedule), schedule,
-                                         SamplerSettings(kind="ddim", steps=10, num_samples=3))
+                                         SamplerSettings(kind="ddim", steps=10, num_samples=3),
+                                         sampled_estimate="standardised")  # the oracle has no label encoder
     latents = segmenter.sample_latent(torch.zeros(2, 1, 8, 8))
     torch.testing.assert_close(latents, z0.repeat_interleave(3, 0), atol=1e-4, rtol=1e-4)
     probabilities = segmenter.member_probabilities(torch.zeros(2, 1, 8, 8))
@@ -216,7 +217,8 @@ def test_projected_estimates_are_the_latents_of_their_decoded_label_maps():
 
 def test_models_stored_before_standardised_estimates_keep_the_clip():
     assert TextDiffSegOptions.from_stored({"segmentation_loss": "denoised"}).sampled_estimate == "clipped"
-    assert TextDiffSegOptions().sampled_estimate == "standardised"
+    assert TextDiffSegOptions().sampled_estimate == "projected"
+    assert TextDiffSegOptions.from_stored({"sampled_estimate": "standardised"}).sampled_estimate == "standardised"
     with pytest.raises(ValueError, match="not one of"):
         LatentDiffusionSegmenter(nn.Identity(), make_schedule("linear", 10), SamplerSettings(steps=10),
                                  sampled_estimate="rescaled")
@@ -319,13 +321,14 @@ def test_ldseg_reading_of_the_denoised_latent_is_z_t_minus_eps_hat():
         torch.testing.assert_close(result.loss(labels, ce_and_soft_dice), expected + 0.3 * mse)
 
 
-@pytest.mark.parametrize("prediction, t", [("eps", 200), ("eps", 500), ("x0", 500)])
-def test_segmentation_term_reaches_the_denoiser_through_the_denoised_latent(prediction, t):
+@pytest.mark.parametrize("prediction, t, reading", [("eps", 200, "x0_estimate"), ("eps", 500, "x0_estimate"),
+                                                     ("x0", 500, "x0_estimate"), ("eps", 500, "x0_estimate_exact")])
+def test_segmentation_term_reaches_the_denoiser_through_the_denoised_latent(prediction, t, reading):
     """With lambda's MSE removed, the denoiser's scale gets a gradient from the segmentation term: the finite
     difference of segmentation_loss(decode(z_dn(scale))), for an eps model times min(1, sqrt(SNR_t)) (1 at t = 200,
-    SNR 1.9; 0.29 at t = 500); the reconstruction-only loss gives it none. The decoder gets one from the denoised
-    term alone."""
-    segmenter, image, labels, z0, abar, noise, result = loss_case(prediction, "denoised", t=t)
+    SNR 1.9; 0.29 at t = 500; 'x0_estimate_exact': the finite difference itself); the reconstruction-only loss gives
+    it none. The decoder gets one from the denoised term alone."""
+    segmenter, image, labels, z0, abar, noise, result = loss_case(prediction, "denoised", reading, t=t)
     segmenter.regression_weight = 0.0
     result.loss(labels, ce_and_soft_dice).backward()
     net = segmenter.denoiser
@@ -340,7 +343,7 @@ def test_segmentation_term_reaches_the_denoiser_through_the_denoised_latent(pred
     with torch.no_grad():
         h = 1e-3
         expected = (seg(0.7 + h) - seg(0.7 - h)) / (2 * h)
-    if prediction == "eps":
+    if prediction == "eps" and reading == "x0_estimate":
         snr = float(abar[0] / (1 - abar[0]))
         assert (snr > 1) == (t == 200)
         expected = expected * min(1.0, snr ** 0.5)

@@ -35,12 +35,15 @@ class TextDiffSegOptions(StoredOptions):
     # own z0 estimate from z_{T-1} noised to t, as the sampler's later steps see it (segmenter.TRAINING_INPUTS).
     # Variant: _recycled
     training_input: str = "q_sample"
-    # what the sampler does with each x0 estimate of the latent (the paper says nothing): 'standardised', mean 0 and
-    # std 1 per sample as the label encoder's final normalisation makes every true latent ("label embeddings follow a
-    # standardized distribution"), then the +-5 clip; 'clipped': the clip alone, where an eps model's noisy early
-    # estimates sit at +-5, far outside any latent it was trained on. Measured: results_cpu_textdiffseg_estimates.md.
-    # Variant: _clippedEstimates (segmenter.SAMPLED_ESTIMATES)
-    sampled_estimate: str = "standardised"
+    # what the sampler does with each x0 estimate of the latent (the paper says nothing): 'projected', replaced by the
+    # latent of the label map it decodes to (decoded, argmax, re-encoded; the last estimate is the model's own), as
+    # Diffusion-LM clamps each estimate of a discrete token to its embedding: an eps model's early estimates lie far
+    # from every latent the label encoder makes, and DDIM would carry them on. 'standardised': mean 0 and std 1 per
+    # sample, as the label encoder's final normalisation makes every true latent ("label embeddings follow a
+    # standardized distribution"), then the +-5 clip; 'clipped': the clip alone. Measured:
+    # results_cpu_textdiffseg_estimates*.md. Variants: _standardisedEstimates, _clippedEstimates
+    # (segmenter.SAMPLED_ESTIMATES)
+    sampled_estimate: str = "projected"
 
     @classmethod
     def legacy_values(cls) -> dict:

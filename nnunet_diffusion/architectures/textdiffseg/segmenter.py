@@ -34,8 +34,10 @@ SEGMENTATION_LOSSES = ("denoised+reconstruction", "denoised", "reconstruction")
 # an eps model's denoised latent: 'x0_estimate' (z_t - sqrt(1 - abar) eps_hat) / sqrt(abar), what DDIM steps through
 # and ends on, clipped as the sampler clips it; or 'z_t_minus_eps', LDSeg's literal z_t - eps_hat (no 1/sqrt(abar),
 # but under q_sample's scaling not an estimate of z0 at any t: the decoder would learn latents the sampler never
-# produces). x0 models: their output.
-DENOISED_LATENTS = ("x0_estimate", "z_t_minus_eps")
+# produces); 'x0_estimate_exact', the x0 estimate with its exact gradient (not capped where SNR < 1: the noisiest
+# draws, where the sampler's first estimate reads the image alone, train as strongly as an x0 model's). x0 models:
+# their output.
+DENOISED_LATENTS = ("x0_estimate", "z_t_minus_eps", "x0_estimate_exact")
 # what a training draw's z_t is: 'q_sample' the noised ground-truth latent (eq. 3); 'recycled' the model's own
 # estimate of z0 from z_{T-1} (no gradient), noised to t (the recycling paper's train/test alignment: at test time
 # every step after the first sees a latent built from the model's own estimate, never the ground truth's)
@@ -71,6 +73,8 @@ class LatentTrainingPass:
             z = output
         elif self.segmenter.denoised_latent == "z_t_minus_eps":
             z = self.z_t.float() - output
+        elif self.segmenter.denoised_latent == "x0_estimate_exact":
+            z = x0_from_eps(self.segmenter.schedule, self.z_t.float(), self.t, output)
         else:
             z = x0_from_eps(self.segmenter.schedule, self.z_t.float(), self.t, output)
             # its gradient in eps_hat is -sqrt(1 / abar - 1): 18 at t = 845, 156 at t = 999, an over-weighting of
@@ -124,7 +128,7 @@ class LatentDiffusionSegmenter(DiffusionSegmenter):
 
     def __init__(self, denoiser, schedule, sampler, prediction: str = "eps", regression_weight: float = 1.0,
                  segmentation_loss: str = "denoised+reconstruction", denoised_latent: str = "x0_estimate",
-                 training_input: str = "q_sample", sampled_estimate: str = "standardised"):
+                 training_input: str = "q_sample", sampled_estimate: str = "projected"):
         for value, allowed in ((segmentation_loss, SEGMENTATION_LOSSES), (denoised_latent, DENOISED_LATENTS),
                                (training_input, TRAINING_INPUTS), (sampled_estimate, SAMPLED_ESTIMATES)):
             if value not in allowed:

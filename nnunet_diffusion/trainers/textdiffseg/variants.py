@@ -12,7 +12,8 @@ __all__ = ["nnUNetTrainerTextDiffSeg_concatFusion", "nnUNetTrainerTextDiffSeg_do
            "nnUNetTrainerTextDiffSeg_recycled", "nnUNetTrainerTextDiffSeg_x0_recycled",
            "nnUNetTrainerTextDiffSeg_scaledLinear", "nnUNetTrainerTextDiffSeg_sampledTimesteps",
            "nnUNetTrainerTextDiffSeg_scaledLinear_sampledTimesteps", "nnUNetTrainerTextDiffSeg_clippedEstimates",
-           "nnUNetTrainerTextDiffSeg_cosine"]
+           "nnUNetTrainerTextDiffSeg_cosine",
+           "nnUNetTrainerTextDiffSeg_exactEstimateGradient", "nnUNetTrainerTextDiffSeg_standardisedEstimates"]
 
 
 _FULL = nnUNetTrainerTextDiffSeg.options
@@ -94,9 +95,16 @@ class nnUNetTrainerTextDiffSeg_scaledLinear_sampledTimesteps(nnUNetTrainerTextDi
     noise_schedule = "scaled_linear"
 
 
+class nnUNetTrainerTextDiffSeg_standardisedEstimates(nnUNetTrainerTextDiffSeg):
+    """The sampler standardises each x0 estimate of the latent (mean 0, std 1 per sample) and clips it to +-5,
+    instead of projecting it onto the latent of its label map (this trainer's sampler before; training is the
+    same)."""
+    options = replace(_FULL, sampled_estimate="standardised")
+
+
 class nnUNetTrainerTextDiffSeg_clippedEstimates(nnUNetTrainerTextDiffSeg):
-    """The sampler clips each x0 estimate of the latent to +-5 without standardising it first (this trainer's
-    sampler before; training is the same)."""
+    """The sampler clips each x0 estimate of the latent to +-5, neither standardised nor projected (this trainer's
+    sampler before 2026-12-02; training is the same)."""
     options = replace(_FULL, sampled_estimate="clipped")
 
 
@@ -104,3 +112,10 @@ class nnUNetTrainerTextDiffSeg_cosine(nnUNetTrainerTextDiffSeg):
     """The cosine schedule (Nichol & Dhariwal) of LDSeg, the paper's [19], whose q_t(z_t | y, X) ~ N(z_dn, sigma^2 I)
     the paper quotes: the paper names no schedule; 10 DDIM steps then have 5 (not 3) above SNR 1."""
     noise_schedule = "cosine"
+
+
+class nnUNetTrainerTextDiffSeg_exactEstimateGradient(nnUNetTrainerTextDiffSeg):
+    """Eq. 4's L1 reaches eps_hat through the x0 estimate's exact gradient, -sqrt(1 / abar - 1) (156 at t = 999),
+    not capped at 1 where SNR < 1: the draws near pure noise, where the sampler's first estimate reads the image
+    alone, weigh as much in the estimate as an x0 model's."""
+    options = replace(_FULL, denoised_latent="x0_estimate_exact")
