@@ -83,7 +83,7 @@ def main() -> None:
              "(mean of their probabilities), per sampler seed. "
              "'clipped': each x0 estimate of the latent clipped to +-5; 'standardised': first brought to mean 0 and "
              "std 1 per sample, as the label encoder's last step makes every true latent; 'projected': replaced by the "
-             "latent of the label map it decodes to (decoded, argmax, re-encoded), but for the last one. Training is the "
+             "latent of the label map it decodes to (decoded to class probabilities, re-encoded), but for the last one. Training is the "
              "same. s/case: "
              "the whole `nnunet-diffusion predict` process over the cases (start-up included).", "",
              "| model (nnUNet_results folder) | trainer | sampled estimate | " +

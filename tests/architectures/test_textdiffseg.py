@@ -189,27 +189,29 @@ def test_sampled_estimates_standardise_or_only_clip(estimate):
 
 
 class LabelMapDenoiser(OracleDenoiser):
-    """OracleDenoiser whose label encoder is known: class c of a 2x2 block -> latent (2c - 1) in every channel."""
+    """OracleDenoiser whose label encoder is known: class probabilities (p_0, p_1) of a 2x2 block -> latent
+    2 p_1 - 1 (pooled) in every channel."""
 
-    def encode_labels(self, onehot):
-        return F.avg_pool2d(onehot[:, 1:2] * 2 - 1, 2).repeat(1, self.latent_channels, 1, 1)
+    def encode_labels(self, probabilities):
+        return F.avg_pool2d(probabilities[:, 1:2] * 2 - 1, 2).repeat(1, self.latent_channels, 1, 1)
 
 
 def test_projected_estimates_are_the_latents_of_their_decoded_label_maps():
-    """'projected': an estimate z is replaced by encode(one_hot(argmax(decode(z)))), by hand sign(z[:, 0]) in every
-    channel; the last estimate is the model's own (with an oracle, its z0)."""
+    """'projected': an estimate z is replaced by encode(softmax(decode(z))); with this decoder (logits -100 z, 100 z)
+    and encoder (2 p_1 - 1, pooled) that is by hand tanh(100 z[:, 0]) in every channel. The last estimate is the
+    model's own (with an oracle, its z0)."""
     schedule = make_schedule("linear", 1000)
     z0 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     segmenter = LatentDiffusionSegmenter(LabelMapDenoiser(z0, schedule), schedule,
                                          SamplerSettings(kind="ddim", steps=10), sampled_estimate="projected")
-    z = torch.tensor([[[[0.3, -2.0], [4.0, -0.1]]] * 3]).reshape(1, 3, 2, 2)
-    by_hand = z[:, :1].sign().repeat(1, 3, 1, 1)
+    z = torch.tensor([[[[0.3, -2.0], [0.01, -0.004]]] * 3]).reshape(1, 3, 2, 2)
+    by_hand = torch.tensor([[1.0, -1.0], [0.76159416, -0.37994896]]).expand(1, 3, 2, 2)  # tanh(1), tanh(-0.4)
     torch.testing.assert_close(segmenter.project_to_label_latent(z), by_hand)
     seen = []
     latents = segmenter.sample_latent(torch.zeros(2, 1, 8, 8), on_step=lambda k, x0: seen.append((k, x0)))
     torch.testing.assert_close(latents, z0.clamp(-5, 5), atol=1e-4, rtol=1e-4)
-    # every estimate but the last was projected: each holds only +-1 (the sign of the oracle's z0, first channel)
-    expected = z0[:, :1].sign().repeat(1, 3, 1, 1)
+    # every estimate but the last was projected: the oracle's z0 read through tanh(100 z0[:, 0]), in every channel
+    expected = torch.tanh(100 * z0[:, :1]).repeat(1, 3, 1, 1)
     for k, x0 in seen[:-1]:
         torch.testing.assert_close(x0, expected, atol=1e-4, rtol=0)
     assert [k for k, _ in seen] == list(range(9, -1, -1))
