@@ -36,9 +36,9 @@ class TextDiffSegOptions(StoredOptions):
     # Variant: _recycled
     training_input: str = "q_sample"
     # what the sampler does with each x0 estimate of the latent (the paper says nothing): 'projected', replaced by the
-    # latent of the label map it decodes to (decoded to class probabilities, re-encoded; the last estimate is the model's own), as
-    # Diffusion-LM clamps each estimate of a discrete token to its embedding: an eps model's early estimates lie far
-    # from every latent the label encoder makes, and DDIM would carry them on. 'standardised': mean 0 and std 1 per
+    # latent of the label map it decodes to (decoded to class probabilities, re-encoded; the last estimate is the
+    # model's own), as Diffusion-LM clamps each estimate of a discrete token to its embedding: an eps model's early
+    # estimates lie far from every latent the label encoder makes, and DDIM would carry them on. 'standardised': mean 0 and std 1 per
     # sample, as the label encoder's final normalisation makes every true latent ("label embeddings follow a
     # standardized distribution"), then the +-5 clip; 'clipped': the clip alone. Measured:
     # results_cpu_textdiffseg_estimates*.md. Variants: _standardisedEstimates, _clippedEstimates

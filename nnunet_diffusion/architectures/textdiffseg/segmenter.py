@@ -67,16 +67,15 @@ class LatentTrainingPass:
     def denoised_latent(self) -> torch.Tensor:
         """(B, k, *L) float32 z_dn, clipped to +-LATENT_CLIP: the output of an 'x0' model, or an eps model's
         reading of it (``DENOISED_LATENTS``). Differentiable in the output (and z_t) inside the clip; the x0
-        estimate's gradient is capped where the SNR is below 1 (below)."""
+        estimate's gradient is capped where the SNR is below 1 (below; 'x0_estimate_exact' keeps it exact)."""
         output = self.output.float()
         if self.segmenter.prediction == "x0":
             z = output
         elif self.segmenter.denoised_latent == "z_t_minus_eps":
             z = self.z_t.float() - output
-        elif self.segmenter.denoised_latent == "x0_estimate_exact":
-            z = x0_from_eps(self.segmenter.schedule, self.z_t.float(), self.t, output)
         else:
             z = x0_from_eps(self.segmenter.schedule, self.z_t.float(), self.t, output)
+        if self.segmenter.prediction == "eps" and self.segmenter.denoised_latent == "x0_estimate":
             # its gradient in eps_hat is -sqrt(1 / abar - 1): 18 at t = 845, 156 at t = 999, an over-weighting of
             # the noisiest draws (and of their half-precision rounding). Keep the value, scale the gradient by
             # min(1, sqrt(abar / (1 - abar))): capped at z_t - eps_hat's -1 where the SNR is below 1
