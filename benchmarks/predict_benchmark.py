@@ -11,7 +11,8 @@ For every trainer and mirroring setting (off: --disable_tta; on: the model's sto
 each with -npp 0 -nps 0 on the same machine, one after another, each in a fresh process that builds the
 predictor as the command does and times only the prediction (s/case: what a long prediction run pays per case;
 start-up and model loading are reported apart); peak memory is that process's max RSS. Dice is evaluated on our command's output. ``--steps`` adds rows of ours with fewer sampler steps
-(for the trainers that accept them), to measure what a cheaper default costs in Dice.
+(for the trainers that accept them), to measure what a cheaper default costs in Dice; ``--max-batch`` rows of ours
+with another --max_batch; ``--commands`` and ``--mirroring`` pick the base rows.
 
     python benchmarks/predict_benchmark.py --work /work/bench --results /work/bench/results_X --out benchmarks/predict_cpu.md
 """
@@ -31,6 +32,7 @@ from run_benchmark import STOCK, ratio, run_measured  # noqa: E402  (one measuri
 
 from nnunet_diffusion.cli import trainer_path  # noqa: E402
 
+COMMANDS = {"stock": (), "ours": (), "ours --uncertainty": ("--uncertainty",)}  # base rows: name -> extra flags
 TRAINERS = [STOCK, "nnUNetTrainerDiffSegRecycling", "nnUNetTrainerDiffusion", "nnUNetTrainerDiffusion_x0",
             "nnUNetTrainerCrossTimestep"]
 
@@ -95,6 +97,10 @@ def main(argv=None):
                         "trainers from (linked into a combined folder)")
     parser.add_argument("--trainers", nargs="+", default=TRAINERS)
     parser.add_argument("--steps", nargs="*", type=int, default=[], help="extra rows: ours with --steps N")
+    parser.add_argument("--max-batch", nargs="*", type=int, default=[], help="extra rows: ours with --max_batch N")
+    parser.add_argument("--commands", nargs="+", choices=COMMANDS, default=list(COMMANDS),
+                        help="which of the base rows to run (stock: nnUNetv2_predict; the extra rows always run)")
+    parser.add_argument("--mirroring", choices=["off", "on", "both"], default="both")
     parser.add_argument("--out", default="benchmarks/predict_cpu.md")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dataset-id", type=int, default=503)
@@ -119,9 +125,12 @@ def main(argv=None):
     started = time.perf_counter()
     for trainer in args.trainers:
         model = results / raw.name / f"{trainer}__{args.plans}__{args.configuration}"
-        variants = [(m, c, extra) for m in (False, True) for c, extra in
-                    [("stock", ()), ("ours", ())] + ([("ours --uncertainty", ("--uncertainty",))] if m else [])]
-        variants += [(m, f"ours --steps {k}", ("--steps", str(k))) for m in (False, True) for k in args.steps
+        mirrorings = {"off": (False,), "on": (True,), "both": (False, True)}[args.mirroring]
+        variants = [(m, c, COMMANDS[c]) for m in mirrorings for c in args.commands
+                    if m or c != "ours --uncertainty"]
+        variants += [(m, f"ours --steps {k}", ("--steps", str(k))) for m in mirrorings for k in args.steps
+                     if trainer != STOCK]
+        variants += [(m, f"ours --max_batch {k}", ("--max_batch", str(k))) for m in mirrorings for k in args.max_batch
                      if trainer != STOCK]
         for mirror, name, extra in variants:
             print(f"[predict benchmark] {trainer} {name} mirroring={'on' if mirror else 'off'}", flush=True)

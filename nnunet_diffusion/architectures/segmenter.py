@@ -185,6 +185,11 @@ class DiffusionSegmenter(nn.Module):
         """Sequential denoiser evaluations of one reverse run (progress bars, cost tables)."""
         return self.sampler.steps
 
+    def network_batch_per_patch(self) -> int:
+        """How many members of the denoiser's batch one patch takes in a reverse run (what prediction's
+        ``--max_batch`` budgets): each of its samples runs through the network."""
+        return self.sampler.num_samples
+
     def member_probabilities(self, image: torch.Tensor, copies: int = 1,
                              on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
         """(B, C_img, *S) -> (B, num_samples, num_classes, *S) class probabilities of every sample (``sample_x0``

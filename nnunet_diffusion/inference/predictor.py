@@ -101,9 +101,15 @@ class DiffusionPredictor(nnUNetPredictor):
         segmenter = self.segmenter
         return segmenter.sampler.num_samples if segmenter is not None else 1
 
+    def batch_per_copy(self) -> int:
+        """Network batch members one window copy takes: its samples (UniSegDiff's staged sampler: its 2 chains,
+        whatever the samples; they are drawn after the last network call)."""
+        segmenter = self.segmenter
+        return segmenter.network_batch_per_patch() if segmenter is not None else 1
+
     def windows_per_call(self) -> int:
         """How many sliding windows go through the network together: as many as fit ``max_batch`` members."""
-        return max(1, self.max_batch // (len(self.mirror_combinations()) * self.samples_per_copy()))
+        return max(1, self.max_batch // (len(self.mirror_combinations()) * self.batch_per_copy()))
 
     @torch.inference_mode()
     def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
@@ -172,7 +178,7 @@ class DiffusionPredictor(nnUNetPredictor):
         copy starts from the seed's noise, as each of nnU-Net's one-window calls does, so a deterministic sampler
         gives what nnU-Net's loop gives."""
         segmenter = self.segmenter
-        chunks = list(torch.split(batch, max(1, self.max_batch // self.samples_per_copy())))
+        chunks = list(torch.split(batch, max(1, self.max_batch // self.batch_per_copy())))
         logits, members = [], []
         steps = segmenter.network_calls() if segmenter is not None else 0
         with tqdm(total=steps * len(chunks), desc="sampler steps", leave=False, position=1,
@@ -206,12 +212,12 @@ class DiffusionPredictor(nnUNetPredictor):
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             half = (part.shape[0] + 1) // 2
-            self.max_batch = max(1, min(self.max_batch, half * self.samples_per_copy()))
+            self.max_batch = max(1, min(self.max_batch, half * self.batch_per_copy()))
             print(f"Out of memory with {part.shape[0]} windows/copies per network call: splitting; --max_batch is "
                   f"now {self.max_batch} for this run.")
             results, start = [], 0
             while start < part.shape[0]:  # in pieces of the (possibly lowered again) max_batch
-                size = max(1, self.max_batch // self.samples_per_copy())
+                size = max(1, self.max_batch // self.batch_per_copy())
                 results.append(self._predict_chunk(part[start:start + size], bar))
                 start += size
             members = [m for _, m in results if m is not None]

@@ -126,3 +126,28 @@ def test_sliding_window_with_batched_windows_equals_nnunets(max_batch, configura
     image = torch.randn(1, 2, 16, 16)  # (C_img, z, x, y): 2 slices of 16 x 16, 8 x 8 windows at step 0.5
     torch.testing.assert_close(ours.predict_sliding_window_return_logits(image).float(),
                                stock.predict_sliding_window_return_logits(image).float(), rtol=2e-3, atol=2e-2)
+
+
+def test_staged_sampler_batches_its_two_chains_not_its_twenty_samples(configuration_manager, one_thread):
+    """UniSegDiff draws its 20 samples after its last network call, from 2 chain states per copy: --max_batch 8
+    holds 2 windows x 2 mirrored copies x 2 chains per call (it held one copy of one window when the 20 samples
+    were counted), and the batched result is nnU-Net's sequential mirroring of the same windows."""
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    from nnunet_diffusion.trainers.unisegdiff.trainer import nnUNetTrainerUniSegDiff
+    torch.manual_seed(0)
+    network = nnUNetTrainerUniSegDiff.build_network_architecture(
+        None, ConfigurationManager(configuration_manager(2, features=(4, 8)).configuration), 1, C, False)
+    network.set_sampler(SamplerSettings("staged", 10, 20, 0, "staple"), allow_untrained=True)
+    network.eval()
+    stock, ours = predictors(network, (1,), max_batch=8)
+    assert ours.batch_per_copy() == 2 and ours.windows_per_call() == 2
+    calls = []
+    network.denoiser.noise_encoder.stages[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    windows = torch.randn(2, 1, 16, 16)
+    expected = torch.cat([stock._internal_maybe_mirror_and_predict(w[None]) for w in windows])
+    calls.clear()
+    got = ours._internal_maybe_mirror_and_predict(windows)
+    # 4 patches (2 windows x 2 copies) in one chunk: the first jump on 4, the middle steps and the last call on 8
+    assert calls == [4] + [8] * 11
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=3e-3)

@@ -85,6 +85,10 @@ class StagedDiffusionSegmenter(DiffusionSegmenter):
     def network_calls(self) -> int:
         return len(self.inference_plan())
 
+    def network_batch_per_patch(self) -> int:
+        """Two: the mask and the noise chain; the samples are drawn from their X_lower after the last call."""
+        return 2
+
     def inference_plan(self):
         return staged_inference_steps(self.targets, (self.targets.upper - self.targets.lower) // self.sampler.steps,
                                       self.schedule.num_steps, self.last_head)
