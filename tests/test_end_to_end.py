@@ -206,12 +206,22 @@ def test_predict_command_mirroring_uncertainty_and_continue(nnunet):
 
 
 def test_predict_command_passes_the_stock_trainer_through(nnunet):
+    """The stock network through our command: nnUNetv2_predict's probabilities and segmentation, up to the rounding
+    of the batched mirrored copies (the CPU kernels round a batch of 4 otherwise than 4 calls of 1: a near-tie
+    voxel of this lightly trained model once came out another class, 1 of 11025)."""
     ensure_trained(nnunet, "nnUNetTrainerBudget", "2d")
     stock, ours = nnunet["root"] / "pred_stock_budget", nnunet["root"] / "pred_ours_budget"
-    run(["nnUNetv2_predict", *predict_args(nnunet, "nnUNetTrainerBudget", "2d", stock)], nnunet["env"])
-    run(["nnunet-diffusion", "predict", *predict_args(nnunet, "nnUNetTrainerBudget", "2d", ours)], nnunet["env"])
-    for prediction in stock.glob("*.nii.gz"):
-        np.testing.assert_array_equal(read(ours / prediction.name), read(prediction))
+    run(["nnUNetv2_predict", *predict_args(nnunet, "nnUNetTrainerBudget", "2d", stock, "--save_probabilities")],
+        nnunet["env"])
+    run(["nnunet-diffusion", "predict", *predict_args(nnunet, "nnUNetTrainerBudget", "2d", ours,
+                                                      "--save_probabilities")], nnunet["env"])
+    predictions = sorted(stock.glob("*.nii.gz"))
+    assert predictions
+    for prediction in predictions:
+        case = prediction.name[:-len(".nii.gz")]
+        np.testing.assert_allclose(np.load(ours / f"{case}.npz")["probabilities"],
+                                   np.load(stock / f"{case}.npz")["probabilities"], atol=5e-3)  # measured up to 7.5e-4
+        assert (read(ours / prediction.name) != read(prediction)).mean() < 1e-3
     result = run(["nnunet-diffusion", "predict", *predict_args(nnunet, "nnUNetTrainerBudget", "2d",
                                                                nnunet["root"] / "x", "--steps", "4")],
                  nnunet["env"], check=False)

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--max_batch", type=int, default=DEFAULT_MAX_BATCH,
                       help=f"most members (windows x mirrored copies x samples; UniSegDiff's staged sampler counts its "
                            f"2 chains, not its samples) per network call; lower it if memory runs out (default "
-                           f"{DEFAULT_MAX_BATCH}; a stock trainer without --uncertainty runs nnU-Net's own loop)")
+                           f"{DEFAULT_MAX_BATCH})")
     ours.add_argument("--sampler", choices=list(SAMPLER_KINDS), help="override the stored sampler kind ('staged': "
                       "UniSegDiff's staged models only)")
     ours.add_argument("--fusion", choices=list(FUSIONS), help="how a window's samples become probabilities: mean of "

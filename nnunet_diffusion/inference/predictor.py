@@ -43,8 +43,7 @@ DEFAULT_MAX_BATCH = 8
 class DiffusionPredictor(nnUNetPredictor):
     """nnUNetPredictor plus: ``uncertainty`` (write the maps of ``ensemble.uncertainty_maps`` per case) and
     ``max_batch`` (members, i.e. windows x mirrored copies x samples, per network call). Works with any nnU-Net
-    network; a network without a sampler (the stock trainer's) runs nnU-Net's own loop (``is_passthrough``), with
-    ``uncertainty`` batched like a sampler's, its members being the mirrored copies."""
+    network; for a network without a sampler (the stock trainer's) the members are the mirrored copies."""
 
     def __init__(self, *args, uncertainty: bool = False, max_batch: int = DEFAULT_MAX_BATCH, **kwargs):
         super().__init__(*args, **kwargs)
@@ -94,13 +93,6 @@ class DiffusionPredictor(nnUNetPredictor):
 
     # ---- windows: several per network call, every mirrored copy and sample of them in one batch --------------
 
-    @property
-    def is_passthrough(self) -> bool:
-        """A plain network (the stock trainer's) without maps: nnU-Net's own window loop and mirroring run
-        unchanged, so the segmentation is nnUNetv2_predict's bit for bit (batched copies round differently in
-        the CPU kernels and flipped a near-tie voxel of a lightly trained model)."""
-        return self.segmenter is None and not self.map_names
-
     def mirror_combinations(self):
         """The flips of each window's copies (``ensemble.mirror_combinations``): () alone without mirroring."""
         return mirror_combinations(self.allowed_mirroring_axes if self.use_mirroring else None)
@@ -124,8 +116,6 @@ class DiffusionPredictor(nnUNetPredictor):
         """nnU-Net's sliding window (same windows, Gaussian weights and half-precision accumulation), but
         ``windows_per_call`` windows per network call: with a sampler inside, each call is a whole reverse loop,
         and small windows (2d) keep a CPU or GPU busy only in batches."""
-        if self.is_passthrough:
-            return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
         results_device = self.device if do_on_device else torch.device("cpu")
         data = data.to(results_device)
         heads, shape = self.label_manager.num_segmentation_heads, data.shape[1:]
@@ -169,8 +159,6 @@ class DiffusionPredictor(nnUNetPredictor):
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
         """(G, C_img, *P) windows -> (G, C [+ maps], *P): each window's copies' logits averaged as nnU-Net averages
         them (the mean of each copy's logits), then, with ``uncertainty``, the maps over all its members."""
-        if self.is_passthrough:
-            return super()._internal_maybe_mirror_and_predict(x)
         combinations = self.mirror_combinations()
         if self.use_mirroring and combinations[-1] and max(combinations[-1]) > x.ndim - 1:
             raise ValueError(f"mirror axes {self.allowed_mirroring_axes} do not fit a {x.ndim - 2}d window")
