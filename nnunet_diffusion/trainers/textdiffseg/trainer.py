@@ -36,10 +36,9 @@ class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrai
     default_sampler = SamplerSettings(kind="ddim", steps=10, num_samples=1, seed=0)  # the paper: DDIM, 10 steps
     options = TextDiffSegOptions()  # the network, its loss terms, the label autoencoder's training: options.py
     text_dim_without_text = 64      # width of the learned class tokens of the no-text ablation
-    # eq. 4 and 6: L = CE + gamma Dice + lambda eps-MSE. The paper gives no values: 1 and 1, nnU-Net's equal
-    # weighting of CE and Dice, and the eps MSE (about 1 at the start) on the same scale as the segmentation loss
+    # eq. 4: L1 = CE + gamma Dice. The paper gives no gamma: 1, nnU-Net's equal weighting of CE and Dice. Eq. 6's
+    # lambda (the eps MSE's weight) is stored with the model: options.eps_loss_weight
     dice_weight = 1.0
-    eps_loss_weight = 1.0
     # options.label_autoencoder_training = 'pretrained': the share of training the autoencoder trains alone
     label_autoencoder_pretrain_fraction = 0.2
 
@@ -86,7 +85,8 @@ class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrai
     @classmethod
     def build_segmenter(cls, denoiser, schedule, sampler, stored: dict) -> nn.Module:
         options = TextDiffSegOptions.from_stored(stored.get(OPTIONS_KEY, {}))
-        return LatentDiffusionSegmenter(denoiser, schedule, sampler, stored["prediction"], cls.eps_loss_weight,
+        return LatentDiffusionSegmenter(denoiser, schedule, sampler, stored["prediction"],
+                                        options.eps_loss_weight,
                                         options.segmentation_loss, options.denoised_latent, options.training_input,
                                         options.sampled_estimate)
 

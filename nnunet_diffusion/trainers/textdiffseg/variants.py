@@ -13,7 +13,8 @@ __all__ = ["nnUNetTrainerTextDiffSeg_concatFusion", "nnUNetTrainerTextDiffSeg_do
            "nnUNetTrainerTextDiffSeg_scaledLinear", "nnUNetTrainerTextDiffSeg_sampledTimesteps",
            "nnUNetTrainerTextDiffSeg_scaledLinear_sampledTimesteps", "nnUNetTrainerTextDiffSeg_clippedEstimates",
            "nnUNetTrainerTextDiffSeg_cosine",
-           "nnUNetTrainerTextDiffSeg_exactEstimateGradient", "nnUNetTrainerTextDiffSeg_standardisedEstimates"]
+           "nnUNetTrainerTextDiffSeg_exactEstimateGradient", "nnUNetTrainerTextDiffSeg_standardisedEstimates",
+           "nnUNetTrainerTextDiffSeg_lambda1", "nnUNetTrainerTextDiffSeg_lambda1en1"]
 
 
 _FULL = nnUNetTrainerTextDiffSeg.options
@@ -119,3 +120,13 @@ class nnUNetTrainerTextDiffSeg_exactEstimateGradient(nnUNetTrainerTextDiffSeg):
     not capped at 1 where SNR < 1: the draws near pure noise, where the sampler's first estimate reads the image
     alone, weigh as much in the estimate as an x0 model's."""
     options = replace(_FULL, denoised_latent="x0_estimate_exact")
+
+
+class nnUNetTrainerTextDiffSeg_lambda1(nnUNetTrainerTextDiffSeg):
+    """Eq. 6 with lambda = 1 (the default before 2026-12-04): the eps MSE weighs as much as the segmentation loss."""
+    options = replace(_FULL, eps_loss_weight=1.0)
+
+
+class nnUNetTrainerTextDiffSeg_lambda1en1(nnUNetTrainerTextDiffSeg):
+    """Eq. 6 with lambda = 0.1: the eps MSE weighs a tenth of the segmentation loss L1."""
+    options = replace(_FULL, eps_loss_weight=0.1)
