@@ -11,7 +11,9 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.diffusion.masks import labels_to_x0
 from nnunet_diffusion.trainers.textdiffseg.trainer import nnUNetTrainerTextDiffSeg
-from nnunet_diffusion.trainers.textdiffseg.variants import (nnUNetTrainerTextDiffSeg_noReconstructionLoss,
+from nnunet_diffusion.trainers.textdiffseg.variants import (nnUNetTrainerTextDiffSeg_lambda1,
+                                                            nnUNetTrainerTextDiffSeg_lambda1en1,
+                                                            nnUNetTrainerTextDiffSeg_noReconstructionLoss,
                                                             nnUNetTrainerTextDiffSeg_pretrainedLabelAE,
                                                             nnUNetTrainerTextDiffSeg_reconstructionLossOnly,
                                                             nnUNetTrainerTextDiffSeg_sampledTimesteps,
@@ -46,6 +48,41 @@ def test_a_plans_json_from_before_the_setting_keeps_the_reconstruction_loss(conf
     segmenter = nnUNetTrainerTextDiffSeg.build_segmenter(
         torch.nn.Identity(), nnUNetTrainerTextDiffSeg.training_schedule(stored), SamplerSettings(), stored)
     assert segmenter.segmentation_loss == "reconstruction"
+
+
+@pytest.mark.parametrize("trainer_cls, weight", [(nnUNetTrainerTextDiffSeg, 0.3),
+                                                 (nnUNetTrainerTextDiffSeg_lambda1, 1.0),
+                                                 (nnUNetTrainerTextDiffSeg_lambda1en1, 0.1)])
+def test_eq6_lambda_is_stored_and_weighs_the_eps_mse(trainer_cls, weight, configuration_manager):
+    """lambda is stored in plans.json, reaches the segmenter, and the loss is L1 + lambda * MSE (eq. 6) by hand."""
+    config = configuration_manager(2, patch=[16, 16])
+    config.configuration["diffusion"].update(copy.deepcopy(trainer_cls.diffusion_settings()))
+    assert config.configuration["diffusion"]["textdiffseg"]["eps_loss_weight"] == weight
+    stored = trainer_cls.stored_settings(config)
+    net = trainer_cls.build_network_architecture(None, config, 1, 3, False)
+    assert net.regression_weight == weight
+    loss_fn = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                             weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
+    labels = torch.zeros(2, 1, 16, 16, dtype=torch.long)
+    labels[:, :, 4:10, 3:12] = 1
+    torch.manual_seed(0)
+    result = net.train()(torch.randn(2, 1, 16, 16), labels_to_x0(labels, 3))
+    mse = torch.mean((result.output.float() - result.regression_target.float()) ** 2)
+    l1 = loss_fn(result.reconstruction_logits(), labels) + loss_fn(result.denoised_logits(), labels)
+    assert torch.allclose(result.loss(labels, loss_fn), l1 + weight * mse, rtol=1e-5)
+    assert stored["textdiffseg"]["eps_loss_weight"] == weight
+
+
+def test_a_plans_json_from_before_lambda_was_stored_keeps_lambda_1(configuration_manager):
+    """Every model before the setting trained with lambda = 1: resumed with --c it keeps it."""
+    config = configuration_manager(2)
+    block = copy.deepcopy(nnUNetTrainerTextDiffSeg.diffusion_settings())
+    del block["textdiffseg"]["eps_loss_weight"]
+    config.configuration["diffusion"].update(block)
+    stored = nnUNetTrainerTextDiffSeg.stored_settings(config)
+    segmenter = nnUNetTrainerTextDiffSeg.build_segmenter(
+        torch.nn.Identity(), nnUNetTrainerTextDiffSeg.training_schedule(stored), SamplerSettings(), stored)
+    assert segmenter.regression_weight == 1.0
 
 
 @pytest.mark.parametrize("trainer_cls", [nnUNetTrainerTextDiffSeg, nnUNetTrainerTextDiffSeg_x0,
