@@ -45,9 +45,9 @@ class TextDiffSegOptions(StoredOptions):
     # (segmenter.SAMPLED_ESTIMATES)
     sampled_estimate: str = "projected"
     # lambda of eq. 6, L = L1 + lambda L2: the paper gives no value ("lambda controls the influence of L2", the eps
-    # MSE that "regularizes the latent space"). 0.3 by measurement: over 3 sampler seeds 0.796 against 1's 0.756 and
-    # 0.1's 0.774, with the seeds' spread 0.006 against 0.08 (results_cpu_textdiffseg_lambda.md). Variants:
-    # _lambda1 (the default before), _lambda1en1
+    # MSE that "regularizes the latent space"). 0.3 by measurement, mean of 3 sampler seeds: 0.796 against 1's 0.756
+    # and 0.1's 0.774 (results_cpu_textdiffseg_lambda.md); 0.793 for both 0.3 and 1 in a second run
+    # (results_cpu_defaults_lambda.md). Variants: _lambda1 (the default before), _lambda1en1
     eps_loss_weight: float = 0.3
 
     @classmethod
