@@ -116,6 +116,22 @@ def test_every_trainer_trains_under_ddp_on_two_processes(configuration, tmp_path
             assert torch.equal(ranks[0][key], ranks[1][key]), f"{name}: {key} differs across ranks"
 
 
+def test_deep_supervision_heads_train_under_ddp_on_two_processes(configuration_manager, tmp_path):
+    """With four stages the deep-supervision variant keeps a second head (three stages keep one): it trains too."""
+    configuration = configuration_manager(3, features=(4, 8, 16, 16)).configuration
+    configuration["architecture"]["arch_kwargs"]["strides"][-1] = [1, 1, 1]  # the 8^3 patch: lowest stage 2^3
+    name = "nnUNetTrainerDiffSegRecycling_deepSupervision"
+    net = build({cls.__name__: cls for cls in diffusion_trainers()}[name], configuration)
+    assert sum(not isinstance(head, nn.Identity) for head in net.denoiser.decoder.seg_layers) == 2
+    mp.spawn(_train_under_ddp, args=(_free_port(), configuration, [name], str(tmp_path)), nprocs=WORLD_SIZE)
+    ranks = [torch.load(tmp_path / f"{name}.{rank}.pt") for rank in range(WORLD_SIZE)]
+    initial = dict(net.named_parameters())
+    heads = [k for k in initial if ".seg_layers." in k]
+    assert all(not torch.equal(ranks[0][k], initial[k]) for k in heads)  # every head trained
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), f"{key} differs across ranks"
+
+
 @pytest.mark.parametrize("trainer_cls", [nnUNetTrainerDiffusion, nnUNetTrainerCrossTimestep],
                          ids=lambda cls: cls.__name__)
 def test_checkpoints_with_the_removed_seg_layers_still_load(trainer_cls, configuration, monkeypatch):

@@ -27,21 +27,43 @@ from nnunet_diffusion.diffusion.timesteps import timestep_embedding
 RESIDUAL_BLOCKS = "n_blocks_per_stage"
 
 
-def keep_last_seg_layer(decoder: UNetDecoder) -> UNetDecoder:
-    """Replace every segmentation head of a UNetDecoder without deep supervision but the last by nn.Identity.
+def keep_last_seg_layer(decoder: UNetDecoder, count: int = 1) -> UNetDecoder:
+    """Replace every segmentation head of a UNetDecoder without deep supervision but the last ``count`` by
+    nn.Identity.
 
     UNetDecoder builds a 1x1 conv head (features -> classes) per decoder stage even without deep supervision and
     uses only ``seg_layers[-1]``; the others never get a gradient, which breaks nnU-Net's multi-GPU training
     (DDP with find_unused_parameters=False). ``seg_layers[-1]`` and UNetDecoder.forward work unchanged.
-    Checkpoints saved before this change hold ``<prefix>seg_layers.<i>.*`` for the dropped heads: a
-    load_state_dict pre-hook discards those keys, so such checkpoints still load strictly.
+    ``count`` > 1 keeps the heads of the last ``count`` stages for our own deep supervision
+    (``deep_supervision_outputs``). Checkpoints saved before this change hold ``<prefix>seg_layers.<i>.*`` for the
+    dropped heads: a load_state_dict pre-hook discards those keys, so such checkpoints still load strictly.
     """
     if decoder.deep_supervision:
         raise ValueError("keep_last_seg_layer is for decoders without deep supervision (all heads are used with it)")
-    for s in range(len(decoder.seg_layers) - 1):
+    if not 1 <= count <= len(decoder.seg_layers):
+        raise ValueError(f"count must be in 1..{len(decoder.seg_layers)} (the decoder's heads), got {count}")
+    for s in range(len(decoder.seg_layers) - count):
         decoder.seg_layers[s] = nn.Identity()
     decoder.register_load_state_dict_pre_hook(_drop_dropped_seg_layer_keys)
     return decoder
+
+
+def deep_supervision_heads(decoder_stages: int, deep_supervision: bool) -> int:
+    """How many heads ``keep_last_seg_layer`` keeps: the last alone, or with deep supervision every stage's but the
+    lowest (nnU-Net weighs that one 0; at least one)."""
+    return max(1, decoder_stages - 1) if deep_supervision else 1
+
+
+def deep_supervision_outputs(decoder: UNetDecoder, skips: List[torch.Tensor]) -> List[torch.Tensor]:
+    """UNetDecoder.forward with deep supervision, over the heads ``keep_last_seg_layer`` kept: skips (the encoder
+    stages' outputs, highest resolution first) -> the logits (B, classes, *S_s) of every decoder stage with a head,
+    highest resolution first (the order of nnU-Net's deep-supervision outputs and of its targets)."""
+    x, outputs = skips[-1], []
+    for s in range(len(decoder.stages)):
+        x = unet_decoder_stage(decoder, s, x, skips[-(s + 2)])
+        if not isinstance(decoder.seg_layers[s], nn.Identity):
+            outputs.append(decoder.seg_layers[s](x))
+    return outputs[::-1]
 
 
 def _drop_dropped_seg_layer_keys(decoder, state_dict, prefix, *args) -> None:
@@ -100,19 +122,22 @@ class ImageConditionedDenoiser(nn.Module):
     Args: ``image_channels`` (input modalities), ``num_classes`` (channels of x_t and of the output),
     ``n_conv_per_stage_decoder`` and ``time_embed_dim``; ``encoder_kwargs`` are dynamic_network_architectures'
     U-Net encoder arguments, plain or ResEnc (``plans_encoder``), so the plans' arch_kwargs pass straight through.
+    ``deep_supervision``: keep a head on every decoder stage but the lowest (nnU-Net weighs that one 0), for
+    subclasses whose forward returns every head's logits (``deep_supervision_outputs``).
     """
 
     def __init__(self, image_channels: int, num_classes: int, n_conv_per_stage_decoder, time_embed_dim: int = 128,
-                 **encoder_kwargs):
+                 deep_supervision: bool = False, **encoder_kwargs):
         super().__init__()
         self.num_classes = num_classes
+        self.deep_supervision = deep_supervision
         self.spatial_dims = convert_conv_op_to_dim(encoder_kwargs["conv_op"])
         self.image_encoder = plans_encoder(image_channels, **encoder_kwargs)
         self.noise_encoder = plans_encoder(num_classes, **encoder_kwargs)
         self.time_mlp = TimestepMLP(time_embed_dim)
         self.time_projections = nn.ModuleList(nn.Linear(time_embed_dim, f) for f in self.noise_encoder.output_channels)
-        self.decoder = keep_last_seg_layer(
-            UNetDecoder(self.noise_encoder, num_classes, n_conv_per_stage_decoder, deep_supervision=False))
+        decoder = UNetDecoder(self.noise_encoder, num_classes, n_conv_per_stage_decoder, deep_supervision=False)
+        self.decoder = keep_last_seg_layer(decoder, deep_supervision_heads(len(decoder.seg_layers), deep_supervision))
         initialize_like_nnunet(self)
 
     def encode_image(self, image: torch.Tensor) -> List[torch.Tensor]:
@@ -139,6 +164,9 @@ class ImageConditionedDenoiser(nn.Module):
             skips.append(x)
         return skips
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, image_features: List[torch.Tensor]) -> torch.Tensor:
-        """x_t (B, num_classes, *S), t (B,) long, image_features from encode_image -> (B, num_classes, *S)."""
-        return self.decoder(self.encode_noisy(x_t, t, image_features))
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, image_features: List[torch.Tensor],
+                all_scales: bool = False):
+        """x_t (B, num_classes, *S), t (B,) long, image_features from encode_image -> (B, num_classes, *S); with
+        ``all_scales`` (deep supervision) every kept head's logits, full resolution first."""
+        skips = self.encode_noisy(x_t, t, image_features)
+        return deep_supervision_outputs(self.decoder, skips) if all_scales else self.decoder(skips)

@@ -8,7 +8,7 @@ so nnU-Net's softmax/argmax recovers exactly the averaged distribution.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -28,11 +28,14 @@ class TrainingPass(NamedTuple):
     """What one training draw produced. output: raw denoiser output (B, C, *S) (eps or class logits);
     regression_target: the noise for 'eps' models, None for 'x0' models (compare logits with the labels);
     x0_hat: the one-step mask estimate in [-1, 1] (B, C, *S), for cheap per-epoch pseudo-Dice;
-    prior_logits: an auxiliary segmentation of the image branch (APDS) trained with the labels, if any."""
+    prior_logits: an auxiliary segmentation of the image branch (APDS) trained with the labels, if any;
+    lower_scale_logits: with deep supervision, the logits (B, C, *S_s) of the decoder's lower-resolution heads,
+    highest resolution first (``output`` is the full-resolution one)."""
     output: torch.Tensor
     regression_target: Optional[torch.Tensor]
     x0_hat: torch.Tensor
     prior_logits: Optional[torch.Tensor] = None
+    lower_scale_logits: Optional[Sequence[torch.Tensor]] = None
 
 
 class DiffusionSegmenter(nn.Module):
@@ -48,10 +51,13 @@ class DiffusionSegmenter(nn.Module):
             ``set_sampler``). None: set later with ``set_sampler`` (subclasses whose check needs more state).
         clip_noisy_input: feed (clip(x_t, -1, 1) + 1) / 2 instead of x_t (the recycling reference does this).
         recycling: train 'x0' models on recycled noisy masks (``diffusion.objectives.recycled_noisy_mask``).
+        deep_supervision: 'x0' models only: the training draw asks the denoiser for every head's logits
+            (``forward(..., all_scales=True)``) and returns the lower ones as ``lower_scale_logits``.
     """
 
     def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, prediction: str,
-                 sampler: Optional[SamplerSettings], clip_noisy_input: bool = False, recycling: bool = False):
+                 sampler: Optional[SamplerSettings], clip_noisy_input: bool = False, recycling: bool = False,
+                 deep_supervision: bool = False):
         super().__init__()
         if prediction not in ("eps", "x0"):
             raise ValueError(f"prediction must be 'eps' or 'x0', got {prediction!r}")
@@ -60,6 +66,9 @@ class DiffusionSegmenter(nn.Module):
         self.prediction = prediction
         self.clip_noisy_input = clip_noisy_input
         self.recycling = recycling
+        if deep_supervision and prediction != "x0":
+            raise ValueError("deep supervision supervises class logits: it needs prediction 'x0'")
+        self.deep_supervision = deep_supervision
         if sampler is not None:
             self.set_sampler(sampler)
 
@@ -88,10 +97,11 @@ class DiffusionSegmenter(nn.Module):
         training schedule, e.g. recycling's 5 steps out of 1001, these are the original indices 0..1000)."""
         return self.schedule.timesteps[t.cpu()].to(t.device)
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
-        """Raw denoiser output (eps, or class logits for 'x0') for x_t (B, C, *S) at timesteps t (B,)."""
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, condition, all_scales: bool = False):
+        """Raw denoiser output (eps, or class logits for 'x0') for x_t (B, C, *S) at timesteps t (B,);
+        ``all_scales``: the list of every head's logits, full resolution first (deep supervision)."""
         x_in = (x_t.clamp(-1, 1) + 1) / 2 if self.clip_noisy_input else x_t
-        return self.denoiser(x_in, t, condition)
+        return self.denoiser(x_in, t, condition, all_scales=True) if all_scales else self.denoiser(x_in, t, condition)
 
     def estimate(self, x_t: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
         """What the sampler needs: eps for 'eps' models, the mask estimate in [-1, 1] for 'x0' models."""
@@ -145,6 +155,9 @@ class DiffusionSegmenter(nn.Module):
                                       x0, self.schedule, t)
         else:
             x_t = q_sample(self.schedule, x0, t, torch.randn_like(x0))
+        if self.deep_supervision:
+            logits, *lower = self.denoise(x_t, self.model_timesteps(t), features, all_scales=True)
+            return TrainingPass(logits, None, x0_from_logits(logits), lower_scale_logits=lower)
         logits = self.denoise(x_t, self.model_timesteps(t), features)
         return TrainingPass(logits, None, x0_from_logits(logits))
 

@@ -4,7 +4,8 @@ nnU-Net imports every module of that folder as a flat top-level module, so this 
 re-exports of trainers that live in the real package. Add new trainers here.
 """
 try:
-    from nnunet_diffusion.trainers.common.budget import nnUNetTrainerBudget, nnUNetTrainerBudgetAdam1en3  # noqa: F401
+    from nnunet_diffusion.trainers.common.budget import (nnUNetTrainerBudget, nnUNetTrainerBudgetAdam1en3,  # noqa: F401
+                                                         nnUNetTrainerBudgetAdam1en3NoDeepSupervision)
     from nnunet_diffusion.trainers.diffusion.trainer import nnUNetTrainerDiffusion  # noqa: F401
     from nnunet_diffusion.trainers.recycling.trainer import nnUNetTrainerDiffSegRecycling  # noqa: F401
     from nnunet_diffusion.trainers.cross_timestep.trainer import nnUNetTrainerCrossTimestep  # noqa: F401

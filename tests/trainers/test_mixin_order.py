@@ -7,13 +7,16 @@ import pytest
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 import nnunet_diffusion.nnunet_ext.nnunet_diffusion_trainers as registry
-from nnunet_diffusion.trainers.common.budget import TrainingBudgetMixin, nnUNetTrainerBudget, nnUNetTrainerBudgetAdam1en3
+from nnunet_diffusion.trainers.common.budget import (TrainingBudgetMixin, nnUNetTrainerBudget,
+                                                     nnUNetTrainerBudgetAdam1en3,
+                                                     nnUNetTrainerBudgetAdam1en3NoDeepSupervision)
 from nnunet_diffusion.trainers.common.class_text import ClassTextMixin
 from nnunet_diffusion.trainers.common.fault_safety import FaultSafetyMixin
 from nnunet_diffusion.trainers.common.package_base import nnUNetTrainerPackageBase
 from nnunet_diffusion.trainers.common.pretraining_phase import PretrainingPhaseMixin
 
-STOCK_ANCHORS = {nnUNetTrainerBudget, nnUNetTrainerBudgetAdam1en3}  # the stock trainers of the benchmarks
+STOCK_ANCHORS = {nnUNetTrainerBudget, nnUNetTrainerBudgetAdam1en3,
+                 nnUNetTrainerBudgetAdam1en3NoDeepSupervision}  # the stock trainers of the benchmarks
 TRAINERS = sorted({obj for _, obj in inspect.getmembers(registry, inspect.isclass)
                    if issubclass(obj, nnUNetTrainer) and obj not in STOCK_ANCHORS}, key=lambda c: c.__name__)
 

@@ -82,8 +82,8 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
 
     def __init__(self, image_channels: int, num_classes: int, num_timesteps: int,
                  options: CrossTimestepOptions = CrossTimestepOptions(), checkpoint_activations: bool = False,
-                 **unet_kwargs):
-        super().__init__(image_channels, num_classes, **unet_kwargs)
+                 deep_supervision: bool = False, **unet_kwargs):
+        super().__init__(image_channels, num_classes, deep_supervision=deep_supervision, **unet_kwargs)
         self.options = options
         self.checkpoint_activations = checkpoint_activations
         self.num_timesteps = num_timesteps
@@ -135,7 +135,9 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
             None if condition.prior_features is None else [rep(f) for f in condition.prior_features],
             rep(condition.spectrum))
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: CrossTimestepCondition) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: CrossTimestepCondition,
+                all_scales: bool = False):
+        """-> (B, C, *S); with ``all_scales`` (deep supervision) every kept head's logits, full resolution first."""
         emb, state, checkpointed = self.time_mlp(t), condition.state, self.checkpoint_activations
         x = self.fft(x_t, condition.spectrum, emb, state, checkpointed) if self.options.fft else x_t
         skips = []
@@ -147,6 +149,7 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
                 sc.store(state, *new_state)
             skips.append(x)
         weight = apds_prior_weight(t, self.num_timesteps, self.options.apds_alpha) if self.options.apds else None
+        heads = []
         for s in range(len(self.decoder.stages)):
             prior = condition.prior_features[s] if self.options.apds else None
             sc = self.sc_decoder[s] if self.options.sc else None
@@ -154,7 +157,9 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
                                                sc.previous(state) if sc else None)
             if sc:
                 sc.store(state, *new_state)
-        return self.decoder.seg_layers[-1](x)
+            if all_scales and not isinstance(self.decoder.seg_layers[s], nn.Identity):
+                heads.append(self.decoder.seg_layers[s](x))
+        return heads[::-1] if all_scales else self.decoder.seg_layers[-1](x)
 
     # Each block below is one checkpoint: its SC-tLSTM state comes in and goes out explicitly (pure functions), so
     # recomputation in backward sees the state of the forward pass, and only the block's output is kept.

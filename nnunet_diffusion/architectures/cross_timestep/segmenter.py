@@ -21,10 +21,12 @@ CHAIN_GRADIENTS = ("state", "full")
 class ChainTrainingPass(NamedTuple):
     """One unrolled training chain of an 'x0' recurrent model. step_logits: the class logits (B, C, *S) of every
     unrolled step (the steps with gradient, in chain order); x0_hat: the last step's mask estimate in [-1, 1];
-    prior_logits: APDS's prior segmentation (B, C, *S), if any."""
+    prior_logits: APDS's prior segmentation (B, C, *S), if any; step_lower_logits: with deep supervision, each
+    step's lower-resolution heads' logits (highest resolution first)."""
     step_logits: List[torch.Tensor]
     x0_hat: torch.Tensor
     prior_logits: Optional[torch.Tensor] = None
+    step_lower_logits: Optional[List[List[torch.Tensor]]] = None
 
     @property
     def output(self) -> torch.Tensor:
@@ -33,8 +35,11 @@ class ChainTrainingPass(NamedTuple):
 
     def loss(self, labels: torch.Tensor, segmentation_loss) -> torch.Tensor:
         """The paper's L = L_Dice + L_CE (``segmentation_loss``, nnU-Net's) on every unrolled step's mask, averaged
-        over the steps (the chain length does not scale the loss), plus the same loss on the prior's logits."""
-        loss = sum(segmentation_loss(logits, labels) for logits in self.step_logits) / len(self.step_logits)
+        over the steps (the chain length does not scale the loss), plus the same loss on the prior's logits. With
+        deep supervision each step hands ``segmentation_loss`` the list of its heads' logits."""
+        lower = self.step_lower_logits or [[] for _ in self.step_logits]
+        loss = sum(segmentation_loss([logits, *heads] if heads else logits, labels)
+                   for logits, heads in zip(self.step_logits, lower)) / len(self.step_logits)
         return loss if self.prior_logits is None else loss + segmentation_loss(self.prior_logits, labels)
 
 
@@ -103,10 +108,11 @@ class RecurrentDiffusionSegmenter(DiffusionSegmenter):
         else:
             first = start
             x_first = q_sample(schedule, x0, torch.full((x0.shape[0],), start), torch.randn_like(x0))
-        outputs, targets, x0_hat = self.unroll_chain(condition, x_first, x0, start, length, first)
+        lower = [] if self.deep_supervision else None
+        outputs, targets, x0_hat = self.unroll_chain(condition, x_first, x0, start, length, first, lower)
         prior_logits = getattr(condition, "prior_logits", None)
         if self.prediction == "x0":
-            return ChainTrainingPass(outputs, x0_hat, prior_logits)
+            return ChainTrainingPass(outputs, x0_hat, prior_logits, lower)
         # x_k comes from the model's previous step, not from q(x_k | x0): its eps target carries that step's x0
         # error times sqrt(SNR_k) (100x at t = 0), so unweighted, the last steps of the chain swamp the loss
         # (seen: 9.5e3 vs ~1). Min-SNR weighting bounds every step's loss by gamma times its x0 error.
@@ -115,11 +121,12 @@ class RecurrentDiffusionSegmenter(DiffusionSegmenter):
                             torch.cat([t * w for t, w in zip(targets, scales)]), x0_hat, prior_logits)
 
     def unroll_chain(self, condition, x_first: torch.Tensor, x0: torch.Tensor, start: int, length: int,
-                     first: Optional[int] = None):
+                     first: Optional[int] = None, lower_logits: Optional[list] = None):
         """The training chain from step ``first`` (default ``start``; x_first (B, C, *S) the state there) down to
         ``start - length + 1``, the state carried in ``condition``. Steps above ``start`` (burn-in) run without
         gradient; the ``length`` steps from ``start`` on carry it. Returns (per-step raw outputs of the gradient
-        steps: eps, or class logits for 'x0'; their eps targets, None for 'x0'; the last x0 estimate)."""
+        steps: eps, or class logits for 'x0'; their eps targets, None for 'x0'; the last x0 estimate).
+        ``lower_logits`` (a list, deep supervision): each gradient step's lower-resolution heads are appended."""
         schedule, visited = self.chain_schedule, []
         first = start if first is None else first
         if first < start:
@@ -132,7 +139,11 @@ class RecurrentDiffusionSegmenter(DiffusionSegmenter):
                     return self.estimate(x, t, condition)
             if self.chain_gradient == "state":
                 x = x.detach()  # x_k is a constant input; only the state in ``condition`` keeps its graph
-            out = self.denoise(x, t, condition)
+            if lower_logits is not None:
+                out, *lower = self.denoise(x, t, condition, all_scales=True)
+                lower_logits.append(lower)
+            else:
+                out = self.denoise(x, t, condition)
             visited.append((x, out))
             return x0_from_logits(out) if self.prediction == "x0" else out
         generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))  # fresh DDPM noise per draw

@@ -13,8 +13,9 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import nn
 
-from nnunet_diffusion.architectures.conditional_unet import (TimestepMLP, initialize_like_nnunet, keep_last_seg_layer,
-                                                             plans_encoder)
+from nnunet_diffusion.architectures.conditional_unet import (TimestepMLP, deep_supervision_heads,
+                                                             deep_supervision_outputs, initialize_like_nnunet,
+                                                             keep_last_seg_layer, plans_encoder)
 
 # key prefixes of the two-encoder network (ImageConditionedDenoiser) that nnUNetTrainerDiffSegRecycling built
 # before it followed the paper; see ConcatImageDenoiser._refuse_two_encoder_checkpoint
@@ -40,22 +41,25 @@ class ConcatImageDenoiser(nn.Module):
     is that of a stock PlainConvUNet with image_channels + num_classes inputs (one encoder, one decoder), less
     than the two-encoder ImageConditionedDenoiser during training.
 
-    Args as ImageConditionedDenoiser's (the plans' U-Net arguments, plain or ResEnc, pass straight through).
+    Args as ImageConditionedDenoiser's (the plans' U-Net arguments, plain or ResEnc, pass straight through), and
+    deep_supervision: keep a segmentation head on every decoder stage but the lowest (the one nnU-Net weighs 0),
+    for ``forward(..., all_scales=True)``.
     """
 
     def __init__(self, image_channels: int, num_classes: int, n_conv_per_stage_decoder, time_embed_dim: int = 128,
-                 **encoder_kwargs):
+                 deep_supervision: bool = False, **encoder_kwargs):
         super().__init__()
         self.image_channels = image_channels
         self.num_classes = num_classes
+        self.deep_supervision = deep_supervision
         self.spatial_dims = convert_conv_op_to_dim(encoder_kwargs["conv_op"])
         self.encoder = plans_encoder(image_channels + num_classes, **encoder_kwargs)
         self.time_mlp = TimestepMLP(time_embed_dim)
         self.time_projections = nn.ModuleList(nn.Linear(time_embed_dim, f) for f in self.encoder.output_channels)
         # UNetDecoder builds a seg head per stage but uses only the last without deep supervision; the unused ones
         # would get no gradient, which nnU-Net's DDP (find_unused_parameters=False) refuses: drop them
-        self.decoder = keep_last_seg_layer(
-            UNetDecoder(self.encoder, num_classes, n_conv_per_stage_decoder, deep_supervision=False))
+        decoder = UNetDecoder(self.encoder, num_classes, n_conv_per_stage_decoder, deep_supervision=False)
+        self.decoder = keep_last_seg_layer(decoder, deep_supervision_heads(len(decoder.seg_layers), deep_supervision))
         initialize_like_nnunet(self)
         self.register_load_state_dict_pre_hook(self._refuse_two_encoder_checkpoint)
 
@@ -68,15 +72,16 @@ class ConcatImageDenoiser(nn.Module):
         """Repeat each patch n times along the batch (samples of one patch run as one batch)."""
         return image.repeat_interleave(n, dim=0)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """x_t (B, num_classes, *S), t (B,) long, image (B, image_channels, *S) -> (B, num_classes, *S)."""
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor, all_scales: bool = False):
+        """x_t (B, num_classes, *S), t (B,) long, image (B, image_channels, *S) -> (B, num_classes, *S); with
+        ``all_scales`` (a deep-supervision network) the list of every kept head's logits, full resolution first."""
         emb = self.time_mlp(t)
         x = torch.cat([image, x_t], dim=1)
         skips = []
         for stage, projection in zip(self.encoder.stages, self.time_projections):
             x = stage(x) + projection(emb).reshape(*emb.shape[:1], -1, *([1] * self.spatial_dims))
             skips.append(x)
-        return self.decoder(skips)
+        return deep_supervision_outputs(self.decoder, skips) if all_scales else self.decoder(skips)
 
     @staticmethod
     def _refuse_two_encoder_checkpoint(module, state_dict, prefix, local_metadata, strict, missing_keys,

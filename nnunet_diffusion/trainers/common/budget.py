@@ -267,3 +267,14 @@ class nnUNetTrainerBudgetAdam1en3(TrainingBudgetMixin, nnUNetTrainerAdam1en3):
     """The stock network with nnU-Net's own AdamW trainer (lr 1e-3, ``nnUNetTrainerAdam1en3``) and the run lengths:
     the second stock row of every benchmark. Our diffusion trainers train with AdamW, so a lead over the SGD row
     alone may be the optimiser's; a claim that diffusion helps holds only over both rows."""
+
+
+class nnUNetTrainerBudgetAdam1en3NoDeepSupervision(TrainingBudgetMixin, nnUNetTrainerAdam1en3):
+    """nnUNetTrainerBudgetAdam1en3 without deep supervision (as nnU-Net's nnUNetTrainerNoDeepSupervision): the stock
+    anchor that differs from the AdamW row only where our trainers do (they supervise the last output alone), so a
+    benchmark can tell what deep supervision is worth at the budget."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = False

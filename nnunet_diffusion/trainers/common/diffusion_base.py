@@ -19,6 +19,7 @@ from nnunet_diffusion.diffusion.masks import labels_to_x0
 from nnunet_diffusion.diffusion.samplers import STAGED, SamplerSettings
 from nnunet_diffusion.diffusion.schedules import make_schedule, respace
 from nnunet_diffusion.trainers.common.data_checks import DataCheckError, check_stored_settings
+from nnunet_diffusion.trainers.common.deep_supervision import with_deep_supervision
 from nnunet_diffusion.trainers.common.package_base import nnUNetTrainerPackageBase
 
 # key under plans['configurations'][<configuration>] that stores the diffusion settings with the trained model
@@ -48,6 +49,9 @@ class nnUNetTrainerDiffusionBase(nnUNetTrainerPackageBase):
     prediction: str = "eps"          # 'eps' or 'x0' (x0: the denoiser returns class logits)
     recycling: bool = False
     clip_noisy_input: bool = False
+    # nnU-Net's deep supervision of the decoder heads ('x0' models whose denoiser has the heads:
+    # ``forward(..., all_scales=True)``, e.g. the recycling paper's U-Net); stored with the model
+    deep_supervision: bool = False
     default_sampler = SamplerSettings(kind="ddim", steps=10, num_samples=1, seed=0)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -81,7 +85,7 @@ class nnUNetTrainerDiffusionBase(nnUNetTrainerPackageBase):
         return {"noise_schedule": cls.noise_schedule, "num_train_timesteps": cls.num_train_timesteps,
                 "beta_schedule_steps": cls.beta_schedule_steps or cls.num_train_timesteps,
                 "prediction": cls.prediction, "recycling": cls.recycling, "clip_noisy_input": cls.clip_noisy_input,
-                "sampler": cls.default_sampler.to_dict()}
+                "deep_supervision": cls.deep_supervision, "sampler": cls.default_sampler.to_dict()}
 
     @classmethod
     def training_settings(cls) -> dict:
@@ -148,7 +152,8 @@ class nnUNetTrainerDiffusionBase(nnUNetTrainerPackageBase):
     @classmethod
     def build_segmenter(cls, denoiser: nn.Module, schedule, sampler: SamplerSettings, stored: dict) -> nn.Module:
         return DiffusionSegmenter(denoiser, schedule, stored["prediction"], sampler,
-                                  clip_noisy_input=stored["clip_noisy_input"], recycling=stored["recycling"])
+                                  clip_noisy_input=stored["clip_noisy_input"], recycling=stored["recycling"],
+                                  deep_supervision=stored["deep_supervision"])
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -162,6 +167,9 @@ class nnUNetTrainerDiffusionBase(nnUNetTrainerPackageBase):
                                                                              configuration_manager))
         # the stored settings (plans.json) are the only input besides the plans' U-Net: a model rebuilds as trained
         denoiser = cls.build_denoiser(configuration_manager, num_input_channels, num_output_channels, stored)
+        if stored["deep_supervision"] and not getattr(denoiser, "deep_supervision", False):
+            raise NotImplementedError(f"{cls.__name__}: deep_supervision is set, but its denoiser "
+                                      f"{type(denoiser).__name__} has no deep-supervision heads.")
         # the predictor's path: environment overrides apply, and a sampler the model was not trained for is
         # refused here, before the first case. The trainer resets its own network to the stored sampler.
         return cls.compiled_for_prediction(
@@ -196,16 +204,19 @@ class nnUNetTrainerDiffusionBase(nnUNetTrainerPackageBase):
     # ---- training and per-epoch validation --------------------------------------------------------------------
 
     def diffusion_loss(self, result: TrainingPass, target: torch.Tensor) -> torch.Tensor:
-        """eps models: MSE to the noise (Ho et al. 2020); x0 models: nnU-Net's Dice + CE on the logits.
-        An auxiliary prior segmentation (APDS) adds nnU-Net's Dice + CE on its logits. A pass that carries its own
-        loss (UniSegDiff's staged eq. 1, TextDiffSeg's eq. 6: ``loss(labels, segmentation_loss)``) uses it, with
-        this trainer's Dice + CE as ``segmentation_loss``."""
+        """eps models: MSE to the noise (Ho et al. 2020); x0 models: nnU-Net's Dice + CE on the logits (with deep
+        supervision, on every head's: ``with_deep_supervision``). An auxiliary prior segmentation (APDS) adds nnU-Net's
+        Dice + CE on its logits. A pass that carries its own loss (UniSegDiff's staged eq. 1, TextDiffSeg's eq. 6,
+        Cross-Timestep's chain: ``loss(labels, segmentation_loss)``) uses it, with this trainer's Dice + CE as
+        ``segmentation_loss``."""
+        segmentation_loss = with_deep_supervision(self.loss)
         if hasattr(result, "loss"):
-            return result.loss(target, self.loss)
+            return result.loss(target, segmentation_loss)
         if result.regression_target is not None:
             loss = torch.mean((result.output.float() - result.regression_target.float()) ** 2)
         else:
-            loss = self.loss(result.output, target)
+            loss = segmentation_loss([result.output, *result.lower_scale_logits] if result.lower_scale_logits
+                                     else result.output, target)
         if result.prior_logits is not None:
             loss = loss + self.loss(result.prior_logits, target)
         return loss

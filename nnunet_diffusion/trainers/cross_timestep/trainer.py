@@ -89,6 +89,7 @@ class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
         # the stored options (plans.json), not the class's: a model rebuilds as it was trained
         options = CrossTimestepOptions.from_stored(stored["options"])
         return CrossTimestepDenoiser(num_input_channels, num_classes, stored["num_train_timesteps"], options,
+                                     deep_supervision=stored["deep_supervision"],
                                      **cls.plans_unet_kwargs(configuration_manager))
 
     @classmethod
@@ -97,4 +98,5 @@ class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
                                            unroll_steps=stored["unroll_steps"],
                                            training_chain=SamplerSettings(**stored["training_chain"]),
                                            chain_gradient=stored["chain_gradient"],
-                                           chain_start=stored["chain_start"])
+                                           chain_start=stored["chain_start"],
+                                           deep_supervision=stored["deep_supervision"])

@@ -19,7 +19,7 @@ __all__ = ["nnUNetTrainerCrossTimestep_noTLSTM", "nnUNetTrainerCrossTimestep_pla
            "nnUNetTrainerCrossTimestep_burnIn", "nnUNetTrainerCrossTimestep_linearFFTGate",
            "nnUNetTrainerCrossTimestep_heInit", "nnUNetTrainerCrossTimestep_residualRA",
            "nnUNetTrainerCrossTimestep_reverseAttention", "nnUNetTrainerCrossTimestep_broadcastSC",
-           "nnUNetTrainerCrossTimestep_chain4"]
+           "nnUNetTrainerCrossTimestep_chain4", "nnUNetTrainerCrossTimestep_deepSupervision"]
 
 
 class nnUNetTrainerCrossTimestep_noTLSTM(nnUNetTrainerCrossTimestep):
@@ -123,3 +123,9 @@ class nnUNetTrainerCrossTimestep_chain4(nnUNetTrainerCrossTimestep):
     """A 4-step DDIM chain (t = 999, 749, 499, 249) for training and prediction instead of 10: the per-case lever
     of the cost issue (4 network calls per window)."""
     default_sampler = SamplerSettings(kind="ddim", steps=4)
+
+
+class nnUNetTrainerCrossTimestep_deepSupervision(nnUNetTrainerCrossTimestep):
+    """nnU-Net's deep supervision on the denoiser's decoder heads at every unrolled step (trainers/common/
+    deep_supervision.py); the paper's L_Dice + L_CE is on the output alone."""
+    deep_supervision = True

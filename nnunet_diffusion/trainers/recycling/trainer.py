@@ -32,4 +32,5 @@ class nnUNetTrainerDiffSegRecycling(nnUNetTrainerDiffusionBase):
     @classmethod
     def build_denoiser(cls, configuration_manager: ConfigurationManager, num_input_channels: int,
                        num_classes: int, stored: dict) -> nn.Module:
-        return ConcatImageDenoiser(num_input_channels, num_classes, **cls.plans_unet_kwargs(configuration_manager))
+        return ConcatImageDenoiser(num_input_channels, num_classes, deep_supervision=stored["deep_supervision"],
+                                   **cls.plans_unet_kwargs(configuration_manager))

@@ -4,7 +4,8 @@ from torch import nn
 from nnunet_diffusion.architectures.conditional_unet import ImageConditionedDenoiser
 from nnunet_diffusion.trainers.recycling.trainer import nnUNetTrainerDiffSegRecycling
 
-__all__ = ["nnUNetTrainerDiffSegRecycling_noRecycling", "nnUNetTrainerDiffSegRecycling_twoEncoders"]
+__all__ = ["nnUNetTrainerDiffSegRecycling_noRecycling", "nnUNetTrainerDiffSegRecycling_twoEncoders",
+           "nnUNetTrainerDiffSegRecycling_deepSupervision"]
 
 
 class nnUNetTrainerDiffSegRecycling_noRecycling(nnUNetTrainerDiffSegRecycling):
@@ -22,3 +23,10 @@ class nnUNetTrainerDiffSegRecycling_twoEncoders(nnUNetTrainerDiffSegRecycling):
                        stored: dict) -> nn.Module:
         return ImageConditionedDenoiser(num_input_channels, num_classes,
                                         **cls.plans_unet_kwargs(configuration_manager))
+
+
+class nnUNetTrainerDiffSegRecycling_deepSupervision(nnUNetTrainerDiffSegRecycling):
+    """nnU-Net's deep supervision on the U-Net's decoder heads (trainers/common/deep_supervision.py): the paper trains
+    the last output alone; stock nnU-Net supervises every stage, and without it the stock network learned the small
+    structures of the second dataset later (benchmarks/results_cpu_deep_supervision_505.md)."""
+    deep_supervision = True
