@@ -27,6 +27,6 @@ class nnUNetTrainerDiffSegRecycling_twoEncoders(nnUNetTrainerDiffSegRecycling):
 
 class nnUNetTrainerDiffSegRecycling_deepSupervision(nnUNetTrainerDiffSegRecycling):
     """nnU-Net's deep supervision on the U-Net's decoder heads (trainers/common/deep_supervision.py): the paper trains
-    the last output alone; stock nnU-Net supervises every stage, and without it the stock network learned the small
-    structures of the second dataset later (benchmarks/results_cpu_deep_supervision_505.md)."""
+    the last output alone, stock nnU-Net every stage. Measured once on the second dataset, 0.838 against the
+    default's 0.853 (benchmarks/results_cpu_deep_supervision_505.md)."""
     deep_supervision = True
