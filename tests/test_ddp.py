@@ -138,8 +138,8 @@ def test_checkpoints_with_the_removed_seg_layers_still_load(trainer_cls, configu
     """A state dict saved before the unused heads were removed (``<decoder>.seg_layers.<i>.*`` for every decoder
     stage) loads strictly, as nnU-Net's predictor loads it, and the network computes the same."""
     with monkeypatch.context() as patch:  # the network as it was: every head kept
-        patch.setattr(conditional_unet, "keep_last_seg_layer", lambda decoder: decoder)
-        patch.setattr(apds, "keep_last_seg_layer", lambda decoder: decoder)
+        patch.setattr(conditional_unet, "keep_last_seg_layer", lambda decoder, count=1: decoder)
+        patch.setattr(apds, "keep_last_seg_layer", lambda decoder, count=1: decoder)
         old = build(trainer_cls, configuration).eval()
     old_state = old.state_dict()
     obsolete = [k for k in old_state if ".seg_layers.0." in k]
