@@ -168,8 +168,12 @@ class nnUNetTrainerDiffusionBase(nnUNetTrainerPackageBase):
         # the stored settings (plans.json) are the only input besides the plans' U-Net: a model rebuilds as trained
         denoiser = cls.build_denoiser(configuration_manager, num_input_channels, num_output_channels, stored)
         if stored["deep_supervision"] and not getattr(denoiser, "deep_supervision", False):
+            # deliberate: deep supervision exists for the denoisers that keep their heads (ConcatImageDenoiser,
+            # ImageConditionedDenoiser and CrossTimestepDenoiser); refuse it at start-up for any other
             raise NotImplementedError(f"{cls.__name__}: deep_supervision is set, but its denoiser "
-                                      f"{type(denoiser).__name__} has no deep-supervision heads.")
+                                      f"{type(denoiser).__name__} has no deep-supervision heads. Set "
+                                      f"deep_supervision = False, or build a denoiser that keeps them "
+                                      f"(deep_supervision=True, forward(..., all_scales=True)).")
         # the predictor's path: environment overrides apply, and a sampler the model was not trained for is
         # refused here, before the first case. The trainer resets its own network to the stored sampler.
         return cls.compiled_for_prediction(
