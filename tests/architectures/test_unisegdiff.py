@@ -260,3 +260,17 @@ def test_staged_inference_runs_through_the_one_reverse_loop(configuration_manage
     with torch.no_grad():
         net.sample_x0(torch.randn(2, 1, 16, 16))
     assert runs == [list(range(299, 600, 30))]
+
+
+def test_dca_runs_at_the_stages_the_stored_voxel_limit_allows(configuration_manager):
+    """A 4-stage 2d plan at 40 x 40 has stages of 1600, 400, 100 and 25 voxels: the default's limit of 256 voxels puts
+    DCA at the last two, the _dcaMaxTokens1024 variant's (and a plans.json from before the setting) at three."""
+    from nnunet_diffusion.trainers.unisegdiff.variants import nnUNetTrainerUniSegDiff_dcaMaxTokens1024
+    configuration = configuration_manager(2, features=(4, 8, 8, 8), patch=[40, 40])
+    stored = nnUNetTrainerUniSegDiff.diffusion_settings()
+    assert stored["dca_max_tokens"] == 256
+    assert nnUNetTrainerUniSegDiff.build_denoiser(configuration, 1, C, stored).dca_stages == (2, 3)
+    legacy = {k: v for k, v in stored.items() if k != "dca_max_tokens"}
+    assert nnUNetTrainerUniSegDiff.build_denoiser(configuration, 1, C, legacy).dca_stages == (1, 2, 3)
+    variant = nnUNetTrainerUniSegDiff_dcaMaxTokens1024.diffusion_settings()
+    assert nnUNetTrainerUniSegDiff.build_denoiser(configuration, 1, C, variant).dca_stages == (1, 2, 3)

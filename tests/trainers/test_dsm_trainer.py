@@ -75,3 +75,14 @@ def test_stage_2_starts_from_the_stage_1_weights(tmp_path, monkeypatch):
     loss = second.dsm_loss(out, torch.randint(0, 4, (1, 1, 8, 8, 8)))
     loss.backward()
     assert torch.isfinite(loss) and second.network.tumour_queries.grad is not None
+
+
+def test_the_stored_ssm_state_size_builds_every_kmmm_layers_scan(tmp_path, monkeypatch):
+    """DSMOptions.ssm_state (4 by default, 16 in the _ssmState16 variant and in models stored before the setting)
+    is N of every kMMM layer's Mamba: its A matrix is (2K, N) for K organ queries."""
+    from nnunet_diffusion.trainers.dsm.variants import nnUNetTrainerDSM_ssmState16
+    for trainer_cls, state in ((nnUNetTrainerDSM, 4), (nnUNetTrainerDSM_ssmState16, 16)):
+        trainer = initialize_trainer(make(trainer_cls, tmp_path, monkeypatch), tmp_path / trainer_cls.__name__)
+        assert trainer.plans_manager.plans["configurations"]["3d_fullres"]["dsm"]["ssm_state"] == state
+        for layer in trainer.network.layers:
+            assert layer.ssm.mamba.layers[0].mixer.A_log.shape == (2 * 3, state)  # K = 3 organ queries

@@ -111,11 +111,15 @@ def test_a_block_from_before_a_setting_existed_rebuilds_what_that_model_was_trai
     usd = UniSegDiffOptions.from_stored({"staged": {"upper": 699, "lower": 199, "ratios": [[1, 3], [1, 1], [3, 1]]},
                                          "heads": ["eps", "x0"], "dca": False, "condition_network": "joint"})
     assert usd == UniSegDiffOptions(staged=StagedTargets(699, 199), heads=("eps", "x0"), dca=False,
-                                    condition_network="joint", last_jump_head="eps")
+                                    condition_network="joint", last_jump_head="eps", dca_max_tokens=1024)
+    assert UniSegDiffOptions().dca_max_tokens == 256
     assert UniSegDiffOptions.from_stored({**UniSegDiffOptions().to_stored(), "staged": None}).staged is None
     ct = CrossTimestepOptions.from_stored({"apds": True})  # before the residual RA default and the identity start
     assert (ct.ra, ct.identity_start) == ("reverse_attention", False)
     assert (CrossTimestepOptions().ra, CrossTimestepOptions().identity_start) == ("residual_reverse_attention", True)
     # DSM before 'text_alignment' was stored: a model without class text had none
-    assert DSMOptions.from_stored({"query_dim": 16, "text": None}) == DSMOptions(query_dim=16, text_alignment=False)
+    assert DSMOptions.from_stored({"query_dim": 16, "text": None}) == DSMOptions(query_dim=16, text_alignment=False,
+                                                                                 ssm_state=16)
     assert DSMOptions.from_stored({"query_dim": 16, "text": {"dim": 8}}).text_alignment is True
+    # DSM before 'ssm_state' was stored: Mamba's default state size 16 (today's default: 4)
+    assert DSMOptions.from_stored({"query_dim": 16}).ssm_state == 16 and DSMOptions().ssm_state == 4

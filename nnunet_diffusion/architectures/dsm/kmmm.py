@@ -44,11 +44,11 @@ def spatial_softmax_update(response: torch.Tensor, values: torch.Tensor) -> torc
 class KMeansMaskMambaLayer(nn.Module):
     """(queries (B, K, D), features (B, D, *S)) -> (queries (B, K, D), response logits (B, K, *S))."""
 
-    def __init__(self, dim: int, num_queries: int, kmeans: bool = True):
+    def __init__(self, dim: int, num_queries: int, kmeans: bool = True, ssm_state: int = 16):
         super().__init__()
         self.kmeans = kmeans
         self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.ssm = StateSpaceLayer(num_queries) if kmeans else None
+        self.ssm = StateSpaceLayer(num_queries, d_state=ssm_state) if kmeans else None
         self.out = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))

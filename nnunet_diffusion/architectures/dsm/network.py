@@ -65,12 +65,12 @@ class DSMNetwork(nn.Module):
     the organ queries stand for (background first); the plans' U-Net arguments; text_dim: D of the class text
     embeddings (``text_embeddings`` buffer, (N, D_t), filled by the trainer) or None for a linear class head (the
     no-text ablation); dim: query width; max_layers: kMMM layers on the coarsest scales (the paper: 4);
-    kmeans: False for the MaskFormer ablation; backbone: 'unet' (the plans' U-Net) or 'swin_unetr' (MONAI's);
+    kmeans: False for the MaskFormer ablation; ssm_state: N of the kMMM layers' SSM state; backbone: 'unet' (the plans' U-Net) or 'swin_unetr' (MONAI's);
     legacy_anomaly: True for models trained before eq. 14 left the background query out (their plans.json has no
     'anomaly' setting): the max then runs over all organ queries, as they were trained."""
 
     def __init__(self, image_channels: int, num_classes: int, organ_classes: Sequence[int], *, text_dim: Optional[int],
-                 dim: int = 64, max_layers: int = 4, kmeans: bool = True, backbone: str = "unet",
+                 dim: int = 64, max_layers: int = 4, kmeans: bool = True, ssm_state: int = 16, backbone: str = "unet",
                  legacy_anomaly: bool = False, **unet_kwargs):
         super().__init__()
         self.num_classes = num_classes
@@ -89,7 +89,8 @@ class DSMNetwork(nn.Module):
         self.scales_used = len(channels)
         self.project = nn.ModuleList([conv_op(c, dim, 1) for c in channels])
         self.organ_queries = nn.Parameter(torch.randn(len(self.organ_classes), dim) * 0.02)
-        self.layers = nn.ModuleList([KMeansMaskMambaLayer(dim, len(self.organ_classes), kmeans) for _ in channels])
+        self.layers = nn.ModuleList([KMeansMaskMambaLayer(dim, len(self.organ_classes), kmeans, ssm_state)
+                                     for _ in channels])
         if text_dim is not None:
             self.register_buffer("text_embeddings", torch.zeros(num_classes, text_dim))
             self.classifier = TextAlignedClassifier(dim, text_dim)

@@ -16,6 +16,14 @@ class DSMOptions(StoredOptions):
     backbone: str = "unet"        # 'swin_unetr': MONAI's SwinUNETR, the paper's (patch axes divisible by 32)
     amvp: bool = True             # stage 2: the anomaly map biases the tumour queries' attention (False: concatenated)
     dqr: bool = True              # stage 2: diffusion-guided query refinement (False: a projection layer)
+    # N of each kMMM layer's SSM state per channel; the paper does not give it. 4, chosen for cost (issue 22): the
+    # scan's state is (B, voxels, 2K, N), the SSM at the finest kMMM scale was a fifth of a stage-1 step at Mamba's
+    # default 16 (nnUNetTrainerDSM_ssmState16, and what a plans.json without the setting keeps)
+    ssm_state: int = 4
+
+    @classmethod
+    def legacy_values(cls) -> dict:
+        return {"ssm_state": 16}  # models from before the setting: Mamba's default state size
 
     @classmethod
     def from_stored(cls, block: dict) -> "DSMOptions":

@@ -30,9 +30,10 @@ from nnunet_diffusion.architectures.unisegdiff.dca import DualCrossAttention
 
 HEADS = ("eps", "x0")
 CONDITIONS = ("pretrained", "joint")
-# DCA only where a stage has at most this many voxels at the planned patch. Measured on the example's 2d plan
-# (40 x 40 patch, 2 cores): DCA at the full-resolution stage too (1600 voxels) made a DNet call 3.2x slower than
-# none, DCA at the three coarser stages 1.9x. In 3d it keeps attention to the coarse stages (e.g. 10 x 12 x 8).
+# DCA only where a stage has at most this many voxels at the planned patch (the builder's default; the trainer passes
+# its stored ``dca_max_tokens``, 256 today). Measured on the example's 2d plan (40 x 40 patch, 2 cores): DCA at the
+# full-resolution stage too (1600 voxels) made a DNet call 3.2x slower than none, DCA at the three coarser stages
+# 1.9x. In 3d it keeps attention to the coarse stages (e.g. 10 x 12 x 8).
 DCA_MAX_TOKENS = 1024
 
 

@@ -22,10 +22,16 @@ class UniSegDiffOptions(StoredOptions):
     # nnUNetTrainerUniSegDiff_epsLastJump); measured at equal time on the example (benchmarks/results_cpu_methods.md)
     # the x0 head reached held-out Dice 0.80 against 0.29, so it is the default
     last_jump_head: str = "x0"
+    # DCA at the stages with at most this many voxels at the planned patch (the paper does not say at which stages;
+    # attention grows with the square of the voxels). 256, chosen for cost (issue 22): on the example's 2d plan the
+    # 20 x 20 stage's DCA was a third of a training step (benchmarks/results_cpu_cost_levers.md); 1024 before
+    # (nnUNetTrainerUniSegDiff_dcaMaxTokens1024, and what a plans.json without the setting keeps)
+    dca_max_tokens: int = 256
 
     @classmethod
     def legacy_values(cls) -> dict:
-        return {"last_jump_head": "eps"}  # models from before the setting jumped through the eps head
+        # models from before a setting: the last jump through the eps head, DCA up to 1024 voxels
+        return {"last_jump_head": "eps", "dca_max_tokens": 1024}
 
     def to_stored(self) -> dict:
         stored = super().to_stored()

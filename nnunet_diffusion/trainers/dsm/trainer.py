@@ -105,7 +105,8 @@ class nnUNetTrainerDSM(ClassTextMixin, nnUNetTrainerPackageBase):
         legacy = settings.get("anomaly") != ANOMALY_ORGAN_QUERIES  # a model from before: as it was trained
         stage1 = DSMNetwork(num_input_channels, num_output_channels, settings["organ_classes"],
                             text_dim=text["dim"] if options.text_alignment else None, dim=options.query_dim,
-                            max_layers=options.max_kmmm_layers, kmeans=options.kmeans, backbone=options.backbone,
+                            max_layers=options.max_kmmm_layers, kmeans=options.kmeans, ssm_state=options.ssm_state,
+                            backbone=options.backbone,
                             legacy_anomaly=legacy, **kwargs)
         if settings["stage"] == 1:
             return cls.compiled_for_prediction(stage1)

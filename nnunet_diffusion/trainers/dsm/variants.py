@@ -7,7 +7,8 @@ from nnunet_diffusion.trainers.dsm.trainer import nnUNetTrainerDSM, nnUNetTraine
 
 __all__ = ["nnUNetTrainerDSM_noKMMM", "nnUNetTrainerDSM_noText", "nnUNetTrainerDSMStage2_noKMMM",
            "nnUNetTrainerDSMStage2_noAMVP", "nnUNetTrainerDSMStage2_noDQR", "nnUNetTrainerDSMStage2_noText",
-           "nnUNetTrainerDSM_swinUNETR", "nnUNetTrainerDSMStage2_swinUNETR"]
+           "nnUNetTrainerDSM_swinUNETR", "nnUNetTrainerDSMStage2_swinUNETR", "nnUNetTrainerDSM_ssmState16",
+           "nnUNetTrainerDSMStage2_ssmState16"]
 
 _FULL = nnUNetTrainerDSM.options
 
@@ -50,3 +51,14 @@ class nnUNetTrainerDSM_swinUNETR(nnUNetTrainerDSM):
 class nnUNetTrainerDSMStage2_swinUNETR(nnUNetTrainerDSMStage2):
     stage1_trainer = "nnUNetTrainerDSM_swinUNETR"
     options = replace(_FULL, backbone="swin_unetr")
+
+
+class nnUNetTrainerDSM_ssmState16(nnUNetTrainerDSM):
+    """Mamba's default SSM state size (16) in the kMMM layers, the default before 2026-12-05 (slower per
+    iteration: benchmarks/results_cpu_cost_levers.md)."""
+    options = replace(_FULL, ssm_state=16)
+
+
+class nnUNetTrainerDSMStage2_ssmState16(nnUNetTrainerDSMStage2):
+    stage1_trainer = "nnUNetTrainerDSM_ssmState16"
+    options = replace(_FULL, ssm_state=16)

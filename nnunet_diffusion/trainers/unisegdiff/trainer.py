@@ -66,7 +66,7 @@ class nnUNetTrainerUniSegDiff(PretrainingPhaseMixin, nnUNetTrainerDiffusionBase)
         options = UniSegDiffOptions.from_stored(stored)
         return UniSegDiffDenoiser(num_input_channels, num_classes, **cls.plans_unet_kwargs(configuration_manager),
                                   heads=options.heads, condition=options.condition_network, use_dca=options.dca,
-                                  patch_size=configuration_manager.patch_size)
+                                  patch_size=configuration_manager.patch_size, max_tokens=options.dca_max_tokens)
 
     @classmethod
     def build_segmenter(cls, denoiser, schedule, sampler, stored: dict) -> nn.Module:

@@ -9,7 +9,8 @@ __all__ = ["nnUNetTrainerUniSegDiff_uniformNoise", "nnUNetTrainerUniSegDiff_unif
            "nnUNetTrainerUniSegDiff_oneStep", "nnUNetTrainerUniSegDiff_noPretraining",
            "nnUNetTrainerUniSegDiff_noDCA", "nnUNetTrainerUniSegDiff_noFusion", "nnUNetTrainerUniSegDiff_baseline",
            "nnUNetTrainerUniSegDiff_low200", "nnUNetTrainerUniSegDiff_low400", "nnUNetTrainerUniSegDiff_high700",
-           "nnUNetTrainerUniSegDiff_noCheckpointing", "nnUNetTrainerUniSegDiff_epsLastJump"]
+           "nnUNetTrainerUniSegDiff_noCheckpointing", "nnUNetTrainerUniSegDiff_epsLastJump",
+           "nnUNetTrainerUniSegDiff_dcaMaxTokens1024"]
 
 # the paper's 100 uniform DDIM steps do not respace T = 1000 evenly ((T - 1) % (K - 1) == 0); 112 is the nearest
 # step count that does
@@ -79,3 +80,9 @@ class nnUNetTrainerUniSegDiff_epsLastJump(nnUNetTrainerUniSegDiff):
     says ("sampled ten times by the noise prediction branch"), instead of the default's x0 head; training unchanged.
     Measured worse at equal time (docs/methods/unisegdiff.md)."""
     options = replace(_FULL, last_jump_head="eps")
+
+
+class nnUNetTrainerUniSegDiff_dcaMaxTokens1024(nnUNetTrainerUniSegDiff):
+    """DCA also at stages of up to 1024 voxels (the default before 2026-12-05; on the example's 2d plan the 20 x 20
+    stage too): slower per iteration and per case (benchmarks/results_cpu_cost_levers.md)."""
+    options = replace(_FULL, dca_max_tokens=1024)
