@@ -2,6 +2,8 @@
 query decoders and a full-resolution pixel embedding for the masks."""
 from __future__ import annotations
 
+from math import prod
+
 import torch
 from torch import nn
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
@@ -11,7 +13,8 @@ from nnunet_diffusion.architectures.conditional_unet import initialize_like_nnun
 
 class UNetPixelDecoder(nn.Module):
     """image (B, C_img, *S) -> (features: list of (B, F_s, *S_s) from the bottleneck to the second-finest decoder
-    stage, coarse to fine; pixel embedding (B, dim, *S)). Arguments: the plans' U-Net arguments (plain or ResEnc); the
+    stage, coarse to fine (channels ``feature_channels``, output strides ``feature_strides``); pixel embedding
+    (B, dim, *S)). Arguments: the plans' U-Net arguments (plain or ResEnc); the
     decoder's last 1x1 head (nnU-Net's segmentation layer) gives the ``dim``-channel pixel embedding."""
 
     def __init__(self, image_channels: int, dim: int, n_conv_per_stage_decoder, **encoder_kwargs):
@@ -21,6 +24,11 @@ class UNetPixelDecoder(nn.Module):
         initialize_like_nnunet(self)  # the plans' U-Net, initialised as stock nnU-Net's
         self.feature_channels = [self.encoder.output_channels[-1]] + \
             [self.encoder.output_channels[-(s + 2)] for s in range(len(self.decoder.stages) - 1)]
+        # each feature's output stride: the largest of its per-axis strides (a CT's (1, 4, 4) stage is stride 4)
+        strides = [[int(v) for v in stride] if isinstance(stride, (list, tuple)) else [int(stride)]
+                   for stride in encoder_kwargs["strides"]]
+        cumulative = [max(prod(axis) for axis in zip(*strides[:s + 1])) for s in range(len(strides))]
+        self.feature_strides = [cumulative[-1]] + [cumulative[-(s + 2)] for s in range(len(self.decoder.stages) - 1)]
 
     def forward(self, image: torch.Tensor):
         skips = self.encoder(image)
@@ -45,6 +53,7 @@ class SwinUNETRPixelDecoder(nn.Module):
                               spatial_dims=spatial_dims)
         taps = [self.swin.encoder10, self.swin.decoder5, self.swin.decoder4, self.swin.decoder3]
         self.feature_channels = [16 * feature_size, 8 * feature_size, 4 * feature_size, 2 * feature_size]
+        self.feature_strides = [32, 16, 8, 4]
         self._captured: list = []
         for module in taps:
             module.register_forward_hook(lambda _module, _inputs, output: self._captured.append(output))

@@ -64,14 +64,15 @@ class DSMNetwork(nn.Module):
     """Stage 1. Args: image_channels; num_classes (N, all classes of the dataset); organ_classes: the class indices
     the organ queries stand for (background first); the plans' U-Net arguments; text_dim: D of the class text
     embeddings (``text_embeddings`` buffer, (N, D_t), filled by the trainer) or None for a linear class head (the
-    no-text ablation); dim: query width; max_layers: kMMM layers on the coarsest scales (the paper: 4);
+    no-text ablation); dim: query width; max_layers: kMMM layers on the coarsest scales (the paper: 4); min_output_stride: none
+    on a finer scale (the paper: output strides 32 .. 4; 1: every scale but the full-resolution one, as before);
     kmeans: False for the MaskFormer ablation; ssm_state: N of the kMMM layers' SSM state; backbone: 'unet' (the plans' U-Net) or 'swin_unetr' (MONAI's);
     legacy_anomaly: True for models trained before eq. 14 left the background query out (their plans.json has no
     'anomaly' setting): the max then runs over all organ queries, as they were trained."""
 
     def __init__(self, image_channels: int, num_classes: int, organ_classes: Sequence[int], *, text_dim: Optional[int],
                  dim: int = 64, max_layers: int = 4, kmeans: bool = True, ssm_state: int = 16, backbone: str = "unet",
-                 legacy_anomaly: bool = False, **unet_kwargs):
+                 min_output_stride: int = 1, legacy_anomaly: bool = False, **unet_kwargs):
         super().__init__()
         self.num_classes = num_classes
         self.organ_classes = list(organ_classes)
@@ -85,7 +86,10 @@ class DSMNetwork(nn.Module):
             self.backbone = SwinUNETRPixelDecoder(image_channels, dim, 3 if conv_op is nn.Conv3d else 2)
         else:
             raise ValueError(f"backbone must be 'unet' or 'swin_unetr', got {backbone!r}")
-        channels = self.backbone.feature_channels[-max_layers:]
+        # the coarsest max_layers features at output stride >= min_output_stride (the coarsest one if none is)
+        eligible = [i for i, stride in enumerate(self.backbone.feature_strides) if stride >= min_output_stride]
+        self.feature_indices = (eligible or [0])[-max_layers:]
+        channels = [self.backbone.feature_channels[i] for i in self.feature_indices]
         self.scales_used = len(channels)
         self.project = nn.ModuleList([conv_op(c, dim, 1) for c in channels])
         self.organ_queries = nn.Parameter(torch.randn(len(self.organ_classes), dim) * 0.02)
@@ -107,7 +111,7 @@ class DSMNetwork(nn.Module):
         """-> organ queries (B, K, D), responses per layer (B, K, *S_l), projected features per layer (B, D, *S_l)
         coarse to fine, pixel embedding (B, D, *S)."""
         features, pixels = self.backbone(image)
-        features = [project(f) for project, f in zip(self.project, features[-self.scales_used:])]
+        features = [project(features[i]) for project, i in zip(self.project, self.feature_indices)]
         queries = self.organ_queries.unsqueeze(0).expand(image.shape[0], -1, -1)
         responses = []
         for layer, feature in zip(self.layers, features):

@@ -20,10 +20,15 @@ class DSMOptions(StoredOptions):
     # scan's state is (B, voxels, 2K, N), the SSM at the finest kMMM scale was a fifth of a stage-1 step at Mamba's
     # default 16 (nnUNetTrainerDSM_ssmState16, and what a plans.json without the setting keeps)
     ssm_state: int = 4
+    # the finest output stride of a kMMM (and stage 2's DQR) layer: the paper's layers process "image features with
+    # output strides of 32, 16, 8, and 4" (sec. 5.3), so none finer than 4. 1 (every scale but the full-resolution
+    # one, nnUNetTrainerDSM_minOutputStride1) was the default before 2026-12-06, and what a plans.json without it keeps
+    min_output_stride: int = 4
 
     @classmethod
     def legacy_values(cls) -> dict:
-        return {"ssm_state": 16}  # models from before the setting: Mamba's default state size
+        # models from before each setting: Mamba's default state size, a kMMM layer at every scale but the finest
+        return {"ssm_state": 16, "min_output_stride": 1}
 
     @classmethod
     def from_stored(cls, block: dict) -> "DSMOptions":

@@ -106,6 +106,7 @@ class nnUNetTrainerDSM(ClassTextMixin, nnUNetTrainerPackageBase):
         stage1 = DSMNetwork(num_input_channels, num_output_channels, settings["organ_classes"],
                             text_dim=text["dim"] if options.text_alignment else None, dim=options.query_dim,
                             max_layers=options.max_kmmm_layers, kmeans=options.kmeans, ssm_state=options.ssm_state,
+                            min_output_stride=options.min_output_stride,
                             backbone=options.backbone,
                             legacy_anomaly=legacy, **kwargs)
         if settings["stage"] == 1:

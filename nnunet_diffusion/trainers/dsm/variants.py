@@ -8,7 +8,8 @@ from nnunet_diffusion.trainers.dsm.trainer import nnUNetTrainerDSM, nnUNetTraine
 __all__ = ["nnUNetTrainerDSM_noKMMM", "nnUNetTrainerDSM_noText", "nnUNetTrainerDSMStage2_noKMMM",
            "nnUNetTrainerDSMStage2_noAMVP", "nnUNetTrainerDSMStage2_noDQR", "nnUNetTrainerDSMStage2_noText",
            "nnUNetTrainerDSM_swinUNETR", "nnUNetTrainerDSMStage2_swinUNETR", "nnUNetTrainerDSM_ssmState16",
-           "nnUNetTrainerDSMStage2_ssmState16"]
+           "nnUNetTrainerDSMStage2_ssmState16", "nnUNetTrainerDSM_minOutputStride1",
+           "nnUNetTrainerDSMStage2_minOutputStride1"]
 
 _FULL = nnUNetTrainerDSM.options
 
@@ -62,3 +63,14 @@ class nnUNetTrainerDSM_ssmState16(nnUNetTrainerDSM):
 class nnUNetTrainerDSMStage2_ssmState16(nnUNetTrainerDSMStage2):
     stage1_trainer = "nnUNetTrainerDSM_ssmState16"
     options = replace(_FULL, ssm_state=16)
+
+
+class nnUNetTrainerDSM_minOutputStride1(nnUNetTrainerDSM):
+    """kMMM layers down to the finest decoder scale (output stride 2 on the example's 2d plan), not only the
+    paper's strides 32 .. 4: the default before 2026-12-06 (benchmarks/results_cpu_min_output_stride.md)."""
+    options = replace(_FULL, min_output_stride=1)
+
+
+class nnUNetTrainerDSMStage2_minOutputStride1(nnUNetTrainerDSMStage2):
+    stage1_trainer = "nnUNetTrainerDSM_minOutputStride1"
+    options = replace(_FULL, min_output_stride=1)
