@@ -203,3 +203,26 @@ def test_swin_unetr_backbone_gives_the_same_outputs():
     from nnunet_diffusion.architectures.dsm.backbone import SwinUNETRPixelDecoder
     with pytest.raises(ValueError, match="divisible by 32"):
         SwinUNETRPixelDecoder.check_patch([40, 40])
+
+
+def test_kmmm_layers_run_at_the_papers_output_strides_only():
+    """The features' output strides are the largest per-axis product of the plans' strides, bottleneck first: for a
+    CT-like plan with strides (1,1,1), (1,2,2), (1,2,2), (2,2,2), (2,2,2), (1,2,2) the in-plane products 32, 16, 8, 4,
+    2 (z: 4, 4, 2, 1, 1; the full-resolution stage gives the pixel embedding, no feature). min_output_stride=4 (the
+    paper's 32 .. 4) keeps the first four, 1 (models from before) the finest four (16 .. 2)."""
+    config = make_configuration(3, (4, 8, 8, 8, 8, 8))
+    config["architecture"]["arch_kwargs"]["strides"] = [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2],
+                                                        [1, 2, 2]]
+    kwargs = nnUNetTrainerDiffusionBase.plans_unet_kwargs(ConfigurationManager(config))
+    paper = DSMNetwork(1, 3, [0, 1, 2], text_dim=None, dim=8, min_output_stride=4, **kwargs)
+    before = DSMNetwork(1, 3, [0, 1, 2], text_dim=None, dim=8, min_output_stride=1, **kwargs)
+    assert paper.backbone.feature_strides == [32, 16, 8, 4, 2]
+    assert paper.feature_indices == [0, 1, 2, 3] and before.feature_indices == [1, 2, 3, 4]
+    # the scales the kMMM layers see: 2 x 1 x 1 (the bottleneck) to 8 x 8 x 8 with 4; 2 x 2 x 2 to 8 x 16 x 16 before
+    image = torch.randn(1, 1, 8, 32, 32)
+    with torch.no_grad():
+        shapes = [[tuple(r.shape[2:]) for r in net.query_decoder(image)[1]] for net in (paper, before)]
+    assert shapes == [[(2, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8)], [(2, 2, 2), (4, 4, 4), (8, 8, 8), (8, 16, 16)]]
+    # a plan too shallow for stride 4 keeps its coarsest feature
+    shallow = DSMNetwork(1, 3, [0, 1, 2], text_dim=None, dim=8, min_output_stride=4, **unet_kwargs(2, (8, 16)))
+    assert shallow.backbone.feature_strides == [2] and shallow.feature_indices == [0]

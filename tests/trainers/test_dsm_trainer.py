@@ -86,3 +86,13 @@ def test_the_stored_ssm_state_size_builds_every_kmmm_layers_scan(tmp_path, monke
         assert trainer.plans_manager.plans["configurations"]["3d_fullres"]["dsm"]["ssm_state"] == state
         for layer in trainer.network.layers:
             assert layer.ssm.mamba.layers[0].mixer.A_log.shape == (2 * 3, state)  # K = 3 organ queries
+
+
+def test_the_stored_finest_output_stride_decides_the_kmmm_layers(tmp_path, monkeypatch):
+    """This plan's strides (1, 2, 2) give features at output strides 4 (the bottleneck) and 2: the default
+    (min_output_stride 4, the paper's 32 .. 4) builds one kMMM layer, _minOutputStride1 (the default before) two."""
+    from nnunet_diffusion.trainers.dsm.variants import nnUNetTrainerDSM_minOutputStride1
+    for trainer_cls, stride, layers in ((nnUNetTrainerDSM, 4, 1), (nnUNetTrainerDSM_minOutputStride1, 1, 2)):
+        trainer = initialize_trainer(make(trainer_cls, tmp_path, monkeypatch), tmp_path / trainer_cls.__name__)
+        assert trainer.plans_manager.plans["configurations"]["3d_fullres"]["dsm"]["min_output_stride"] == stride
+        assert trainer.network.backbone.feature_strides == [4, 2] and len(trainer.network.layers) == layers

@@ -119,7 +119,9 @@ def test_a_block_from_before_a_setting_existed_rebuilds_what_that_model_was_trai
     assert (CrossTimestepOptions().ra, CrossTimestepOptions().identity_start) == ("residual_reverse_attention", True)
     # DSM before 'text_alignment' was stored: a model without class text had none
     assert DSMOptions.from_stored({"query_dim": 16, "text": None}) == DSMOptions(query_dim=16, text_alignment=False,
-                                                                                 ssm_state=16)
+                                                                                 ssm_state=16, min_output_stride=1)
     assert DSMOptions.from_stored({"query_dim": 16, "text": {"dim": 8}}).text_alignment is True
     # DSM before 'ssm_state' was stored: Mamba's default state size 16 (today's default: 4)
     assert DSMOptions.from_stored({"query_dim": 16}).ssm_state == 16 and DSMOptions().ssm_state == 4
+    # and before 'min_output_stride': kMMM layers down to the finest decoder scale (today's default: the paper's 4)
+    assert DSMOptions.from_stored({"query_dim": 16}).min_output_stride == 1 and DSMOptions().min_output_stride == 4

@@ -64,9 +64,10 @@ class DSMNetwork(nn.Module):
     """Stage 1. Args: image_channels; num_classes (N, all classes of the dataset); organ_classes: the class indices
     the organ queries stand for (background first); the plans' U-Net arguments; text_dim: D of the class text
     embeddings (``text_embeddings`` buffer, (N, D_t), filled by the trainer) or None for a linear class head (the
-    no-text ablation); dim: query width; max_layers: kMMM layers on the coarsest scales (the paper: 4); min_output_stride: none
-    on a finer scale (the paper: output strides 32 .. 4; 1: every scale but the full-resolution one, as before);
-    kmeans: False for the MaskFormer ablation; ssm_state: N of the kMMM layers' SSM state; backbone: 'unet' (the plans' U-Net) or 'swin_unetr' (MONAI's);
+    no-text ablation); dim: query width; max_layers: kMMM layers on the finest scales allowed (the paper: 4);
+    min_output_stride: none on a finer scale (the paper: output strides 32 .. 4; 1: every scale but the
+    full-resolution one, as before); kmeans: False for the MaskFormer ablation; ssm_state: N of the kMMM layers' SSM
+    state; backbone: 'unet' (the plans' U-Net) or 'swin_unetr' (MONAI's);
     legacy_anomaly: True for models trained before eq. 14 left the background query out (their plans.json has no
     'anomaly' setting): the max then runs over all organ queries, as they were trained."""
 
@@ -86,7 +87,7 @@ class DSMNetwork(nn.Module):
             self.backbone = SwinUNETRPixelDecoder(image_channels, dim, 3 if conv_op is nn.Conv3d else 2)
         else:
             raise ValueError(f"backbone must be 'unet' or 'swin_unetr', got {backbone!r}")
-        # the coarsest max_layers features at output stride >= min_output_stride (the coarsest one if none is)
+        # the finest max_layers features at output stride >= min_output_stride (the coarsest one if none is)
         eligible = [i for i, stride in enumerate(self.backbone.feature_strides) if stride >= min_output_stride]
         self.feature_indices = (eligible or [0])[-max_layers:]
         channels = [self.backbone.feature_channels[i] for i in self.feature_indices]
