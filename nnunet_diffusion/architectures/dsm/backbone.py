@@ -2,8 +2,7 @@
 query decoders and a full-resolution pixel embedding for the masks."""
 from __future__ import annotations
 
-from math import prod
-
+import numpy as np
 import torch
 from torch import nn
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
@@ -22,13 +21,14 @@ class UNetPixelDecoder(nn.Module):
         self.encoder = plans_encoder(image_channels, **encoder_kwargs)
         self.decoder = keep_last_seg_layer(UNetDecoder(self.encoder, dim, n_conv_per_stage_decoder, False))
         initialize_like_nnunet(self)  # the plans' U-Net, initialised as stock nnU-Net's
-        self.feature_channels = [self.encoder.output_channels[-1]] + \
-            [self.encoder.output_channels[-(s + 2)] for s in range(len(self.decoder.stages) - 1)]
-        # each feature's output stride: the largest of its per-axis strides (a CT's (1, 4, 4) stage is stride 4)
-        strides = [[int(v) for v in stride] if isinstance(stride, (list, tuple)) else [int(stride)]
-                   for stride in encoder_kwargs["strides"]]
-        cumulative = [max(prod(axis) for axis in zip(*strides[:s + 1])) for s in range(len(strides))]
-        self.feature_strides = [cumulative[-1]] + [cumulative[-(s + 2)] for s in range(len(self.decoder.stages) - 1)]
+        # the encoder stage each feature has the grid of: the bottleneck, then each decoder stage's skip but the
+        # full-resolution one (whose decoder stage gives the pixel embedding)
+        stages = [len(self.encoder.output_channels) - 1 - s for s in range(len(self.decoder.stages))]
+        self.feature_channels = [self.encoder.output_channels[s] for s in stages]
+        # output stride: the largest per-axis product of the strides down to that stage (a CT's (1, 4, 4) is 4)
+        strides = np.array(encoder_kwargs["strides"], dtype=int).reshape(len(self.encoder.output_channels), -1)
+        output_strides = np.cumprod(strides, axis=0).max(axis=1)
+        self.feature_strides = [int(output_strides[s]) for s in stages]
 
     def forward(self, image: torch.Tensor):
         skips = self.encoder(image)
