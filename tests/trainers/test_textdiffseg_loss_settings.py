@@ -73,6 +73,46 @@ def test_eq6_lambda_is_stored_and_weighs_the_eps_mse(trainer_cls, weight, config
     assert stored["textdiffseg"]["eps_loss_weight"] == weight
 
 
+def test_both_segmentation_terms_decode_in_one_call_with_the_two_calls_loss_and_gradients(configuration_manager):
+    """The default's two decoder inputs (the denoised latent, the encoded ground truth) go through the label decoder
+    as one batch of 2B: one call, and the loss and every gradient those of two separate calls (InstanceNorm is per
+    sample), against a reference pass of the same draw decoded twice by hand."""
+    config = configuration_manager(2, patch=[16, 16])
+    config.configuration["diffusion"].update(copy.deepcopy(nnUNetTrainerTextDiffSeg.diffusion_settings()))
+    net = nnUNetTrainerTextDiffSeg.build_network_architecture(None, config, 1, 3, False).train()
+    loss_fn = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                             weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
+    labels = torch.zeros(2, 1, 16, 16, dtype=torch.long)
+    labels[:, :, 4:10, 3:12], labels[1, :, 11:15, 2:6] = 1, 2
+    image = torch.randn(2, 1, 16, 16)
+    decoder = net.denoiser.label_autoencoder.decoder
+    batches = []
+    hook = decoder.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+
+    def pass_and_grads(decode_by_hand: bool):
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        result = net(image, labels_to_x0(labels, 3))
+        if decode_by_hand:
+            mse = torch.mean((result.output.float() - result.regression_target.float()) ** 2)
+            loss = (loss_fn(decoder(result.z0), labels) + loss_fn(decoder(result.denoised_latent()), labels)
+                    + net.regression_weight * mse)
+        else:
+            loss = result.loss(labels, loss_fn)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    batched_loss, batched_grads = pass_and_grads(decode_by_hand=False)
+    assert batches == [4]  # one decoder call on B = 2 denoised + 2 ground-truth latents
+    reference_loss, reference_grads = pass_and_grads(decode_by_hand=True)
+    hook.remove()
+    assert batches == [4, 2, 2]
+    assert torch.allclose(batched_loss, reference_loss, rtol=1e-5, atol=1e-6)
+    assert batched_grads.keys() == reference_grads.keys() and len(batched_grads) > 0
+    for name, grad in batched_grads.items():
+        assert torch.allclose(grad, reference_grads[name], rtol=1e-4, atol=1e-6), name
+
+
 def test_a_plans_json_from_before_lambda_was_stored_keeps_lambda_1(configuration_manager):
     """Every model before the setting trained with lambda = 1: resumed with --c it keeps it."""
     config = configuration_manager(2)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 from nnunet_diffusion.architectures.segmenter import DiffusionSegmenter
 from nnunet_diffusion.architectures.textdiffseg.label_autoencoder import normalise_latent
@@ -95,6 +96,17 @@ class LatentTrainingPass:
         """(B, N, *S) the label decoder on the encoded ground truth."""
         return self.segmenter.denoiser.decode_labels(self.z0)
 
+    def both_logits(self) -> tuple:
+        """(denoised_logits, reconstruction_logits), each (B, N, *S), from one decoder call on the 2B latents: the
+        decoder's norms are per sample (InstanceNorm), so a batch of both is the two calls at one call's overhead.
+        A decoder with batch statistics (BatchNorm) would mix the two, so it gets two calls."""
+        if self._denoised_logits is not None or any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                    for m in self.segmenter.denoiser.modules()):
+            return self.denoised_logits(), self.reconstruction_logits()
+        latents = torch.cat([self.denoised_latent(), self.z0.float()])
+        self._denoised_logits, reconstruction = self.segmenter.denoiser.decode_labels(latents).chunk(2)
+        return self._denoised_logits, reconstruction
+
     def loss(self, labels: torch.Tensor, segmentation_loss) -> torch.Tensor:
         """Eq. 6: segmentation_loss (CE + gamma Dice, eq. 4) of the decoded denoised latent and / or of the decoded
         ground-truth latent (``segmenter.segmentation_loss``) against labels (B, 1, *S), plus lambda * the MSE of
@@ -106,9 +118,12 @@ class LatentTrainingPass:
         mse = torch.mean(squared)
         loss = self.segmenter.regression_weight * mse
         terms = self.segmenter.segmentation_loss
-        if terms in ("denoised+reconstruction", "reconstruction"):
+        if terms == "denoised+reconstruction":
+            denoised, reconstruction = self.both_logits()
+            return segmentation_loss(reconstruction, labels) + segmentation_loss(denoised, labels) + loss
+        if terms == "reconstruction":
             loss = segmentation_loss(self.reconstruction_logits(), labels) + loss
-        if terms in ("denoised+reconstruction", "denoised"):
+        if terms == "denoised":
             loss = segmentation_loss(self.denoised_logits(), labels) + loss
         return loss
 
