@@ -118,6 +118,29 @@ def measure_window(trainer, device: str) -> dict:
     return {"s_per_window": seconds, "window_peak_mib": peak, "window_finite": bool(torch.isfinite(logits).all())}
 
 
+def save_untrained_checkpoint(trainer_name: str, plans_file: str, dataset_json_file: str, configuration: str,
+                              device: str) -> None:
+    """An untrained ``trainer_name`` model saved as its checkpoint_final.pth under nnUNet_results (fold 0)."""
+    trainer = build_trainer(trainer_name, plans_file, dataset_json_file, configuration, device)
+    trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
+
+
+def ensure_stage1_checkpoint(trainer_class, plans: dict, plans_file: str, dataset_json_file: str, configuration: str,
+                             device: str) -> None:
+    """A stage-2 trainer (``stage1_trainer``, DSM's) reads stage 1's checkpoint_final.pth from nnUNet_results when it
+    is built. For time and memory an untrained stage 1 serves: saved once, by a process of its own (its memory is not
+    the measured process's), into nnUNet_results, which both scripts point at a temporary folder of their own."""
+    from nnunet_diffusion.trainers.common.pretrained_condition import stock_checkpoint_path
+    stage1 = getattr(trainer_class, "stage1_trainer", None)
+    if stage1 is None or stock_checkpoint_path(os.environ["nnUNet_results"], plans["dataset_name"],
+                                               plans["plans_name"], configuration, 0, stage1).exists():
+        return
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+            "from memory_benchmark import save_untrained_checkpoint; save_untrained_checkpoint(*sys.argv[1:])")
+    subprocess.run([sys.executable, "-c", code, stage1, plans_file, dataset_json_file, configuration, device],
+                   check=True, capture_output=True)
+
+
 def build_trainer(trainer_name: str, plans_file: str, dataset_json_file: str, configuration: str, device: str):
     """``trainer_name`` built and initialised from a plans file as nnUNetv2_train builds it (fold 0)."""
     import torch
@@ -126,6 +149,7 @@ def build_trainer(trainer_name: str, plans_file: str, dataset_json_file: str, co
     if trainer_class is None:
         raise SystemExit(f"trainer {trainer_name} not found (is nnUNet_extTrainer set?)")
     plans, dataset_json = json.loads(Path(plans_file).read_text()), json.loads(Path(dataset_json_file).read_text())
+    ensure_stage1_checkpoint(trainer_class, plans, plans_file, dataset_json_file, configuration, device)
     plans["continue_training"] = False  # what nnUNetv2_train's get_trainer_from_args adds
     trainer = trainer_class(plans, configuration, 0, dataset_json, device=torch.device(device))
     trainer.initialize()

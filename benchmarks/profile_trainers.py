@@ -18,6 +18,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -96,16 +97,17 @@ def main(argv=None):
         return
     from nnunet_diffusion.cli import trainer_path
     command = "python benchmarks/profile_trainers.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    env = {**os.environ, "nnUNet_extTrainer": trainer_path()}
     runs = {trainer: [] for trainer in args.trainers}
-    for _ in range(args.rounds):
-        for trainer in args.trainers:
-            cmd = [sys.executable, __file__, "--one", trainer, *(argv if argv is not None else sys.argv[1:])]
-            result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if result.returncode != 0:
-                raise SystemExit(f"{trainer} failed:\n{result.stderr[-3000:]}")
-            runs[trainer].append(json.loads(result.stdout.strip().splitlines()[-1]))
-            print(trainer, f"{runs[trainer][-1]['s_per_it']:.3f} s/it", flush=True)
+    with tempfile.TemporaryDirectory() as results:  # the trainers' output folders (and a stage-2 trainer's stage 1)
+        env = {**os.environ, "nnUNet_extTrainer": trainer_path(), "nnUNet_results": results}
+        for _ in range(args.rounds):
+            for trainer in args.trainers:
+                cmd = [sys.executable, __file__, "--one", trainer, *(argv if argv is not None else sys.argv[1:])]
+                result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise SystemExit(f"{trainer} failed:\n{result.stderr[-3000:]}")
+                runs[trainer].append(json.loads(result.stdout.strip().splitlines()[-1]))
+                print(trainer, f"{runs[trainer][-1]['s_per_it']:.3f} s/it", flush=True)
     rows = []
     for trainer, results in runs.items():  # the round with the median s/iteration, its profile included
         rows.append(sorted(results, key=lambda r: r["s_per_it"])[len(results) // 2])

@@ -36,6 +36,7 @@ class TextDiffSegDenoiser(nn.Module):
         image_branch / text_fusion / label_encoder / text_source: the full model or a Table II ablation;
         denoiser_channels: the DiffusionModelUNet's channels per level (self-attention at the deepest level);
             with ``patch_size`` (the planned patch), levels whose grid would fall below 2 voxels are dropped;
+        label_features: the label encoder's and decoder's stage channels (``stage_features``);
         freeze_label_autoencoder: built frozen (its pre-training phase unfreezes it through its own wrapper).
     """
 
@@ -45,7 +46,8 @@ class TextDiffSegDenoiser(nn.Module):
                  nonlin=None, nonlin_kwargs=None, *, text_dim: int, latent_channels: int = 4,
                  latent_downsamplings: int = 2, image_branch: str = "encoder", text_fusion: str = "attention",
                  label_encoder: str = "learned", text_source: str = "prompts",
-                 denoiser_channels: Sequence[int] = (32, 64, 64), freeze_label_autoencoder: bool = False,
+                 denoiser_channels: Sequence[int] = (32, 64, 64), label_features: Sequence[int] = (16, 32),
+                 freeze_label_autoencoder: bool = False,
                  patch_size: Sequence[int] | None = None, n_blocks_per_stage=None):
         super().__init__()
         for value, allowed in ((image_branch, IMAGE_BRANCHES), (text_fusion, FUSIONS),
@@ -84,11 +86,11 @@ class TextDiffSegDenoiser(nn.Module):
         self.to_condition = conv_op(channels, latent_channels, 1)
         if label_encoder == "learned":
             encoder = LabelEncoder(num_classes, latent_channels, conv_op, kernel_sizes[1:1 + n_down], latent_strides,
-                                   **block_kwargs)
+                                   features=label_features, **block_kwargs)
         else:
             encoder = FixedLabelReduction(num_classes, latent_channels, conv_op, latent_strides)
         decoder = LabelDecoder(num_classes, latent_channels, conv_op, kernel_sizes[1:1 + n_down], latent_strides,
-                               **block_kwargs)
+                               features=label_features, **block_kwargs)
         self.label_autoencoder = LabelAutoencoder(encoder, decoder)
         if freeze_label_autoencoder:
             self.label_autoencoder.requires_grad_(False)

@@ -14,6 +14,9 @@ class TextDiffSegOptions(StoredOptions):
     # the latent grid skips the plans' first 2 downsamplings (4x per pooled axis): the paper gives no stride;
     # LDSeg's 16x left a 40^3 patch 3 latent voxels wide, 4x keeps 10
     latent_downsamplings: int = 2
+    # channels of the label autoencoder's stages (stem, then one per latent downsampling; the last doubles beyond):
+    # the paper says only "a lightweight label encoder". Variant: _labelFeatures8 (8, 16)
+    label_autoencoder_features: tuple = (16, 32)
     image_branch: str = "encoder"     # 'downsample': Table II zeta_2
     text_fusion: str = "attention"    # 'concat': Table II zeta_1
     label_encoder: str = "learned"    # 'reduction': Table II zeta_3

@@ -77,6 +77,7 @@ class nnUNetTrainerTextDiffSeg(ClassTextMixin, PretrainingPhaseMixin, nnUNetTrai
         return TextDiffSegDenoiser(num_input_channels, num_classes, **cls.plans_unet_kwargs(configuration_manager),
                                    text_dim=stored[TEXT_KEY]["dim"], latent_channels=options.latent_channels,
                                    latent_downsamplings=options.latent_downsamplings,
+                                   label_features=options.label_autoencoder_features,
                                    image_branch=options.image_branch, text_fusion=options.text_fusion,
                                    label_encoder=options.label_encoder, text_source=options.text_source,
                                    freeze_label_autoencoder=options.label_autoencoder_training == "pretrained",

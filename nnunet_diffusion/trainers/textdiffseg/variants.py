@@ -14,7 +14,8 @@ __all__ = ["nnUNetTrainerTextDiffSeg_concatFusion", "nnUNetTrainerTextDiffSeg_do
            "nnUNetTrainerTextDiffSeg_scaledLinear_sampledTimesteps", "nnUNetTrainerTextDiffSeg_clippedEstimates",
            "nnUNetTrainerTextDiffSeg_cosine",
            "nnUNetTrainerTextDiffSeg_exactEstimateGradient", "nnUNetTrainerTextDiffSeg_standardisedEstimates",
-           "nnUNetTrainerTextDiffSeg_lambda1", "nnUNetTrainerTextDiffSeg_lambda1en1"]
+           "nnUNetTrainerTextDiffSeg_lambda1", "nnUNetTrainerTextDiffSeg_lambda1en1",
+           "nnUNetTrainerTextDiffSeg_labelFeatures8"]
 
 
 _FULL = nnUNetTrainerTextDiffSeg.options
@@ -133,3 +134,8 @@ class nnUNetTrainerTextDiffSeg_lambda1(nnUNetTrainerTextDiffSeg):
 class nnUNetTrainerTextDiffSeg_lambda1en1(nnUNetTrainerTextDiffSeg):
     """Eq. 6 with lambda = 0.1: the eps MSE weighs a tenth of the segmentation loss L1."""
     options = replace(_FULL, eps_loss_weight=0.1)
+
+
+class nnUNetTrainerTextDiffSeg_labelFeatures8(nnUNetTrainerTextDiffSeg):
+    """The label autoencoder at half the channels (8, 16 instead of 16, 32): a quarter of its convolutions' cost."""
+    options = replace(_FULL, label_autoencoder_features=(8, 16))
