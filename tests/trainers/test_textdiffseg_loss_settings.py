@@ -11,7 +11,8 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunet_diffusion.diffusion.samplers import SamplerSettings
 from nnunet_diffusion.diffusion.masks import labels_to_x0
 from nnunet_diffusion.trainers.textdiffseg.trainer import nnUNetTrainerTextDiffSeg
-from nnunet_diffusion.trainers.textdiffseg.variants import (nnUNetTrainerTextDiffSeg_lambda1,
+from nnunet_diffusion.trainers.textdiffseg.variants import (nnUNetTrainerTextDiffSeg_labelFeatures8,
+                                                            nnUNetTrainerTextDiffSeg_lambda1,
                                                             nnUNetTrainerTextDiffSeg_lambda1en1,
                                                             nnUNetTrainerTextDiffSeg_noReconstructionLoss,
                                                             nnUNetTrainerTextDiffSeg_pretrainedLabelAE,
@@ -202,3 +203,25 @@ def test_sampled_timesteps_train_on_the_ddim_steps_of_the_full_schedule(trainer_
     assert seen["z_t"][:, 0, 0, 0].tolist() == pytest.approx([full.alphas_cumprod[999].item() ** 0.5,
                                                                 full.alphas_cumprod[333].item() ** 0.5])
     assert nnUNetTrainerTextDiffSeg_scaledLinear.diffusion_settings()["noise_schedule"] == "scaled_linear"
+
+
+@pytest.mark.parametrize("trainer_cls, features, drop_key", [(nnUNetTrainerTextDiffSeg, (16, 32), False),
+                                                             (nnUNetTrainerTextDiffSeg_labelFeatures8, (8, 16), False),
+                                                             (nnUNetTrainerTextDiffSeg, (16, 32), True)],
+                         ids=["default", "labelFeatures8", "plans_json_before_the_setting"])
+def test_label_autoencoder_channels_are_stored_and_build_it(trainer_cls, features, drop_key, configuration_manager):
+    """label_autoencoder_features is stored in plans.json and sets the label encoder's and decoder's channels (stem,
+    one stage per latent downsampling); a plans.json without it builds the 16 / 32 every older model had."""
+    config = configuration_manager(2, features=(4, 8, 8), patch=[16, 16])  # 3 stages: two latent downsamplings
+    block = copy.deepcopy(trainer_cls.diffusion_settings())
+    assert block["textdiffseg"]["label_autoencoder_features"] == list(features)
+    if drop_key:
+        del block["textdiffseg"]["label_autoencoder_features"]
+    config.configuration["diffusion"].update(block)
+    net = trainer_cls.build_network_architecture(None, config, 1, 3, False)
+    autoencoder = net.denoiser.label_autoencoder
+    encoder_channels = [b.conv2.conv.out_channels for b in autoencoder.encoder.blocks]
+    decoder_channels = [autoencoder.decoder.stem.conv2.conv.out_channels,
+                        *[b.conv2.conv.out_channels for b in autoencoder.decoder.blocks]]
+    assert encoder_channels == [features[0], *features]  # the stride-1 stem, then the two latent downsamplings
+    assert decoder_channels == [features[-1], features[1], features[0]]  # coarse to fine
