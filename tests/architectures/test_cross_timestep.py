@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from nnunet_diffusion.architectures.cross_timestep.apds import PriorFusion, apds_prior_weight
+from nnunet_diffusion.architectures.cross_timestep.network import DEEP_CACHE
 from nnunet_diffusion.architectures.cross_timestep.fft_tlstm import FFTTLSTM
 from nnunet_diffusion.architectures.cross_timestep.tlstm import ConvTLSTMCell, LinearTGRUCell
 from nnunet_diffusion.diffusion.objectives import MIN_SNR_GAMMA, min_snr_eps_weight
@@ -531,3 +532,76 @@ def test_models_stored_before_the_axis_summary_rebuild_with_the_broadcast_cell()
     del stored["spatial_summary"]
     assert CrossTimestepOptions.from_stored(stored).spatial_summary == "broadcast"
     assert variants.nnUNetTrainerCrossTimestep_broadcastSC.options.spatial_summary == "broadcast"
+
+
+def _stage_calls(denoiser):
+    """Counts of noise-encoder and decoder stage calls, by stage index, for every denoiser call after this."""
+    calls = {"encoder": [], "decoder": []}
+    for kind, stages in (("encoder", denoiser.noise_encoder.stages), ("decoder", denoiser.decoder.stages)):
+        for s, stage in enumerate(stages):
+            stage.register_forward_hook(lambda m, i, o, kind=kind, s=s: calls[kind].append(s))
+    return calls
+
+
+def test_deep_cache_alternates_full_and_shallow_steps(configuration_manager):
+    """deep_cache_stages = 1: step 1 full, step 2 only the shallowest encoder and the last decoder stage, step 3
+    full again; the cached step consumes the feature the full step left in the state."""
+    net = build(variants.nnUNetTrainerCrossTimestep_deepCache, configuration_manager).eval()
+    denoiser, image, x_t = net.denoiser, torch.randn(1, 1, 16, 16, 16), torch.randn(1, C, 16, 16, 16)
+    calls = _stage_calls(denoiser)
+    condition = denoiser.encode_image(image)
+    seen = []
+    with torch.no_grad():
+        for t in (999, 888, 777):
+            calls["encoder"].clear(), calls["decoder"].clear()
+            denoiser(x_t, torch.full((1,), t), condition)
+            seen.append((list(calls["encoder"]), list(calls["decoder"]), DEEP_CACHE in condition.state))
+    assert seen == [([0, 1, 2], [0, 1], True), ([0], [1], False), ([0, 1, 2], [0, 1], True)]
+
+
+def test_deep_cache_step_is_the_full_step_on_the_cached_deep_feature(configuration_manager):
+    """The cached step equals a full step of the same network without caching whose last decoder stage is handed
+    the feature the full step before computed (a pre-hook on that stage's transposed conv): only the deep part is
+    reused, everything shallow (FFT-tLSTM, stage 0 with its SC-tLSTM state, the last stage, APDS) is recomputed."""
+    cached_net = build(random_start(variants.nnUNetTrainerCrossTimestep_deepCache), configuration_manager).eval()
+    plain = build(random_start(nnUNetTrainerCrossTimestep), configuration_manager).eval()
+    plain.load_state_dict(cached_net.state_dict())
+    image, x_t, x_next = torch.randn(1, 1, 16, 16, 16), torch.randn(1, C, 16, 16, 16), torch.randn(1, C, 16, 16, 16)
+    with torch.no_grad():
+        a, b = cached_net.denoiser.encode_image(image), plain.denoiser.encode_image(image)
+        first_a = cached_net.denoiser(x_t, torch.full((1,), 999), a)
+        torch.testing.assert_close(first_a, plain.denoiser(x_t, torch.full((1,), 999), b), rtol=0, atol=0)
+        deep = a.state[DEEP_CACHE]
+        last = len(plain.denoiser.decoder.stages) - 1
+        plain.denoiser.decoder.transpconvs[last].register_forward_pre_hook(lambda m, i: (deep,))
+        reference = plain.denoiser(x_next, torch.full((1,), 888), b)
+        cached = cached_net.denoiser(x_next, torch.full((1,), 888), a)
+        unhooked = build(random_start(nnUNetTrainerCrossTimestep), configuration_manager).eval()
+        unhooked.load_state_dict(cached_net.state_dict())
+        c = unhooked.denoiser.encode_image(image)
+        unhooked.denoiser(x_t, torch.full((1,), 999), c)
+        full = unhooked.denoiser(x_next, torch.full((1,), 888), c)
+    torch.testing.assert_close(cached, reference, rtol=1e-6, atol=1e-6)
+    assert (cached - full).abs().max() > 1e-4  # and it is not the full second step: the deep part was reused
+
+
+def test_deep_cache_training_pair_is_full_then_cached_and_every_parameter_learns(configuration_manager):
+    net = build(variants.nnUNetTrainerCrossTimestep_deepCache, configuration_manager).train()
+    calls = _stage_calls(net.denoiser)
+    labels = torch.randint(0, C, (2, 1, 16, 16, 16))
+    result = net(torch.randn(2, 1, 16, 16, 16), labels_to_x0(labels, C))
+    assert calls["encoder"] == [0, 1, 2, 0] and calls["decoder"] == [0, 1, 1]
+    _loss(result, labels).backward()
+    assert [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_deep_cache_settings_are_checked_when_the_network_is_built(configuration_manager):
+    for stages, message in ((3, r"deep_cache_stages must be in 0..2"), (-1, r"deep_cache_stages must be in 0..2")):
+        trainer = type("T", (nnUNetTrainerCrossTimestep,),
+                       {"options": dataclasses.replace(nnUNetTrainerCrossTimestep.options, deep_cache_stages=stages)})
+        with pytest.raises(ValueError, match=message):
+            build(trainer, configuration_manager)
+    both = type("T", (variants.nnUNetTrainerCrossTimestep_deepSupervision,),
+                {"options": dataclasses.replace(nnUNetTrainerCrossTimestep.options, deep_cache_stages=1)})
+    with pytest.raises(ValueError, match="do not combine"):
+        build(both, configuration_manager)

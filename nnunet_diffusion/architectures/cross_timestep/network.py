@@ -27,6 +27,9 @@ from nnunet_diffusion.architectures.cross_timestep.fft_tlstm import FFTTLSTM
 from nnunet_diffusion.architectures.cross_timestep.sc_tlstm import SCTLSTM
 from nnunet_diffusion.architectures.options import StoredOptions
 
+# the entry of CrossTimestepCondition.state that holds the deep decoder feature of the last full step (DeepCache)
+DEEP_CACHE = "deep_cache"
+
 
 @dataclass
 class CrossTimestepCondition:
@@ -65,6 +68,11 @@ class CrossTimestepOptions(StoredOptions):
     # the paper gives no initialisation: True starts FFT-tLSTM and SC-tLSTM as the identity (zero output projection,
     # open attention maps), so the network starts as its plain U-Net; False: nnU-Net's He init for them too
     identity_start: bool = True
+    # DeepCache (Ma et al., CVPR 2024; issue 22's cost lever, the paper computes every step in full): 0 runs every
+    # step in full. n > 0: every second step of a chain (the step after a full one, in training's unrolled pairs as
+    # in sampling) runs only the shallowest n noise-encoder stages and the last n decoder stages, on the deep decoder
+    # feature the full step before left; the deeper stages' tLSTM states are carried unchanged over it
+    deep_cache_stages: int = 0
 
     @classmethod
     def legacy_values(cls) -> dict:
@@ -84,6 +92,12 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
                  options: CrossTimestepOptions = CrossTimestepOptions(), checkpoint_activations: bool = False,
                  deep_supervision: bool = False, **unet_kwargs):
         super().__init__(image_channels, num_classes, deep_supervision=deep_supervision, **unet_kwargs)
+        if not 0 <= options.deep_cache_stages < len(self.noise_encoder.stages):
+            raise ValueError(f"deep_cache_stages must be in 0..{len(self.noise_encoder.stages) - 1} (the decoder's "
+                             f"{len(self.noise_encoder.stages) - 1} stages), got {options.deep_cache_stages}")
+        if options.deep_cache_stages and deep_supervision:
+            raise ValueError("deep_cache_stages and deep supervision do not combine: a cached step computes only the "
+                             "last decoder stages, so the lower-resolution heads have no output there")
         self.options = options
         self.checkpoint_activations = checkpoint_activations
         self.num_timesteps = num_timesteps
@@ -137,11 +151,16 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: CrossTimestepCondition,
                 all_scales: bool = False):
-        """-> (B, C, *S); with ``all_scales`` (deep supervision) every kept head's logits, full resolution first."""
+        """-> (B, C, *S); with ``all_scales`` (deep supervision) every kept head's logits, full resolution first.
+        With ``options.deep_cache_stages`` = n, a step that follows a full one (its deep feature in
+        ``condition.state``) runs only encoder stages 0..n-1 and the last n decoder stages (DeepCache)."""
         emb, state, checkpointed = self.time_mlp(t), condition.state, self.checkpoint_activations
+        n_encoder, n_decoder, cache = len(self.noise_encoder.stages), len(self.decoder.stages), \
+            self.options.deep_cache_stages
+        cached = state.pop(DEEP_CACHE, None)  # a cached step consumes it: the step after it is a full one again
         x = self.fft(x_t, condition.spectrum, emb, state, checkpointed) if self.options.fft else x_t
         skips = []
-        for s in range(len(self.noise_encoder.stages)):
+        for s in range(cache if cached is not None else n_encoder):
             sc = self.sc_encoder[s] if self.options.sc else None
             x, *new_state = self._checkpointed(self.encoder_block, s, x, emb, condition.features,
                                                sc.previous(state) if sc else None)
@@ -149,11 +168,15 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
                 sc.store(state, *new_state)
             skips.append(x)
         weight = apds_prior_weight(t, self.num_timesteps, self.options.apds_alpha) if self.options.apds else None
-        heads = []
-        for s in range(len(self.decoder.stages)):
+        heads, first = [], n_decoder - cache if cached is not None else 0
+        if cached is not None:
+            x = cached
+        for s in range(first, n_decoder):
+            if cache and cached is None and s == n_decoder - cache:
+                state[DEEP_CACHE] = x  # the input of the last n decoder stages, for the next (cached) step
             prior = condition.prior_features[s] if self.options.apds else None
             sc = self.sc_decoder[s] if self.options.sc else None
-            x, *new_state = self._checkpointed(self.decoder_block, s, x, skips[-(s + 2)], prior, weight, emb,
+            x, *new_state = self._checkpointed(self.decoder_block, s, x, skips[n_encoder - s - 2], prior, weight, emb,
                                                sc.previous(state) if sc else None)
             if sc:
                 sc.store(state, *new_state)

@@ -19,7 +19,8 @@ __all__ = ["nnUNetTrainerCrossTimestep_noTLSTM", "nnUNetTrainerCrossTimestep_pla
            "nnUNetTrainerCrossTimestep_burnIn", "nnUNetTrainerCrossTimestep_linearFFTGate",
            "nnUNetTrainerCrossTimestep_heInit", "nnUNetTrainerCrossTimestep_residualRA",
            "nnUNetTrainerCrossTimestep_reverseAttention", "nnUNetTrainerCrossTimestep_broadcastSC",
-           "nnUNetTrainerCrossTimestep_chain4", "nnUNetTrainerCrossTimestep_deepSupervision"]
+           "nnUNetTrainerCrossTimestep_chain4", "nnUNetTrainerCrossTimestep_deepSupervision",
+           "nnUNetTrainerCrossTimestep_deepCache"]
 
 
 class nnUNetTrainerCrossTimestep_noTLSTM(nnUNetTrainerCrossTimestep):
@@ -130,3 +131,11 @@ class nnUNetTrainerCrossTimestep_deepSupervision(nnUNetTrainerCrossTimestep):
     deep_supervision.py); the paper's L_Dice + L_CE is on the output alone. Measured once on the second dataset,
     0.508 against the default's 0.344 at 200 s (benchmarks/results_cpu_deep_supervision_505.md)."""
     deep_supervision = True
+
+
+class nnUNetTrainerCrossTimestep_deepCache(nnUNetTrainerCrossTimestep):
+    """DeepCache (issue 22's cost lever): every second step of a chain runs only the shallowest noise-encoder stage
+    and the last decoder stage on the deep feature of the full step before it; training's unrolled pairs are (full,
+    cached), as sampling alternates them. One stage: in 2d every stage of a U-Net costs about the same (a quarter
+    of the voxels, twice the channels), so the shallow pair is the cheapest part to keep."""
+    options = replace(_FULL, deep_cache_stages=1)
