@@ -605,3 +605,16 @@ def test_deep_cache_settings_are_checked_when_the_network_is_built(configuration
                 {"options": dataclasses.replace(nnUNetTrainerCrossTimestep.options, deep_cache_stages=1)})
     with pytest.raises(ValueError, match="do not combine"):
         build(both, configuration_manager)
+
+
+def test_unroll1_trains_one_step_per_draw_and_every_parameter_learns(configuration_manager):
+    """``_unroll1``: one denoiser call per training draw (the state starts empty and is not carried), and still no
+    parameter without a gradient (DDP): the recurrent cells' weights on h_{t-1} see the empty state."""
+    net = build(variants.nnUNetTrainerCrossTimestep_unroll1, configuration_manager).train()
+    assert net.unroll_steps == 1
+    calls = _stage_calls(net.denoiser)
+    labels = torch.randint(0, C, (2, 1, 16, 16, 16))
+    result = net(torch.randn(2, 1, 16, 16, 16), labels_to_x0(labels, C))
+    assert calls["encoder"] == [0, 1, 2] and calls["decoder"] == [0, 1]
+    _loss(result, labels).backward()
+    assert [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None] == []

@@ -20,7 +20,7 @@ __all__ = ["nnUNetTrainerCrossTimestep_noTLSTM", "nnUNetTrainerCrossTimestep_pla
            "nnUNetTrainerCrossTimestep_heInit", "nnUNetTrainerCrossTimestep_residualRA",
            "nnUNetTrainerCrossTimestep_reverseAttention", "nnUNetTrainerCrossTimestep_broadcastSC",
            "nnUNetTrainerCrossTimestep_chain4", "nnUNetTrainerCrossTimestep_deepSupervision",
-           "nnUNetTrainerCrossTimestep_deepCache"]
+           "nnUNetTrainerCrossTimestep_deepCache", "nnUNetTrainerCrossTimestep_unroll1"]
 
 
 class nnUNetTrainerCrossTimestep_noTLSTM(nnUNetTrainerCrossTimestep):
@@ -139,3 +139,11 @@ class nnUNetTrainerCrossTimestep_deepCache(nnUNetTrainerCrossTimestep):
     cached), as sampling alternates them. One stage: in 2d every stage of a U-Net costs about the same (a quarter
     of the voxels, twice the channels), so the shallow pair is the cheapest part to keep."""
     options = replace(_FULL, deep_cache_stages=1)
+
+
+class nnUNetTrainerCrossTimestep_unroll1(nnUNetTrainerCrossTimestep):
+    """One step of the chain per training draw instead of two (a cost lever of issue 22: about half the step).
+    The recurrent state then always starts empty in training, so the memory across timesteps is used at sampling
+    but never trained; the paper is silent on how it trains the state, and its Table 4 puts its training time at
+    1.14x Diff-UNet's, closer to one step per draw than to two."""
+    unroll_steps = 1
