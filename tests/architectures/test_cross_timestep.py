@@ -609,8 +609,10 @@ def test_deep_cache_settings_are_checked_when_the_network_is_built(configuration
 
 def test_unroll1_trains_one_step_per_draw_and_every_parameter_learns(configuration_manager):
     """``_unroll1``: one denoiser call per training draw (the state starts empty and is not carried), and still no
-    parameter without a gradient (DDP): the recurrent cells' weights on h_{t-1} see the empty state."""
-    net = build(variants.nnUNetTrainerCrossTimestep_unroll1, configuration_manager).train()
+    parameter without a gradient (DDP). The recurrent weights on h_{t-1} see only the empty (zero) state, so their
+    gradient is exactly zero: the memory across timesteps is never trained (what the docs say of the variant)."""
+    # random_start: the identity start zeroes the FFT-tLSTM's output, which would zero its other gradients too
+    net = build(random_start(variants.nnUNetTrainerCrossTimestep_unroll1), configuration_manager).train()
     assert net.unroll_steps == 1
     calls = _stage_calls(net.denoiser)
     labels = torch.randint(0, C, (2, 1, 16, 16, 16))
@@ -618,3 +620,7 @@ def test_unroll1_trains_one_step_per_draw_and_every_parameter_learns(configurati
     assert calls["encoder"] == [0, 1, 2] and calls["decoder"] == [0, 1]
     _loss(result, labels).backward()
     assert [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None] == []
+    untrained = sorted(n for n, p in net.named_parameters() if p.grad.abs().max() == 0)
+    assert untrained and all(n.endswith(("conv_h.weight", "linear_h_gates.weight", "linear_h_candidate.weight"))
+                             for n in untrained)
+    assert any(n.startswith("denoiser.fft.") for n in untrained)

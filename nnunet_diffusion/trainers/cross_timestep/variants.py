@@ -143,7 +143,7 @@ class nnUNetTrainerCrossTimestep_deepCache(nnUNetTrainerCrossTimestep):
 
 class nnUNetTrainerCrossTimestep_unroll1(nnUNetTrainerCrossTimestep):
     """One step of the chain per training draw instead of two (a cost lever of issue 22: about half the step).
-    The recurrent state then always starts empty in training, so the memory across timesteps is used at sampling
-    but never trained; the paper is silent on how it trains the state, and its Table 4 puts its training time at
-    1.14x Diff-UNet's, closer to one step per draw than to two."""
+    The recurrent state then always starts empty (zero) in training, so the cells' weights on h_{t-1} get a zero
+    gradient and keep their initial values: the memory across timesteps is used at sampling but never trained.
+    The paper is silent on how it trains the state; its Table 4 puts its training time at 1.14x Diff-UNet's."""
     unroll_steps = 1
