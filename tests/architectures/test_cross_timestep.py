@@ -624,3 +624,38 @@ def test_unroll1_trains_one_step_per_draw_and_every_parameter_learns(configurati
     assert untrained and all(n.endswith(("conv_h.weight", "linear_h_gates.weight", "linear_h_candidate.weight"))
                              for n in untrained)
     assert any(n.startswith("denoiser.fft.") for n in untrained)
+
+
+def test_warm_state_fills_the_state_one_step_above_without_gradient_and_trains_the_memory(configuration_manager):
+    """``_warmState1``: x drawn one chain step above k0, that step without gradient, then k0 with it; at the
+    chain's first step (t = 999) the state stays empty, as at test time. Unlike ``_unroll1``, the recurrent
+    weights on h_{t-1} get a gradient (the state of a real step)."""
+    net = build(random_start(variants.nnUNetTrainerCrossTimestep_warmState1), configuration_manager).train()
+    chain = [int(t) for t in net.chain_schedule.timesteps]  # the respaced chain, first step first or last
+    chain = sorted(chain, reverse=True)
+    calls = []
+    net.denoiser.register_forward_hook(
+        lambda m, args, out: calls.append((int(args[1][0]), torch.is_grad_enabled())))
+    labels = torch.randint(0, C, (2, 1, 16, 16, 16))
+    seen, torch_seed = set(), 0
+    while len(seen) < 3 and torch_seed < 200:
+        torch.manual_seed(torch_seed)
+        torch_seed += 1
+        calls.clear()
+        net.zero_grad(set_to_none=True)
+        result = net(torch.randn(2, 1, 16, 16, 16), labels_to_x0(labels, C))
+        if len(calls) == 1:  # k0 is the chain's first step: nothing above it to warm the state with
+            assert calls == [(chain[0], True)]
+            seen.add("first")
+            continue
+        (t_warm, grad_warm), (t_k0, grad_k0) = calls
+        assert (grad_warm, grad_k0) == (False, True) and chain.index(t_warm) + 1 == chain.index(t_k0)
+        seen.add("warm")
+        if "gradient" not in seen:
+            _loss(result, labels).backward()
+            assert [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None] == []
+            for name, p in net.named_parameters():
+                if name.endswith(("conv_h.weight", "linear_h_gates.weight", "linear_h_candidate.weight")):
+                    assert p.grad.abs().max() > 0, name
+            seen.add("gradient")
+    assert seen == {"first", "warm", "gradient"}

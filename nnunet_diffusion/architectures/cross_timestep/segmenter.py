@@ -43,7 +43,7 @@ class ChainTrainingPass(NamedTuple):
         return loss if self.prior_logits is None else loss + segmentation_loss(self.prior_logits, labels)
 
 
-CHAIN_STARTS = ("burn_in", "noised_truth")
+CHAIN_STARTS = ("burn_in", "noised_truth", "warm_state")
 
 
 class RecurrentDiffusionSegmenter(DiffusionSegmenter):
@@ -63,7 +63,10 @@ class RecurrentDiffusionSegmenter(DiffusionSegmenter):
         empty at k0 (at test the state is empty only at the first step). 'burn_in': from pure noise at the
         chain's first step, the steps before k0 run without gradient with the model's own x_k and the state
         carried, as at test time (the recycling paper's train/test alignment); it costs the forward passes of
-        the burn-in.
+        the burn-in. 'warm_state': x drawn from q(x_{k0+1} | x0) one chain step above k0, that step run without
+        gradient to fill the state, then the unrolled steps (at the chain's first step the state stays empty, as
+        at test time). Why: the recurrent weights on the state then learn even with ``unroll_steps = 1``, for one
+        forward pass without a graph instead of a second step with one (truncated backpropagation).
     chain_gradient: 'state' (default): each step's model input x_k is detached, gradient flows between steps
         only through the recurrent state. Why: each step's loss is then a clean per-step loss with x_k a
         constant, as in plain DDPM training, while the state still learns from later steps. 'full':
@@ -106,8 +109,8 @@ class RecurrentDiffusionSegmenter(DiffusionSegmenter):
             first = schedule.num_steps - 1
             x_first = torch.randn_like(x0)
         else:
-            first = start
-            x_first = q_sample(schedule, x0, torch.full((x0.shape[0],), start), torch.randn_like(x0))
+            first = start + 1 if self.chain_start == "warm_state" and start < schedule.num_steps - 1 else start
+            x_first = q_sample(schedule, x0, torch.full((x0.shape[0],), first), torch.randn_like(x0))
         lower = [] if self.deep_supervision else None
         outputs, targets, x0_hat = self.unroll_chain(condition, x_first, x0, start, length, first, lower)
         prior_logits = getattr(condition, "prior_logits", None)

@@ -20,7 +20,8 @@ __all__ = ["nnUNetTrainerCrossTimestep_noTLSTM", "nnUNetTrainerCrossTimestep_pla
            "nnUNetTrainerCrossTimestep_heInit", "nnUNetTrainerCrossTimestep_residualRA",
            "nnUNetTrainerCrossTimestep_reverseAttention", "nnUNetTrainerCrossTimestep_broadcastSC",
            "nnUNetTrainerCrossTimestep_chain4", "nnUNetTrainerCrossTimestep_deepSupervision",
-           "nnUNetTrainerCrossTimestep_deepCache", "nnUNetTrainerCrossTimestep_unroll1"]
+           "nnUNetTrainerCrossTimestep_deepCache", "nnUNetTrainerCrossTimestep_unroll1",
+           "nnUNetTrainerCrossTimestep_warmState1"]
 
 
 class nnUNetTrainerCrossTimestep_noTLSTM(nnUNetTrainerCrossTimestep):
@@ -147,3 +148,11 @@ class nnUNetTrainerCrossTimestep_unroll1(nnUNetTrainerCrossTimestep):
     gradient and keep their initial values: the memory across timesteps is used at sampling but never trained.
     The paper is silent on how it trains the state; its Table 4 puts its training time at 1.14x Diff-UNet's."""
     unroll_steps = 1
+
+
+class nnUNetTrainerCrossTimestep_warmState1(nnUNetTrainerCrossTimestep):
+    """One chain step with gradient per draw, after one step without gradient from q(x_{k0+1} | x0) that fills the
+    recurrent state (chain_start 'warm_state'): the memory learns from a real previous step, as ``_unroll1``'s
+    does not, for a forward pass without a graph instead of a second step with one (a cost lever of issue 22)."""
+    unroll_steps = 1
+    chain_start = "warm_state"
