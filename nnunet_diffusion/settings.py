@@ -54,8 +54,8 @@ VARIABLES = {v.name: v for v in [
     # training-only method settings, stored with the model
     Variable("NNUNET_DIFFUSION_ACTIVATION_CHECKPOINTING", "cuda, always or never", TRAINING, "cuda",
              "recompute activations in backward (Cross-Timestep, UniSegDiff): 'cuda' on a GPU only"),
-    Variable("NNUNET_DIFFUSION_UNROLL_STEPS", "whole number > 0", TRAINING, "2",
-             "Cross-Timestep: unrolled steps per training chain"),
+    Variable("NNUNET_DIFFUSION_UNROLL_STEPS", "whole number > 0", TRAINING, "the trainer's (1; 2 for _unroll2)",
+             "Cross-Timestep: steps with gradient per training chain"),
     Variable("NNUNET_DIFFUSION_CHAIN_STEPS", "whole number > 0", TRAINING, "the default sampler's steps (10)",
              "Cross-Timestep: length of the training chain (prediction must run it)"),
     Variable("NNUNET_DIFFUSION_CONDITION_CHECKPOINT", "file", TRAINING,

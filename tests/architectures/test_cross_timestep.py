@@ -373,7 +373,7 @@ def test_mask_chain_loss_is_the_mean_dice_ce_of_each_step_plus_the_prior(configu
     dice_ce = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
                              weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
 
-    class Stateless(nnUNetTrainerCrossTimestep):
+    class Stateless(variants.nnUNetTrainerCrossTimestep_unroll2):
         options = variants.nnUNetTrainerCrossTimestep_noTLSTM.options
     net = build(Stateless, configuration_manager).train()
     assert net.prediction == "x0" and net.chain_start == "noised_truth"
@@ -396,7 +396,8 @@ def test_mask_chain_loss_is_the_mean_dice_ce_of_each_step_plus_the_prior(configu
 def test_burn_in_runs_the_chain_from_pure_noise_without_gradient_then_unrolls(configuration_manager):
     """Start pinned at k0 = 4 of the 10-step chain, 2 unrolled steps: 5 burn-in calls (t = 999 ... 555) without
     gradient, each x_k the DDIM step of the model's own previous estimate, the state carried into the gradient
-    steps; then 2 calls with gradient. The default 'noised_truth': 2 calls, the first with an empty state."""
+    steps; then 2 calls with gradient. The default 'warm_state' (one step): the step above k0 without gradient
+    from the noised truth with an empty state, then k0 with gradient and the state it left."""
     from nnunet_diffusion.diffusion.gaussian import eps_from_x0 as eps_of
     from nnunet_diffusion.diffusion.masks import x0_from_logits
     from nnunet_diffusion.diffusion.samplers import ddim_step
@@ -421,7 +422,8 @@ def test_burn_in_runs_the_chain_from_pure_noise_without_gradient_then_unrolls(co
     calls = _record_calls(plain)
     with _pinned_start(4):
         plain(image, labels_to_x0(labels, C))
-    assert [t for _, t, _, _ in calls] == [int(chain.timesteps[k]) for k in (4, 3)]
+    assert [t for _, t, _, _ in calls] == [int(chain.timesteps[k]) for k in (5, 4)]
+    assert [g for _, _, g, _ in calls] == [False, True]
     assert calls[0][3] == 0 and calls[1][3] > 0
 
 

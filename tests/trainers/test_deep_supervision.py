@@ -88,13 +88,14 @@ def test_cross_timestep_supervises_every_head_at_every_unrolled_step():
     net = build(nnUNetTrainerCrossTimestep_deepSupervision).train()
     labels = torch.randint(0, C, (2, 1, *PATCH))
     result = net(torch.randn(2, 1, *PATCH), labels_to_x0(labels, C))
-    assert len(result.step_lower_logits) == len(result.step_logits) == 2  # the default unrolls 2 steps
+    steps_trained = nnUNetTrainerCrossTimestep_deepSupervision.unroll_steps  # the default's 1 (after a warm-up)
+    assert len(result.step_lower_logits) == len(result.step_logits) == steps_trained
     assert all([tuple(o.shape[2:]) for o in lower] == [(8, 8)] for lower in result.step_lower_logits)
     loss = nnUNetTrainerDiffusionBase.diffusion_loss(SimpleNamespace(loss=ce_loss), result, labels)
     low_target = downsampled_target(labels, (8, 8))
     steps = [2 / 3 * ce_loss(logits, labels) + 1 / 3 * ce_loss(lower[0], low_target)
              for logits, lower in zip(result.step_logits, result.step_lower_logits)]
-    torch.testing.assert_close(loss, sum(steps) / 2 + ce_loss(result.prior_logits, labels))  # + APDS's prior
+    torch.testing.assert_close(loss, sum(steps) / steps_trained + ce_loss(result.prior_logits, labels))  # + prior
     loss.backward()
     assert [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None] == []
 

@@ -32,8 +32,8 @@ def _whole_number(name: str) -> Optional[int]:
 class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
     """The full model of the paper (eq. 20). Ablations (variants_cross_timestep.py) change ``options``.
 
-    Training unrolls ``unroll_steps`` consecutive steps of ``training_chain`` (RecurrentDiffusionSegmenter) from a
-    noised ground truth, each trained with nnU-Net's Dice + CE on its mask logits (the prior decoder with its own
+    Training runs ``unroll_steps`` (default 1) consecutive steps of ``training_chain`` (RecurrentDiffusionSegmenter)
+    after one step without gradient from a noised ground truth that fills the state, each trained with nnU-Net's Dice + CE on its mask logits (the prior decoder with its own
     Dice + CE), so the tLSTM state is trained the way it is used (``_burnIn``: the chain from pure noise, the
     steps before the drawn start without gradient); the chain, the options and the rest are stored with the model (plans.json) and prediction must
     visit exactly its timesteps: NNUNET_DIFFUSION_STEPS can only be its step count (the sampler kind, samples and
@@ -47,11 +47,14 @@ class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
     default_sampler = SamplerSettings(kind="ddim", steps=10)
     training_chain: Optional[SamplerSettings] = None  # None: the default sampler's kind and steps
     chain_gradient = "state"  # 'state' or 'full': see RecurrentDiffusionSegmenter
-    # 'noised_truth' or 'burn_in' (see RecurrentDiffusionSegmenter): measured at equal time on the example
-    # (benchmarks/results_cpu_methods.md), burn-in cost 1.4x per iteration and reached a lower Dice (0.31 vs 0.50)
-    chain_start = "noised_truth"
+    # How the state is trained (the paper is silent): one step with gradient after one without it that fills the
+    # state ('warm_state', RecurrentDiffusionSegmenter). At equal time it matched two unrolled steps from an empty
+    # state (0.864 vs 0.857 at 600 s, benchmarks/results_cpu_cross_timestep_unroll_3x.md) at 0.77x their time per
+    # iteration (the default before 2026-12-07: _unroll2). Burn-in from pure noise cost 1.4x per iteration and
+    # reached a lower Dice (0.31 vs 0.50, benchmarks/results_cpu_methods.md).
+    chain_start = "warm_state"
     options = CrossTimestepOptions()
-    unroll_steps = 2
+    unroll_steps = 1
     # activation checkpointing of every stage, when training on CUDA (``activation_checkpointing``, the base's
     # 'cuda'): without it, peak training memory at nnU-Net's planned patch and batch was 4.4x the stock trainer's
     # (benchmarks/gpu/memory_gpu.md); it does not change the model

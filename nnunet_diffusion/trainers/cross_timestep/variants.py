@@ -20,8 +20,8 @@ __all__ = ["nnUNetTrainerCrossTimestep_noTLSTM", "nnUNetTrainerCrossTimestep_pla
            "nnUNetTrainerCrossTimestep_heInit", "nnUNetTrainerCrossTimestep_residualRA",
            "nnUNetTrainerCrossTimestep_reverseAttention", "nnUNetTrainerCrossTimestep_broadcastSC",
            "nnUNetTrainerCrossTimestep_chain4", "nnUNetTrainerCrossTimestep_deepSupervision",
-           "nnUNetTrainerCrossTimestep_deepCache", "nnUNetTrainerCrossTimestep_unroll1",
-           "nnUNetTrainerCrossTimestep_warmState1"]
+           "nnUNetTrainerCrossTimestep_deepCache", "nnUNetTrainerCrossTimestep_unroll2",
+           "nnUNetTrainerCrossTimestep_unroll1", "nnUNetTrainerCrossTimestep_warmState1"]
 
 
 class nnUNetTrainerCrossTimestep_noTLSTM(nnUNetTrainerCrossTimestep):
@@ -76,20 +76,26 @@ class nnUNetTrainerCrossTimestep_convRA(nnUNetTrainerCrossTimestep):
 
 
 class nnUNetTrainerCrossTimestep_fullChainGradient(nnUNetTrainerCrossTimestep):
-    """Training chain with backpropagation through the chain's x_k as well as the recurrent state."""
+    """Training chain with backpropagation through the chain's x_k as well as the recurrent state: two unrolled
+    steps from the noised truth (a chain of one step has no x_k to backpropagate through), as measured."""
     chain_gradient = "full"
+    unroll_steps = 2
+    chain_start = "noised_truth"
 
 
 class nnUNetTrainerCrossTimestep_eps(nnUNetTrainerCrossTimestep):
     """Eq. 19's reading: eps prediction (Min-SNR-weighted MSE per unrolled step): the package's default before the
-    mask-predicting one (cross_timestep.py says why)."""
+    mask-predicting one (cross_timestep.py says why). Two unrolled steps from the noised truth, as measured."""
     prediction = "eps"
+    unroll_steps = 2
+    chain_start = "noised_truth"
 
 
 class nnUNetTrainerCrossTimestep_burnIn(nnUNetTrainerCrossTimestep):
     """Training chains from pure noise at the chain's first step: the steps before the drawn start run without
     gradient with the model's own x_k and the state carried, as at test time (the recycling paper's alignment)."""
     chain_start = "burn_in"
+    unroll_steps = 2  # as measured (benchmarks/results_cpu_methods.md)
 
 
 class nnUNetTrainerCrossTimestep_linearFFTGate(nnUNetTrainerCrossTimestep):
@@ -138,21 +144,32 @@ class nnUNetTrainerCrossTimestep_deepCache(nnUNetTrainerCrossTimestep):
     """DeepCache (issue 22's cost lever): every second step of a chain runs only the shallowest noise-encoder stage
     and the last decoder stage on the deep feature of the full step before it; training's unrolled pairs are (full,
     cached), as sampling alternates them. One stage: in 2d every stage of a U-Net costs about the same (a quarter
-    of the voxels, twice the channels), so the shallow pair is the cheapest part to keep."""
+    of the voxels, twice the channels), so the shallow pair is the cheapest part to keep. Two unrolled steps from
+    the noised truth, as measured: a pair needs two steps with gradient."""
     options = replace(_FULL, deep_cache_stages=1)
+    unroll_steps = 2
+    chain_start = "noised_truth"
+
+
+class nnUNetTrainerCrossTimestep_unroll2(nnUNetTrainerCrossTimestep):
+    """The default before 2026-12-07: two unrolled steps with gradient from q(x_k0 | x0), the state empty at k0;
+    the gradient between them through the state. Models stored under it rebuild with it from plans.json."""
+    unroll_steps = 2
+    chain_start = "noised_truth"
 
 
 class nnUNetTrainerCrossTimestep_unroll1(nnUNetTrainerCrossTimestep):
-    """One step of the chain per training draw instead of two (a cost lever of issue 22: about half the step).
+    """One step of the chain per training draw from q(x_k0 | x0), without the default's warm-up step (a cost lever
+    of issue 22).
     The recurrent state then always starts empty (zero) in training, so the cells' weights on h_{t-1} get a zero
     gradient and keep their initial values: the memory across timesteps is used at sampling but never trained.
     The paper is silent on how it trains the state; its Table 4 puts its training time at 1.14x Diff-UNet's."""
     unroll_steps = 1
+    chain_start = "noised_truth"
 
 
 class nnUNetTrainerCrossTimestep_warmState1(nnUNetTrainerCrossTimestep):
-    """One chain step with gradient per draw, after one step without gradient from q(x_{k0+1} | x0) that fills the
-    recurrent state (chain_start 'warm_state'): the memory learns from a real previous step, as ``_unroll1``'s
-    does not, for a forward pass without a graph instead of a second step with one (a cost lever of issue 22)."""
-    unroll_steps = 1
-    chain_start = "warm_state"
+    """The default since 2026-12-07 under its benchmark name: one chain step with gradient per draw, after one step
+    without gradient from q(x_{k0+1} | x0) that fills the recurrent state (chain_start 'warm_state'); the memory
+    learns from a real previous step, as ``_unroll1``'s does not, for a forward pass without a graph instead of a
+    second step with one."""
