@@ -325,18 +325,53 @@ def test_activation_checkpointing_gives_the_plain_loss_and_gradients(name, confi
     assert trainer_cls.activation_checkpointing == "cuda"  # on when training on CUDA
     image, labels = torch.randn(2, 1, 16, 16, 16), torch.randint(0, C, (2, 1, 16, 16, 16))
     grads = {}
-    for checkpointed in (False, True):
+    for checkpointed, levels in ((False, None), (True, None), (True, 1)):
         net = build(trainer_cls, configuration_manager).train()
-        net.denoiser.checkpoint_activations = checkpointed
-        torch.manual_seed(5)  # same t and noise for both
+        net.denoiser.checkpoint_activations, net.denoiser.checkpoint_levels = checkpointed, levels
+        torch.manual_seed(5)  # same t and noise for all
         result = net(image, labels_to_x0(labels, C))
         loss = _loss(result, labels)
         loss.backward()
-        grads[checkpointed] = (loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()})
-    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=0, atol=0)
-    assert grads[True][1].keys() == grads[False][1].keys()
-    for name_, grad in grads[False][1].items():
-        torch.testing.assert_close(grads[True][1][name_], grad, rtol=1e-5, atol=1e-7, msg=name_)
+        grads[checkpointed, levels] = (loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()})
+    plain_loss, plain = grads.pop((False, None))
+    for loss, grad in grads.values():
+        torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+        assert grad.keys() == plain.keys()
+        for name_, g in plain.items():
+            torch.testing.assert_close(grad[name_], g, rtol=1e-5, atol=1e-7, msg=name_)
+
+
+@pytest.mark.parametrize("levels, expected", [
+    (None, [("image", 0), ("image", 1), ("image", 2), ("stage", 0), ("stage", 1), ("step", None),
+            ("encoder_block", 0), ("encoder_block", 1), ("encoder_block", 2), ("decoder_block", 0),
+            ("decoder_block", 1)]),
+    (2, [("image", 0), ("image", 1), ("stage", 0), ("stage", 1), ("step", None), ("encoder_block", 0),
+         ("encoder_block", 1), ("decoder_block", 0), ("decoder_block", 1)]),
+    (1, [("image", 0), ("stage", 1), ("step", None), ("encoder_block", 0), ("decoder_block", 1)])])
+def test_checkpoint_levels_checkpoint_the_finest_stages_only(levels, expected, configuration_manager, monkeypatch):
+    """Three stages (levels 0-2; the two decoder stages join the level-1 and level-0 skips: s = 0 and 1). With
+    ``checkpoint_levels`` = n, exactly the image-encoder, noise-encoder, prior-decoder and decoder stages below
+    level n and the FFT-tLSTM (level 0) are recomputed, each once per step with gradient (the default's warm-up
+    step runs without one, so it checkpoints nothing)."""
+    from nnunet_diffusion.architectures import activation_checkpointing
+    seen = []
+
+    def record(function, *args, **kwargs):
+        if isinstance(function, nn.Module):
+            seen.append(("image", None))  # an image-encoder stage: called on a tensor, numbered below
+        else:
+            seen.append((function.__name__, args[0] if isinstance(args[0], int) else None))
+        return function(*args)
+
+    monkeypatch.setattr(activation_checkpointing, "checkpoint", record)
+    net = build(nnUNetTrainerCrossTimestep, configuration_manager).train()
+    net.denoiser.checkpoint_activations, net.denoiser.checkpoint_levels = True, levels
+    image, labels = torch.randn(1, 1, 16, 16, 16), torch.randint(0, C, (1, 1, 16, 16, 16))
+    with _pinned_start(3):  # a start with a chain step above it: the warm-up step runs
+        net(image, labels_to_x0(labels, C))
+    image_stages = [("image", level) for level in range(seen.count(("image", None)))]  # they run finest first
+    others = [call for call in seen if call[0] != "image"]
+    assert sorted(image_stages + others, key=str) == sorted(expected, key=str)  # a list: a repeat would fail
 
 
 class _pinned_start:

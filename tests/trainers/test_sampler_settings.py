@@ -190,6 +190,9 @@ def test_activation_checkpointing_follows_the_device_and_the_variable(trainer_cl
     flags = [m.checkpoint_activations for m in network.modules() if hasattr(m, "checkpoint_activations")]
     assert flags and all(flag is expected for flag in flags)
     assert f"Activation checkpointing {'on' if expected else 'off'}" in log_text(trainer)
+    if trainer_cls is nnUNetTrainerCrossTimestep:  # only the finest levels' stages (CrossTimestepDenoiser)
+        assert network.denoiser.checkpoint_levels == 2
+        assert ("the 2 finest resolution levels only" in log_text(trainer)) is expected
 
 
 def test_bad_activation_checkpointing_variable_is_refused_at_trainer_start(tmp_path, monkeypatch):

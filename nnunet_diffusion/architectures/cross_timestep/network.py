@@ -86,11 +86,15 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
     ``checkpoint_activations`` (training only): every encoder, tLSTM, decoder and prior-decoder stage recomputes
     its activations in backward. Without it, training unrolls several full passes plus the image branch and the
     prior decoder and needed 4.4x the stock trainer's GPU memory at nnU-Net's planned patch and batch.
+    ``checkpoint_levels`` (None: every level): only the stages at that many of the finest resolution levels are
+    checkpointed (level 0: full resolution, with the FFT-tLSTM; an encoder stage's level is its index, a decoder
+    stage's that of the skip it joins). Why: a U-Net stage's activations shrink about 2-4x per level while its
+    compute stays about equal, so the finest levels hold most of the memory for a fraction of the recompute.
     """
 
     def __init__(self, image_channels: int, num_classes: int, num_timesteps: int,
                  options: CrossTimestepOptions = CrossTimestepOptions(), checkpoint_activations: bool = False,
-                 deep_supervision: bool = False, **unet_kwargs):
+                 deep_supervision: bool = False, checkpoint_levels: Optional[int] = None, **unet_kwargs):
         super().__init__(image_channels, num_classes, deep_supervision=deep_supervision, **unet_kwargs)
         if not 0 <= options.deep_cache_stages < len(self.noise_encoder.stages):
             raise ValueError(f"deep_cache_stages must be in 0..{len(self.noise_encoder.stages) - 1} (the decoder's "
@@ -99,7 +103,7 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
             raise ValueError("deep_cache_stages and deep supervision do not combine: a cached step computes only the "
                              "last decoder stages, so the lower-resolution heads have no output there")
         self.options = options
-        self.checkpoint_activations = checkpoint_activations
+        self.checkpoint_activations, self.checkpoint_levels = checkpoint_activations, checkpoint_levels
         self.num_timesteps = num_timesteps
         conv_op, time_dim = unet_kwargs["conv_op"], self.time_mlp.dim
         channels = self.noise_encoder.output_channels
@@ -126,17 +130,26 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
                           *([self.fft] if options.fft else [])]:
                 block.start_as_identity()
 
-    def _checkpointed(self, function, *args):
-        return maybe_checkpoint(self, self.checkpoint_activations, function, *args)
+    def _checkpoints(self, level: int) -> bool:
+        """Whether stages at resolution level ``level`` (0: full resolution) recompute their activations."""
+        return self.checkpoint_activations and (self.checkpoint_levels is None or level < self.checkpoint_levels)
+
+    def _checkpointed(self, level: int, function, *args):
+        return maybe_checkpoint(self, self._checkpoints(level), function, *args)
+
+    def _decoder_level(self, s: int) -> int:
+        """Resolution level of decoder stage s (lowest resolution first): that of the skip it joins."""
+        return len(self.image_encoder.stages) - 2 - s
 
     def encode_image(self, image: torch.Tensor) -> CrossTimestepCondition:
         features, x = [], image
-        for stage in self.image_encoder.stages:  # PlainConvEncoder.forward, one checkpoint per stage
-            x = self._checkpointed(stage, x)
+        for level, stage in enumerate(self.image_encoder.stages):  # PlainConvEncoder.forward, a checkpoint each
+            x = self._checkpointed(level, stage, x)
             features.append(x)
         condition = CrossTimestepCondition(features)
         if self.options.apds:
-            condition.prior_logits, condition.prior_features = self.prior_decoder(features, self._checkpointed)
+            condition.prior_logits, condition.prior_features = self.prior_decoder(
+                features, lambda function, s, *args: self._checkpointed(self._decoder_level(s), function, s, *args))
         if self.options.fft:
             condition.spectrum = self.fft.condition_spectrum(image)
         return condition
@@ -154,15 +167,15 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
         """-> (B, C, *S); with ``all_scales`` (deep supervision) every kept head's logits, full resolution first.
         With ``options.deep_cache_stages`` = n, a step that follows a full one (its deep feature in
         ``condition.state``) runs only encoder stages 0..n-1 and the last n decoder stages (DeepCache)."""
-        emb, state, checkpointed = self.time_mlp(t), condition.state, self.checkpoint_activations
+        emb, state = self.time_mlp(t), condition.state
         n_encoder, n_decoder, cache = len(self.noise_encoder.stages), len(self.decoder.stages), \
             self.options.deep_cache_stages
         cached = state.pop(DEEP_CACHE, None)  # a cached step consumes it: the step after it is a full one again
-        x = self.fft(x_t, condition.spectrum, emb, state, checkpointed) if self.options.fft else x_t
+        x = self.fft(x_t, condition.spectrum, emb, state, self._checkpoints(0)) if self.options.fft else x_t
         skips = []
         for s in range(cache if cached is not None else n_encoder):
             sc = self.sc_encoder[s] if self.options.sc else None
-            x, *new_state = self._checkpointed(self.encoder_block, s, x, emb, condition.features,
+            x, *new_state = self._checkpointed(s, self.encoder_block, s, x, emb, condition.features,
                                                sc.previous(state) if sc else None)
             if sc:
                 sc.store(state, *new_state)
@@ -176,7 +189,8 @@ class CrossTimestepDenoiser(ImageConditionedDenoiser):
                 state[DEEP_CACHE] = x  # the input of the last n decoder stages, for the next (cached) step
             prior = condition.prior_features[s] if self.options.apds else None
             sc = self.sc_decoder[s] if self.options.sc else None
-            x, *new_state = self._checkpointed(self.decoder_block, s, x, skips[n_encoder - s - 2], prior, weight, emb,
+            x, *new_state = self._checkpointed(self._decoder_level(s), self.decoder_block, s, x,
+                                               skips[n_encoder - s - 2], prior, weight, emb,
                                                sc.previous(state) if sc else None)
             if sc:
                 sc.store(state, *new_state)

@@ -55,9 +55,22 @@ class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
     chain_start = "warm_state"
     options = CrossTimestepOptions()
     unroll_steps = 1
-    # activation checkpointing of every stage, when training on CUDA (``activation_checkpointing``, the base's
-    # 'cuda'): without it, peak training memory at nnU-Net's planned patch and batch was 4.4x the stock trainer's
-    # (benchmarks/gpu/memory_gpu.md); it does not change the model
+    # activation checkpointing when training on CUDA (``activation_checkpointing``, the base's 'cuda'): without it,
+    # peak training memory at nnU-Net's planned patch and batch was 4.4x the stock trainer's
+    # (benchmarks/gpu/memory_gpu.md); it does not change the model. ``checkpoint_levels``: only the stages at that
+    # many of the finest resolution levels recompute (None: every stage, _checkpointEveryLevel), as they hold most of
+    # the activations for a fraction of the compute (CrossTimestepDenoiser)
+    checkpoint_levels: Optional[int] = 2
+
+    def initialize(self):
+        """nnU-Net's and the base's, then the resolution levels that activation checkpointing covers."""
+        super().initialize()
+        denoiser = self._network().denoiser
+        denoiser.checkpoint_levels = self.checkpoint_levels
+        if denoiser.checkpoint_activations:
+            levels = "every level" if self.checkpoint_levels is None else \
+                f"the {self.checkpoint_levels} finest resolution levels only (checkpoint_levels)"
+            self.print_to_log_file(f"Cross-Timestep checkpoints the stages at {levels}.")
 
     @classmethod
     def diffusion_settings(cls) -> dict:

@@ -21,7 +21,8 @@ __all__ = ["nnUNetTrainerCrossTimestep_noTLSTM", "nnUNetTrainerCrossTimestep_pla
            "nnUNetTrainerCrossTimestep_reverseAttention", "nnUNetTrainerCrossTimestep_broadcastSC",
            "nnUNetTrainerCrossTimestep_chain4", "nnUNetTrainerCrossTimestep_deepSupervision",
            "nnUNetTrainerCrossTimestep_deepCache", "nnUNetTrainerCrossTimestep_unroll2",
-           "nnUNetTrainerCrossTimestep_unroll1", "nnUNetTrainerCrossTimestep_warmState1"]
+           "nnUNetTrainerCrossTimestep_unroll1", "nnUNetTrainerCrossTimestep_warmState1",
+           "nnUNetTrainerCrossTimestep_checkpointEveryLevel", "nnUNetTrainerCrossTimestep_checkpointLevels1"]
 
 
 class nnUNetTrainerCrossTimestep_noTLSTM(nnUNetTrainerCrossTimestep):
@@ -173,3 +174,14 @@ class nnUNetTrainerCrossTimestep_warmState1(nnUNetTrainerCrossTimestep):
     without gradient from q(x_{k0+1} | x0) that fills the recurrent state (chain_start 'warm_state'); the memory
     learns from a real previous step, as ``_unroll1``'s does not, for a forward pass without a graph instead of a
     second step with one."""
+
+
+class nnUNetTrainerCrossTimestep_checkpointEveryLevel(nnUNetTrainerCrossTimestep):
+    """Activation checkpointing (on CUDA, or NNUNET_DIFFUSION_ACTIVATION_CHECKPOINTING=always) of every stage, not
+    only the finest levels: the least memory, one more forward of everything (the default before 2026-12-07)."""
+    checkpoint_levels = None
+
+
+class nnUNetTrainerCrossTimestep_checkpointLevels1(nnUNetTrainerCrossTimestep):
+    """Activation checkpointing of the full-resolution stages only (and the FFT-tLSTM)."""
+    checkpoint_levels = 1
