@@ -33,10 +33,11 @@ class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
     """The full model of the paper (eq. 20). Ablations (variants_cross_timestep.py) change ``options``.
 
     Training runs ``unroll_steps`` (default 1) consecutive steps of ``training_chain`` (RecurrentDiffusionSegmenter)
-    after one step without gradient from a noised ground truth that fills the state, each trained with nnU-Net's Dice + CE on its mask logits (the prior decoder with its own
-    Dice + CE), so the tLSTM state is trained the way it is used (``_burnIn``: the chain from pure noise, the
-    steps before the drawn start without gradient); the chain, the options and the rest are stored with the model (plans.json) and prediction must
-    visit exactly its timesteps: NNUNET_DIFFUSION_STEPS can only be its step count (the sampler kind, samples and
+    after one step without gradient from a noised ground truth that fills the state, each trained with nnU-Net's
+    Dice + CE on its mask logits (the prior decoder with its own Dice + CE), so the tLSTM state is trained the way
+    it is used (``_burnIn``: the chain from pure noise, the steps before the drawn start without gradient); the
+    chain, the options and the rest are stored with the model (plans.json) and prediction must visit exactly its
+    timesteps: NNUNET_DIFFUSION_STEPS can only be its step count (the sampler kind, samples and
     seed are free). Sampling defaults to DDIM with 10 steps; the paper's 1000-step DDPM needs a model trained on
     that chain: NNUNET_DIFFUSION_CHAIN_STEPS=1000 at training, NNUNET_DIFFUSION_SAMPLER=ddpm at prediction.
     """
@@ -63,11 +64,9 @@ class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
     checkpoint_levels: Optional[int] = 2
 
     def initialize(self):
-        """nnU-Net's and the base's, then the resolution levels that activation checkpointing covers."""
+        """nnU-Net's and the base's; the log says which levels activation checkpointing covers."""
         super().initialize()
-        denoiser = self._network().denoiser
-        denoiser.checkpoint_levels = self.checkpoint_levels
-        if denoiser.checkpoint_activations:
+        if self._network().denoiser.checkpoint_activations:
             levels = "every level" if self.checkpoint_levels is None else \
                 f"the {self.checkpoint_levels} finest resolution levels only (checkpoint_levels)"
             self.print_to_log_file(f"Cross-Timestep checkpoints the stages at {levels}.")
@@ -106,6 +105,7 @@ class nnUNetTrainerCrossTimestep(nnUNetTrainerDiffusionBase):
         options = CrossTimestepOptions.from_stored(stored["options"])
         return CrossTimestepDenoiser(num_input_channels, num_classes, stored["num_train_timesteps"], options,
                                      deep_supervision=stored["deep_supervision"],
+                                     checkpoint_levels=cls.checkpoint_levels,  # a cost choice, not the model's
                                      **cls.plans_unet_kwargs(configuration_manager))
 
     @classmethod

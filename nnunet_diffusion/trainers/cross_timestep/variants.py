@@ -76,20 +76,23 @@ class nnUNetTrainerCrossTimestep_convRA(nnUNetTrainerCrossTimestep):
     options = replace(_FULL, ra="conv")
 
 
-class nnUNetTrainerCrossTimestep_fullChainGradient(nnUNetTrainerCrossTimestep):
+class nnUNetTrainerCrossTimestep_unroll2(nnUNetTrainerCrossTimestep):
+    """The default before 2026-12-07: two unrolled steps with gradient from q(x_k0 | x0), the state empty at k0;
+    the gradient between them through the state. Models stored under it rebuild with it from plans.json."""
+    unroll_steps = 2
+    chain_start = "noised_truth"
+
+
+class nnUNetTrainerCrossTimestep_fullChainGradient(nnUNetTrainerCrossTimestep_unroll2):
     """Training chain with backpropagation through the chain's x_k as well as the recurrent state: two unrolled
     steps from the noised truth (a chain of one step has no x_k to backpropagate through), as measured."""
     chain_gradient = "full"
-    unroll_steps = 2
-    chain_start = "noised_truth"
 
 
-class nnUNetTrainerCrossTimestep_eps(nnUNetTrainerCrossTimestep):
+class nnUNetTrainerCrossTimestep_eps(nnUNetTrainerCrossTimestep_unroll2):
     """Eq. 19's reading: eps prediction (Min-SNR-weighted MSE per unrolled step): the package's default before the
     mask-predicting one (cross_timestep.py says why). Two unrolled steps from the noised truth, as measured."""
     prediction = "eps"
-    unroll_steps = 2
-    chain_start = "noised_truth"
 
 
 class nnUNetTrainerCrossTimestep_burnIn(nnUNetTrainerCrossTimestep):
@@ -141,22 +144,13 @@ class nnUNetTrainerCrossTimestep_deepSupervision(nnUNetTrainerCrossTimestep):
     deep_supervision = True
 
 
-class nnUNetTrainerCrossTimestep_deepCache(nnUNetTrainerCrossTimestep):
+class nnUNetTrainerCrossTimestep_deepCache(nnUNetTrainerCrossTimestep_unroll2):
     """DeepCache (issue 22's cost lever): every second step of a chain runs only the shallowest noise-encoder stage
     and the last decoder stage on the deep feature of the full step before it; training's unrolled pairs are (full,
     cached), as sampling alternates them. One stage: in 2d every stage of a U-Net costs about the same (a quarter
     of the voxels, twice the channels), so the shallow pair is the cheapest part to keep. Two unrolled steps from
     the noised truth, as measured: a pair needs two steps with gradient."""
     options = replace(_FULL, deep_cache_stages=1)
-    unroll_steps = 2
-    chain_start = "noised_truth"
-
-
-class nnUNetTrainerCrossTimestep_unroll2(nnUNetTrainerCrossTimestep):
-    """The default before 2026-12-07: two unrolled steps with gradient from q(x_k0 | x0), the state empty at k0;
-    the gradient between them through the state. Models stored under it rebuild with it from plans.json."""
-    unroll_steps = 2
-    chain_start = "noised_truth"
 
 
 class nnUNetTrainerCrossTimestep_unroll1(nnUNetTrainerCrossTimestep):
